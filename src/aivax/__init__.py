@@ -1,0 +1,3 @@
+"""AIVAX: an open-source AI orchestration platform."""
+
+__version__ = "0.1.0"

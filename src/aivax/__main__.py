@@ -1,0 +1,3 @@
+from aivax.cli import main
+
+main()

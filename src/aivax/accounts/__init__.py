@@ -1,0 +1,1 @@
+"""Accounts: identity, plan membership, status, settings."""

@@ -1,0 +1,1 @@
+"""The operator surface: `/admin` endpoints and admin tokens."""

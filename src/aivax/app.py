@@ -1,0 +1,77 @@
+"""create_app(settings): routers, middleware, handlers, and a lifespan that builds the services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from fastapi import FastAPI
+
+from aivax import __version__, handlers
+from aivax.accounts.endpoints import router as account_router
+from aivax.admin.endpoints import router as admin_router
+from aivax.auth.middleware import AccountKeyMiddleware, BodySizeLimitMiddleware
+from aivax.config import Settings
+from aivax.health import router as health_router
+from aivax.keys.endpoints import router as keys_router
+from aivax.migrate import head_revision
+from aivax.services import AppServices
+from aivax.wallet import service as wallet_service
+from aivax.wallet.endpoints import router as wallet_router
+
+logger = logging.getLogger("aivax")
+
+
+async def reap_holds_forever(services: AppServices) -> None:
+    """Release holds left open by crashed requests. Safe on every replica at once: each hold
+    is closed by one conditional UPDATE, so two reapers never release it twice."""
+    max_age = timedelta(seconds=services.settings.hold_max_age_seconds)
+    while True:
+        await asyncio.sleep(services.settings.reaper_interval_seconds)
+        try:
+            async with services.database.sessions() as session:
+                expired = await wallet_service.reap_stale_holds(session, max_age=max_age)
+                await session.commit()
+            if expired:
+                logger.warning("released %d stale wallet holds", expired)
+        except Exception:
+            logger.exception("hold reaper failed; retrying next interval")
+
+
+def create_app(settings: Settings, *, services: AppServices | None = None) -> FastAPI:
+    """Build the ASGI app. Pass `services` to share them (tests); otherwise the lifespan builds
+    them from `settings` and disposes of them on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = services is None
+        app.state.services = services or AppServices.build(settings)
+        reaper = asyncio.create_task(reap_holds_forever(app.state.services))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            if owned:
+                await app.state.services.close()
+
+    app = FastAPI(
+        title="AIVAX",
+        version=__version__,
+        description="OpenAI-compatible AI orchestration: gateways, wallet, keys.",
+        lifespan=lifespan,
+    )
+    app.state.migration_head = head_revision()
+    if services is not None:
+        app.state.services = services
+    handlers.install(app)
+    app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(AccountKeyMiddleware)
+    for router in (health_router, account_router, keys_router, wallet_router, admin_router):
+        app.include_router(router)
+    return app

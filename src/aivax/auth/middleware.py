@@ -1,0 +1,157 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware overhead) for every HTTP request:
+
+- `AccountKeyMiddleware` gives each request an id, resolves a presented API key to a
+  `Principal` and adds `x-request-id`, `x-aivax-account-id` and `x-aivax-key-id` to the response.
+  It never refuses a request itself: endpoints declare what they need (see `dependencies`), so
+  public routes such as `/healthz` work with or without a key.
+- `BodySizeLimitMiddleware` refuses bodies over `max_body_bytes` with 413, whether announced by
+  Content-Length or streamed in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from datetime import timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aivax.errors import AppError, PayloadTooLarge, ServiceUnavailable
+from aivax.keys import service as key_service
+from aivax.keys.schemas import ADMIN_TOKEN_PREFIX
+from aivax.services import AppServices
+
+logger = logging.getLogger("aivax.auth")
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def presented_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key from `Authorization: Bearer …` or `x-api-key`, if any."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if REQUEST_ID_PATTERN.match(candidate):
+                return candidate
+    return f"req_{uuid.uuid4().hex}"
+
+
+class AccountKeyMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        state = scope.setdefault("state", {})
+        request_id = _request_id(headers)
+        state["request_id"] = request_id
+        extra = [(b"x-request-id", request_id.encode())]
+        token = presented_token(headers)
+        if token is not None and not token.startswith(ADMIN_TOKEN_PREFIX):
+            extra += await self._resolve(scope["app"].state.services, token, state)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _resolve(
+        services: AppServices, token: str, state: dict[str, object]
+    ) -> list[tuple[bytes, bytes]]:
+        interval = timedelta(seconds=services.settings.key_touch_interval_seconds)
+        try:
+            async with services.database.sessions() as session:
+                principal = await key_service.authenticate(
+                    session, token, secret=services.secret, touch_interval=interval
+                )
+                await session.commit()
+        except AppError as exc:
+            state["auth_error"] = exc
+            return []
+        except SQLAlchemyError:
+            logger.exception("database unavailable while checking an API key")
+            state["auth_error"] = ServiceUnavailable(
+                "The service cannot check API keys right now; retry shortly."
+            )
+            return []
+        state["principal"] = principal
+        return [
+            (b"x-aivax-account-id", str(principal.account_id).encode()),
+            (b"x-aivax-key-id", str(principal.key_id).encode()),
+        ]
+
+
+class RequestBodyTooLarge(HTTPException):
+    """An HTTPException so that FastAPI's body parser re-raises it untouched."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413, f"Request body is larger than the {limit}-byte limit (AIVAX_MAX_BODY_BYTES)."
+        )
+
+
+class BodySizeLimitMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit: int = scope["app"].state.services.settings.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _send_413(send, limit)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestBodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    error = PayloadTooLarge(
+        f"Request body is larger than the {limit}-byte limit (AIVAX_MAX_BODY_BYTES)."
+    )
+    body = json.dumps(error.envelope()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,467 @@
+"""`aivax` command line: run the server and operate accounts, keys, wallets and plans.
+
+Commands talk to the database directly (no running server needed) through the same services
+the API uses. Errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aivax.accounts import service as account_service
+from aivax.accounts.schemas import AdminAccountUpdate
+from aivax.admin import tokens as operator_tokens
+from aivax.config import Settings, SettingsError, load_settings
+from aivax.errors import AppError
+from aivax.keys import service as key_service
+from aivax.keys.schemas import KeyCreate, KeyKind, KeyRead
+from aivax.kit.money import micros_to_usd, usd_to_micros
+from aivax.migrate import current_revision, head_revision, upgrade_to_head
+from aivax.models import EntryKind
+from aivax.plans import service as plan_service
+from aivax.plans.schemas import PlanRead, PlanUpdate
+from aivax.services import AppServices
+from aivax.wallet import service as wallet_service
+from aivax.wallet.schemas import LedgerEntryRead
+
+T = TypeVar("T")
+
+app = typer.Typer(help="AIVAX: OpenAI-compatible AI orchestration platform.", no_args_is_help=True)
+accounts_app = typer.Typer(
+    help="Create, list, show, suspend accounts; change their plan.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Create, list and revoke an account's API keys.", no_args_is_help=True)
+wallet_app = typer.Typer(help="Top up, inspect and check wallets.", no_args_is_help=True)
+plans_app = typer.Typer(help="List plans and edit their limits.", no_args_is_help=True)
+admin_app = typer.Typer(help="Operator admin tokens.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(keys_app, name="keys")
+app.add_typer(wallet_app, name="wallet")
+app.add_typer(plans_app, name="plans")
+app.add_typer(admin_app, name="admin-token")
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr."""
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def run(action: Callable[[AppServices, AsyncSession], Awaitable[T]]) -> T:
+    """Run one command in one transaction against a migrated database."""
+    settings = settings_or_exit()
+
+    async def main() -> T:
+        services = AppServices.build(settings)
+        try:
+            async with services.database.sessions() as session:
+                revision = await current_revision(session)
+                if revision != head_revision():
+                    raise CliError(
+                        "the database schema is not up to date; run 'aivax migrate' first"
+                    )
+                result = await action(services, session)
+                await session.commit()
+                return result
+        finally:
+            await services.close()
+
+    try:
+        return asyncio.run(main())
+    except (AppError, CliError, ValueError) as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def show(value: BaseModel | dict[str, Any] | list[Any]) -> None:
+    data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        fail(f"{what} {value!r} is not a valid id")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+AccountArg = Annotated[str, typer.Argument(help="Account id.")]
+
+
+# --- server ------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (AIVAX_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (AIVAX_PORT).")] = None,
+    migrate: Annotated[bool, typer.Option(help="Apply migrations before starting.")] = True,
+) -> None:
+    """Migrate, bootstrap on first start, and run the HTTP server."""
+    import uvicorn
+
+    from aivax.app import create_app
+    from aivax.bootstrap import bootstrap
+
+    settings = settings_or_exit(host=host, port=port)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if migrate:
+            upgrade_to_head(settings.database_url)
+        services = AppServices.build(settings)
+        credentials = asyncio.run(_bootstrap_and_close(services, bootstrap))
+    except (SQLAlchemyError, OSError, ValueError) as exc:
+        fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    if credentials is not None:
+        typer.echo(credentials.banner(f"http://{settings.host}:{settings.port}"))
+    sys.stdout.flush()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        server_header=False,
+    )
+
+
+async def _bootstrap_and_close(services: AppServices, bootstrap: Callable[..., Any]) -> Any:
+    try:
+        return await bootstrap(services)
+    finally:
+        await services.close()
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Apply database migrations up to the newest schema."""
+    settings = settings_or_exit()
+    try:
+        upgrade_to_head(settings.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        fail(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    typer.echo(f"database at revision {head_revision()}")
+
+
+# --- accounts ----------------------------------------------------------------------------
+
+
+@accounts_app.command("create")
+def accounts_create(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    plan: Annotated[str, typer.Option(help="Plan id.")] = "free",
+) -> None:
+    """Create an account."""
+
+    async def action(services: AppServices, session: AsyncSession) -> Any:
+        account = await account_service.create(
+            session, name=name, plan_id=plan, secret_box=services.secret_box
+        )
+        return await account_service.read(session, account)
+
+    show(run(action))
+
+
+@accounts_app.command("list")
+def accounts_list(
+    limit: Annotated[int, typer.Option(min=1, max=100, help="How many.")] = 50,
+) -> None:
+    """List accounts, newest first."""
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return await account_service.list_page(session, limit=limit, after=None)
+
+    for account in list(run(action))[:limit]:
+        typer.echo(
+            f"{account.id}  {account.status:<9}  {account.plan_id:<10}  "
+            f"{micros_to_usd(account.balance_micros):>14} USD  {account.name}"
+        )
+
+
+@accounts_app.command("show")
+def accounts_show(account_id: AccountArg) -> None:
+    """Show one account."""
+    target = parse_uuid(account_id, "account")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return await account_service.read(session, await account_service.get(session, target))
+
+    show(run(action))
+
+
+def _update_account(account_id: str, data: AdminAccountUpdate) -> None:
+    target = parse_uuid(account_id, "account")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        account = await account_service.update_as_operator(session, target, data)
+        return await account_service.read(session, account)
+
+    show(run(action))
+
+
+@accounts_app.command("suspend")
+def accounts_suspend(account_id: AccountArg) -> None:
+    """Suspend an account: its keys get 403 until it is activated again."""
+    _update_account(account_id, AdminAccountUpdate(status="suspended"))
+
+
+@accounts_app.command("activate")
+def accounts_activate(account_id: AccountArg) -> None:
+    """Re-activate a suspended account."""
+    _update_account(account_id, AdminAccountUpdate(status="active"))
+
+
+@accounts_app.command("set-plan")
+def accounts_set_plan(
+    account_id: AccountArg, plan: Annotated[str, typer.Argument(help="Plan id.")]
+) -> None:
+    """Move an account to another plan."""
+    _update_account(account_id, AdminAccountUpdate(plan=plan))
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    account_id: AccountArg,
+    name: Annotated[str, typer.Option(help="Key name.")] = "",
+    public: Annotated[bool, typer.Option("--public", help="Create a public key.")] = False,
+    origin: Annotated[
+        list[str] | None, typer.Option(help="Allowed origin (public keys; repeatable).")
+    ] = None,
+) -> None:
+    """Create an API key; the secret is printed once."""
+    target = parse_uuid(account_id, "account")
+    try:
+        data = KeyCreate(
+            name=name,
+            kind=KeyKind.PUBLIC if public else KeyKind.PRIVATE,
+            allowed_origins=origin or [],
+        )
+    except ValueError as exc:
+        fail(str(exc).splitlines()[-1])
+
+    async def action(services: AppServices, session: AsyncSession) -> Any:
+        await account_service.get(session, target)
+        key, token = await key_service.create(
+            session,
+            account_id=target,
+            data=data,
+            secret=services.secret,
+            max_keys=services.settings.max_keys_per_account,
+        )
+        return {**KeyRead.model_validate(key).model_dump(mode="json"), "key": token}
+
+    show(run(action))
+
+
+@keys_app.command("list")
+def keys_list(account_id: AccountArg) -> None:
+    """List an account's keys."""
+    target = parse_uuid(account_id, "account")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        await account_service.get(session, target)
+        return await key_service.list_keys(session, target)
+
+    for key in run(action):
+        state = "revoked" if key.revoked_at else "active"
+        typer.echo(f"{key.id}  {key.kind:<7}  {state:<7}  {key.display_prefix}…  {key.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    account_id: AccountArg, key_id: Annotated[str, typer.Argument(help="Key id.")]
+) -> None:
+    """Revoke a key: it gets 401 from now on."""
+    target, key_target = parse_uuid(account_id, "account"), parse_uuid(key_id, "key")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        key = await key_service.revoke(session, target, key_target, keep_last_private=False)
+        return KeyRead.model_validate(key)
+
+    show(run(action))
+
+
+# --- wallet ------------------------------------------------------------------------------
+
+
+@wallet_app.command("topup")
+def wallet_topup(
+    account_id: AccountArg,
+    amount_usd: Annotated[str, typer.Argument(help="Amount in USD, e.g. 10 or 2.50.")],
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Replaying a key tops up only once.")
+    ] = None,
+    description: Annotated[str, typer.Option(help="Ledger description.")] = "CLI top-up",
+) -> None:
+    """Add money to an account's wallet."""
+    target = parse_uuid(account_id, "account")
+    try:
+        micros = usd_to_micros(amount_usd)
+    except (ArithmeticError, ValueError):
+        fail(f"amount {amount_usd!r} is not a USD amount like 10 or 2.50")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        await account_service.get(session, target)
+        posted = await wallet_service.post_credit(
+            session,
+            account_id=target,
+            kind=EntryKind.TOPUP,
+            amount_micros=micros,
+            idempotency_key=idempotency_key or f"cli:{uuid.uuid4()}",
+            description=description,
+        )
+        return {
+            "replayed": not posted.created,
+            "entry": LedgerEntryRead.model_validate(posted.entry).model_dump(mode="json"),
+        }
+
+    show(run(action))
+
+
+@wallet_app.command("show")
+def wallet_show(account_id: AccountArg) -> None:
+    """Show balance, holds and the newest ledger entries."""
+    target = parse_uuid(account_id, "account")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        summary = await wallet_service.summary(session, target)
+        entries = await wallet_service.list_entries(
+            session, target, limit=10, after=None, kind=None
+        )
+        return {
+            "balance_usd": micros_to_usd(summary.balance_micros),
+            "held_usd": micros_to_usd(summary.held_micros),
+            "recent": [LedgerEntryRead.model_validate(e).model_dump(mode="json") for e in entries],
+        }
+
+    show(run(action))
+
+
+@wallet_app.command("reap")
+def wallet_reap() -> None:
+    """Release holds older than AIVAX_HOLD_MAX_AGE_SECONDS now."""
+
+    async def action(services: AppServices, session: AsyncSession) -> int:
+        max_age = timedelta(seconds=services.settings.hold_max_age_seconds)
+        return await wallet_service.reap_stale_holds(session, max_age=max_age)
+
+    typer.echo(f"released {run(action)} stale holds")
+
+
+@wallet_app.command("check")
+def wallet_check() -> None:
+    """Check that every cached balance equals the sum of its ledger entries."""
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return await wallet_service.check_all_invariants(session)
+
+    reports = run(action)
+    broken = [r for r in reports if not r.holds]
+    for report in broken:
+        typer.echo(
+            f"MISMATCH {report.account_id}: cached {report.cached_balance_micros} "
+            f"!= ledger {report.ledger_sum_micros}",
+            err=True,
+        )
+    typer.echo(f"checked {len(reports)} accounts, {len(broken)} mismatches")
+    if broken:
+        raise typer.Exit(code=1)
+
+
+# --- plans -------------------------------------------------------------------------------
+
+
+@plans_app.command("list")
+def plans_list() -> None:
+    """List plans with their limits."""
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return [
+            PlanRead.model_validate(p).model_dump(mode="json")
+            for p in await plan_service.list_plans(session)
+        ]
+
+    show(run(action))
+
+
+def _parse_assignment(assignment: str) -> tuple[str, Any]:
+    name, sep, raw = assignment.partition("=")
+    if not sep or not name:
+        raise ValueError(f"expected LIMIT=VALUE, got {assignment!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
+@plans_app.command("set")
+def plans_set(
+    plan_id: Annotated[str, typer.Argument(help="Plan id, e.g. free.")],
+    assignments: Annotated[
+        list[str],
+        typer.Argument(
+            help="LIMIT=VALUE pairs, e.g. integrated_rpm=30 models_allowed='[\"aivax/*\"]'"
+        ),
+    ],
+) -> None:
+    """Change limits of a plan (other limits keep their values)."""
+    try:
+        changes = dict(_parse_assignment(a) for a in assignments)
+    except ValueError as exc:
+        fail(str(exc))
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        plan = await plan_service.update(session, plan_id, PlanUpdate(limits=changes))
+        return PlanRead.model_validate(plan)
+
+    show(run(action))
+
+
+# --- operator tokens ---------------------------------------------------------------------
+
+
+@admin_app.command("create")
+def admin_token_create(
+    name: Annotated[str, typer.Option(help="Token name.")] = "cli",
+) -> None:
+    """Create an operator admin token for /admin; it is printed once."""
+
+    async def action(services: AppServices, session: AsyncSession) -> str:
+        _, token = await operator_tokens.create(session, name=name, secret=services.secret)
+        return token
+
+    typer.echo(run(action))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,97 @@
+"""Settings: one validated object, read from `AIVAX_*` environment variables and `.env`.
+
+Nothing else in the code base reads the environment; everything receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/aivax.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AIVAX_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///… or postgresql+asyncpg://…",
+    )
+    redis_url: str | None = Field(default=None, description="Redis URL for shared rate limits.")
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Server secret (≥ 32 chars); unset: created in data_dir/secret.key.",
+    )
+    data_dir: Path = Field(default=Path("./data"), description="Where local state is kept.")
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP server binds to.")
+    log_level: LogLevel = Field(default="info", description="Log level.")
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes."
+    )
+    hold_max_age_seconds: int = Field(
+        default=1800, ge=60, description="Open wallet holds older than this are released."
+    )
+    reaper_interval_seconds: int = Field(
+        default=60, ge=1, description="How often the server looks for stale holds."
+    )
+    key_touch_interval_seconds: int = Field(
+        default=60, ge=1, description="A key's last-used time is written at most this often."
+    )
+    bootstrap_demo: bool = Field(
+        default=True, description="Create a demo account with keys on first start."
+    )
+    demo_balance_micros: int = Field(
+        default=5_000_000, ge=0, description="Starting balance of the demo account (micro-USD)."
+    )
+    db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    max_keys_per_account: int = Field(default=100, ge=1, description="API keys per account.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with 'sqlite+aiosqlite://' or 'postgresql+asyncpg://'")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with 'redis://', 'rediss://' or 'unix://'")
+        return value or None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+class SettingsError(Exception):
+    """Settings failed validation; the message is one line naming the setting."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning validation errors into one clear line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "AIVAX_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise SettingsError(
+            f"invalid setting {name}: {first['msg']} (got {first.get('input')!r})"
+        ) from None

@@ -1,0 +1,109 @@
+"""Exception handlers: every error leaves as the OpenAI envelope, with the right status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aivax.errors import AppError, error_envelope
+
+logger = logging.getLogger("aivax.errors")
+
+HTTP_ERROR_KINDS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def app_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)  # noqa: S101 - registered for AppError only
+    return _json(exc.status, exc.envelope(), exc.response_headers())
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for it only
+    type_, code = HTTP_ERROR_KINDS.get(exc.status_code, ("invalid_request_error", "http_error"))
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"Unknown path: {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    return _json(
+        exc.status_code,
+        error_envelope(message, type_=type_, code=code),
+        dict(exc.headers or {}),
+    )
+
+
+def _param(location: tuple[Any, ...]) -> str | None:
+    parts = [str(part) for part in location[1:]] if len(location) > 1 else []
+    return ".".join(parts) or None
+
+
+async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    """Schema errors are 400 like OpenAI's; a bad id in the path is simply not found (404)."""
+    assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it only
+    first = exc.errors()[0]
+    location = tuple(first.get("loc", ()))
+    kind = first.get("type", "")
+    param = _param(location)
+    if location and location[0] == "path":
+        return _json(
+            404,
+            error_envelope(
+                f"No object with {param} {first.get('input')!r}.",
+                type_="not_found_error",
+                code="not_found",
+                param=param,
+            ),
+        )
+    if kind == "json_invalid":
+        message = "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error"))
+        code = "invalid_json"
+    elif kind == "missing":
+        message = f"Missing required parameter: {param!r}."
+        code = "missing_required_parameter"
+    else:
+        message = f"Invalid value for {param!r}: {first.get('msg')}."
+        code = "invalid_value"
+    return _json(
+        400, error_envelope(message, type_="invalid_request_error", code=code, param=param)
+    )
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "unknown")
+    logger.error(
+        "unhandled error in %s %s (%s)", request.method, request.url.path, request_id, exc_info=exc
+    )
+    message = (
+        "The server had an error while processing your request. Retry, and quote request id "
+        f"{request_id} if the error persists."
+    )
+    return _json(
+        500,
+        error_envelope(message, type_="server_error", code="internal_error"),
+        {"x-request-id": request_id},
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, app_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,20 @@
+"""Money is integers: micro-units, 1 USD = 1,000,000."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+MICROS_PER_USD = 1_000_000
+
+
+def micros_to_usd(micros: int) -> str:
+    """Render micro-units as a USD decimal string without float rounding, e.g. '1.250000'."""
+    return str((Decimal(micros) / MICROS_PER_USD).quantize(Decimal("0.000001")))
+
+
+def usd_to_micros(usd: str) -> int:
+    """Parse a USD decimal string into micro-units; refuses sub-micro precision."""
+    value = Decimal(usd) * MICROS_PER_USD
+    if value != value.to_integral_value():
+        raise ValueError(f"{usd!r} has more than 6 decimal places")
+    return int(value)

@@ -1,0 +1,21 @@
+"""SQLAlchemy models, one module per aggregate. Importing this package registers them all."""
+
+from aivax.models.account import Account, AccountStatus, ApiKey
+from aivax.models.base import Base
+from aivax.models.operator import OperatorToken, SystemState
+from aivax.models.plan import Plan
+from aivax.models.wallet import EntryKind, HoldStatus, LedgerEntry, WalletHold
+
+__all__ = [
+    "Account",
+    "AccountStatus",
+    "ApiKey",
+    "Base",
+    "EntryKind",
+    "HoldStatus",
+    "LedgerEntry",
+    "OperatorToken",
+    "Plan",
+    "SystemState",
+    "WalletHold",
+]

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from aivax.models.base import Base, BigIntId
+
+
+class EntryKind(enum.StrEnum):
+    TOPUP = "topup"
+    HOLD = "hold"
+    RELEASE = "release"
+    USAGE = "usage"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+
+
+class HoldStatus(enum.StrEnum):
+    OPEN = "open"
+    SETTLED = "settled"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class LedgerEntry(Base):
+    """Append-only: rows are inserted, never updated or deleted."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))
+    amount_micros: Mapped[int]
+    balance_after_micros: Mapped[int]
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    hold_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (
+        UniqueConstraint("account_id", "idempotency_key", name="uq_ledger_entries_idempotency"),
+        Index("ix_ledger_entries_account_id_id", "account_id", "id"),
+        CheckConstraint(
+            "kind IN ('topup', 'hold', 'release', 'usage', 'refund', 'adjustment')", name="kind"
+        ),
+    )
+
+
+class WalletHold(Base):
+    __tablename__ = "wallet_holds"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    amount_micros: Mapped[int]
+    ref: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default=HoldStatus.OPEN.value)
+    actual_micros: Mapped[int | None]
+    created_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_wallet_holds_account_id_status", "account_id", "status"),
+        Index("ix_wallet_holds_status_created_at", "status", "created_at"),
+        CheckConstraint("amount_micros > 0", name="amount_positive"),
+    )

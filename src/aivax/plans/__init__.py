@@ -1,0 +1,1 @@
+"""Plans: limits as data, seeded by a migration and edited by the operator."""

@@ -1,0 +1,64 @@
+"""What the app builds once in its lifespan and injects everywhere (no import-time state)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from aivax.config import Settings
+from aivax.db import Database
+from aivax.kit.crypto import SecretBox, random_secret
+
+logger = logging.getLogger("aivax")
+
+SECRET_FILE = "secret.key"  # noqa: S105 - a file name
+
+
+@dataclass
+class AppServices:
+    settings: Settings
+    database: Database
+    secret: bytes
+    secret_box: SecretBox
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppServices:
+        secret = load_or_create_secret(settings)
+        return cls(
+            settings=settings,
+            database=Database(settings),
+            secret=secret,
+            secret_box=SecretBox(secret),
+        )
+
+    async def close(self) -> None:
+        await self.database.dispose()
+
+
+def load_or_create_secret(settings: Settings) -> bytes:
+    """`AIVAX_SECRET_KEY` if set, else `data_dir/secret.key`, created once with mode 0600."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    path = settings.data_dir / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_secret_file(path)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(random_secret(48))
+    logger.info("created server secret at %s (mode 0600)", path)
+    return _read_secret_file(path)
+
+
+def _read_secret_file(path: Path) -> bytes:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        logger.warning("server secret %s is readable by others (mode %o); chmod 600 it", path, mode)
+    secret = path.read_text().strip()
+    if len(secret) < 32:
+        raise ValueError(f"server secret in {path} is shorter than 32 characters")
+    return secret.encode()

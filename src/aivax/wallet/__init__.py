@@ -1,0 +1,1 @@
+"""Wallet: integer micro-units in an append-only ledger; holds, settlement, the reaper."""
