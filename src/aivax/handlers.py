@@ -41,6 +41,10 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"Unknown path: {request.method} {request.url.path}."
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
+    elif exc.status_code == 400 and isinstance(exc.__cause__, (UnicodeDecodeError, ValueError)):
+        # FastAPI's body parser wraps decoding failures in a bare "error parsing the body".
+        message = f"The request body is not valid UTF-8 JSON: {exc.__cause__}."
+        type_, code = "invalid_request_error", "invalid_json"
     else:
         message = str(exc.detail)
     return _json(

@@ -1,0 +1,58 @@
+# AIVAX — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export AIVAX_HOST ?= 127.0.0.1
+export AIVAX_PORT ?= 8000
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "error: Python 3.11+ is required (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install AIVAX with its development tools
+
+.PHONY: serve
+serve: $(STAMP) ## Migrate, bootstrap on first start, and run on $AIVAX_HOST:$AIVAX_PORT
+	$(BIN)/aivax serve
+
+.PHONY: migrate
+migrate: $(STAMP) ## Apply database migrations
+	$(BIN)/aivax migrate
+
+.PHONY: test
+test: $(STAMP) ## Run the whole test suite (AIVAX_TEST_DATABASE_URL selects PostgreSQL)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: $(STAMP) ## ruff + mypy --strict
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+.PHONY: fmt
+fmt: $(STAMP) ## Format and auto-fix
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+.PHONY: bench
+bench: $(STAMP) ## Run the benchmarks in bench/
+	$(BIN)/python bench/auth_overhead.py
+
+.PHONY: constraints
+constraints: $(STAMP) ## Re-pin every installed dependency into constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt

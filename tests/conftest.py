@@ -1,0 +1,111 @@
+"""Test fixtures: a real database (a SQLite file, or a fresh PostgreSQL database when
+AIVAX_TEST_DATABASE_URL is set), migrated with the real migrations, and the real app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy.engine import make_url
+
+from aivax.app import create_app
+from aivax.config import Settings
+from aivax.migrate import upgrade_to_head
+from aivax.services import AppServices
+from tests.fixtures.factories import AccountWithKeys, make_account, make_admin_token
+
+TEST_SECRET = "test-secret-" + "x" * 40
+
+
+def _asyncpg_dsn(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _admin_sql(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server_url = os.environ.get("AIVAX_TEST_DATABASE_URL")
+    if not server_url:
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'aivax.db'}"
+        upgrade_to_head(url)
+        yield url
+        return
+    name = f"aivax_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_sql(server_url, f'CREATE DATABASE "{name}"'))
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        asyncio.run(_admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("data"),
+        secret_key=TEST_SECRET,  # type: ignore[arg-type]
+        max_body_bytes=64 * 1024,
+        db_pool_size=20,
+    )
+
+
+@pytest.fixture(scope="session")
+async def services(settings: Settings) -> AsyncIterator[AppServices]:
+    built = AppServices.build(settings)
+    yield built
+    await built.close()
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings, services: AppServices) -> AsyncIterator[FastAPI]:
+    application = create_app(settings, services=services)
+    async with LifespanManager(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://aivax.test") as http:
+        yield http
+
+
+@pytest.fixture
+async def account(services: AppServices) -> AccountWithKeys:
+    return await make_account(services, balance_micros=1_000_000)
+
+
+@pytest.fixture
+async def other_account(services: AppServices) -> AccountWithKeys:
+    return await make_account(services, balance_micros=1_000_000)
+
+
+@pytest.fixture(scope="session")
+async def admin_token(services: AppServices) -> str:
+    return await make_admin_token(services)
+
+
+@pytest.fixture
+def admin_headers(admin_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_token}"}
