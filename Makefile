@@ -51,7 +51,7 @@ fmt: $(STAMP) ## Format and auto-fix
 
 .PHONY: bench
 bench: $(STAMP) ## Run the benchmarks in bench/
-	$(BIN)/python bench/auth_overhead.py
+	$(BIN)/python bench/foundation.py
 
 .PHONY: constraints
 constraints: $(STAMP) ## Re-pin every installed dependency into constraints.txt

@@ -49,9 +49,9 @@ async def test_hook_key_is_readable_by_owner_and_rotates(
 ) -> None:
     first = (await client.get("/v1/account/hook-key", headers=account.headers)).json()["hook_key"]
     assert len(first) >= 40
-    rotated = (
-        await client.post("/v1/account/hook-key/rotate", headers=account.headers)
-    ).json()["hook_key"]
+    rotated = (await client.post("/v1/account/hook-key/rotate", headers=account.headers)).json()[
+        "hook_key"
+    ]
     assert rotated != first
     again = (await client.get("/v1/account/hook-key", headers=account.headers)).json()["hook_key"]
     assert again == rotated
@@ -130,7 +130,9 @@ async def test_another_accounts_key_is_404_everywhere(
 
 
 async def test_wallet_and_ledger_show_only_own_entries(
-    client: httpx.AsyncClient, services: AppServices, account: AccountWithKeys,
+    client: httpx.AsyncClient,
+    services: AppServices,
+    account: AccountWithKeys,
     other_account: AccountWithKeys,
 ) -> None:
     async with services.database.sessions() as session:
@@ -172,7 +174,7 @@ async def test_ledger_pagination_and_kind_filter(
         if not page["has_more"]:
             break
         after = page["last_id"]
-    assert len(seen) == 13  # topup + 4 × (hold, release, usage)
+    assert len(seen) == 13  # topup + 4 * (hold, release, usage)
     assert seen == sorted(seen, reverse=True)
     usage = (
         await client.get("/v1/wallet/ledger", headers=owner.headers, params={"kind": "usage"})

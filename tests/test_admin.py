@@ -42,7 +42,9 @@ async def test_create_list_show_and_change_plan_of_accounts(
         "plan_not_found",
     )
     assert_error(
-        await client.post("/admin/accounts", headers=admin_headers, json={"name": "x", "plan": "z"}),
+        await client.post(
+            "/admin/accounts", headers=admin_headers, json={"name": "x", "plan": "z"}
+        ),
         404,
     )
     assert_error(
@@ -87,7 +89,9 @@ async def test_top_up_is_idempotent_by_header_or_body(
         url, headers=admin_headers, json={"amount_micros": 1, "idempotency_key": "pay-001"}
     )
     assert_error(body_key, 409, "idempotency_key_reused")
-    wallet = (await client.get(f"/admin/accounts/{account.id}/wallet", headers=admin_headers)).json()
+    wallet = (
+        await client.get(f"/admin/accounts/{account.id}/wallet", headers=admin_headers)
+    ).json()
     assert wallet["balance_micros"] == 3_500_000
 
 
@@ -95,21 +99,24 @@ async def test_top_up_validation(
     client: httpx.AsyncClient, admin_headers: dict[str, str], account: AccountWithKeys
 ) -> None:
     url = f"/admin/accounts/{account.id}/topups"
-    assert_error(await client.post(url, headers=admin_headers, json={"amount_micros": -5}), 400,
-                 "invalid_amount")
-    assert_error(await client.post(url, headers=admin_headers, json={"amount_usd": "0.0000001"}),
-                 400)
+    assert_error(
+        await client.post(url, headers=admin_headers, json={"amount_micros": -5}),
+        400,
+        "invalid_amount",
+    )
+    assert_error(
+        await client.post(url, headers=admin_headers, json={"amount_usd": "0.0000001"}), 400
+    )
     assert_error(await client.post(url, headers=admin_headers, json={"amount_usd": "ten"}), 400)
     assert_error(await client.post(url, headers=admin_headers, json={}), 400)
     assert_error(
-        await client.post(
-            url, headers=admin_headers, json={"amount_micros": 1, "amount_usd": "1"}
-        ),
+        await client.post(url, headers=admin_headers, json={"amount_micros": 1, "amount_usd": "1"}),
         400,
     )
     assert_error(
         await client.post(
-            f"/admin/accounts/{uuid.uuid4()}/topups", headers=admin_headers,
+            f"/admin/accounts/{uuid.uuid4()}/topups",
+            headers=admin_headers,
             json={"amount_micros": 1},
         ),
         404,
@@ -120,8 +127,9 @@ async def test_negative_adjustment_and_ledger_view(
     client: httpx.AsyncClient, admin_headers: dict[str, str], account: AccountWithKeys
 ) -> None:
     url = f"/admin/accounts/{account.id}/adjustments"
-    response = await client.post(url, headers=admin_headers, json={"amount_micros": -400_000,
-                                                                    "description": "correction"})
+    response = await client.post(
+        url, headers=admin_headers, json={"amount_micros": -400_000, "description": "correction"}
+    )
     assert response.status_code == 201
     too_much = await client.post(url, headers=admin_headers, json={"amount_micros": -700_000})
     error = assert_error(too_much, 402, "insufficient_balance")
@@ -140,13 +148,15 @@ async def test_plans_are_data_the_operator_edits(
     plans = (await client.get("/admin/plans", headers=admin_headers)).json()["data"]
     assert {plan["id"] for plan in plans} >= {"free", "starter", "pro", "enterprise"}
     created = await client.post(
-        "/admin/plans", headers=admin_headers,
+        "/admin/plans",
+        headers=admin_headers,
         json={"id": f"team-{uuid.uuid4().hex[:6]}", "name": "Team", "limits": {"byok_rpm": 7}},
     )
     assert created.status_code == 201
     plan_id = created.json()["id"]
     edited = await client.patch(
-        f"/admin/plans/{plan_id}", headers=admin_headers,
+        f"/admin/plans/{plan_id}",
+        headers=admin_headers,
         json={"limits": {"integrated_rpm": 99, "models_allowed": ["aivax/*", "openai/*"]}},
     )
     assert edited.status_code == 200

@@ -113,14 +113,14 @@ async def test_responses_carry_account_key_and_request_ids(
     assert hostile.headers["x-request-id"].startswith("req_")
 
 
-async def test_revoked_key_is_401(
-    client: httpx.AsyncClient, services: AppServices
-) -> None:
+async def test_revoked_key_is_401(client: httpx.AsyncClient, services: AppServices) -> None:
     owner = await make_account(services)
     created = await client.post("/v1/keys", headers=owner.headers, json={"name": "temp"})
     assert created.status_code == 201
     token, key_id = created.json()["key"], created.json()["id"]
-    assert (await client.get("/v1/account", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+    assert (
+        await client.get("/v1/account", headers={"Authorization": f"Bearer {token}"})
+    ).status_code == 200
     revoked = await client.delete(f"/v1/keys/{key_id}", headers=owner.headers)
     assert revoked.status_code == 200
     assert revoked.json()["revoked_at"] is not None
@@ -187,9 +187,7 @@ async def test_concurrent_first_use_touches_last_used_once(
 
 
 @pytest.fixture
-async def any_key_client(
-    settings: Settings, services: AppServices
-) -> httpx.AsyncClient:
+async def any_key_client(settings: Settings, services: AppServices) -> httpx.AsyncClient:
     """The real app plus one route that accepts any key, to pin the public-key rules."""
     application: FastAPI = create_app(settings, services=services)
 

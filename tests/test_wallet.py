@@ -88,7 +88,9 @@ async def test_topup_replay_with_same_key_creates_one_entry(services: AppService
     async def top_up(session: object) -> wallet.Posted:
         return await wallet.post_credit(
             session,  # type: ignore[arg-type]
-            account_id=account.id, kind=EntryKind.TOPUP, amount_micros=2_500_000,
+            account_id=account.id,
+            kind=EntryKind.TOPUP,
+            amount_micros=2_500_000,
             idempotency_key="invoice-42",
         )
 
@@ -108,7 +110,10 @@ async def test_concurrent_topups_with_one_key_credit_once(services: AppServices)
     async def top_up() -> bool:
         async with services.database.sessions() as session:
             posted = await wallet.post_credit(
-                session, account_id=account.id, kind=EntryKind.TOPUP, amount_micros=700,
+                session,
+                account_id=account.id,
+                kind=EntryKind.TOPUP,
+                amount_micros=700,
                 idempotency_key="same-key",
             )
             await session.commit()
@@ -123,12 +128,18 @@ async def test_reusing_a_key_for_a_different_amount_is_a_conflict(services: AppS
     account = await make_account(services)
     async with services.database.sessions() as session:
         await wallet.post_credit(
-            session, account_id=account.id, kind=EntryKind.TOPUP, amount_micros=100,
+            session,
+            account_id=account.id,
+            kind=EntryKind.TOPUP,
+            amount_micros=100,
             idempotency_key="k1",
         )
         with pytest.raises(wallet.IdempotencyMismatch):
             await wallet.post_credit(
-                session, account_id=account.id, kind=EntryKind.TOPUP, amount_micros=200,
+                session,
+                account_id=account.id,
+                kind=EntryKind.TOPUP,
+                amount_micros=200,
                 idempotency_key="k1",
             )
 
@@ -149,9 +160,9 @@ async def test_settle_charges_actual_returns_rest_and_is_idempotent(
     async with services.database.sessions() as session:
         kinds = (
             await session.scalars(
-                select(LedgerEntry.kind).where(LedgerEntry.hold_id == hold_id).order_by(
-                    LedgerEntry.id
-                )
+                select(LedgerEntry.kind)
+                .where(LedgerEntry.hold_id == hold_id)
+                .order_by(LedgerEntry.id)
             )
         ).all()
     assert kinds == ["hold", "release", "usage"]
@@ -232,11 +243,11 @@ async def test_reaper_releases_stale_holds_only(services: AppServices) -> None:
     assert fresh is not None
     async with services.database.sessions() as session:
         old = (await session.get(WalletHold, stale)).created_at - timedelta(hours=2)  # type: ignore[union-attr]
-        await session.execute(update(WalletHold).where(WalletHold.id == stale).values(created_at=old))
+        await session.execute(
+            update(WalletHold).where(WalletHold.id == stale).values(created_at=old)
+        )
         await session.commit()
-    expired = await _run(
-        services, lambda s: wallet.reap_stale_holds(s, max_age=timedelta(hours=1))
-    )
+    expired = await _run(services, lambda s: wallet.reap_stale_holds(s, max_age=timedelta(hours=1)))
     assert expired >= 1
     async with services.database.sessions() as session:
         assert (await session.get(WalletHold, stale)).status == HoldStatus.EXPIRED.value  # type: ignore[union-attr]
@@ -252,12 +263,18 @@ async def test_negative_adjustment_cannot_overdraw(services: AppServices) -> Non
     async with services.database.sessions() as session:
         with pytest.raises(wallet.InsufficientBalance):
             await wallet.post_credit(
-                session, account_id=account.id, kind=EntryKind.ADJUSTMENT, amount_micros=-1_001,
+                session,
+                account_id=account.id,
+                kind=EntryKind.ADJUSTMENT,
+                amount_micros=-1_001,
                 idempotency_key="adj",
             )
         with pytest.raises(wallet.InvalidAmount):
             await wallet.post_credit(
-                session, account_id=account.id, kind=EntryKind.TOPUP, amount_micros=-5,
+                session,
+                account_id=account.id,
+                kind=EntryKind.TOPUP,
+                amount_micros=-5,
                 idempotency_key="neg",
             )
 
@@ -278,7 +295,10 @@ async def test_invariant_holds_after_mixed_concurrent_traffic(services: AppServi
         await _run(
             services,
             lambda s: wallet.post_credit(
-                s, account_id=account.id, kind=EntryKind.TOPUP, amount_micros=1_000,
+                s,
+                account_id=account.id,
+                kind=EntryKind.TOPUP,
+                amount_micros=1_000,
                 idempotency_key=f"mixed-{i % 4}",
             ),
         )

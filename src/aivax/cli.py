@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -266,8 +266,8 @@ def keys_create(
             kind=KeyKind.PUBLIC if public else KeyKind.PRIVATE,
             allowed_origins=origin or [],
         )
-    except ValueError as exc:
-        fail(str(exc).splitlines()[-1])
+    except ValidationError as exc:
+        fail(str(exc.errors()[0]["msg"]))
 
     async def action(services: AppServices, session: AsyncSession) -> Any:
         await account_service.get(session, target)

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
+SENSITIVE_SETTINGS = frozenset({"secret_key", "database_url", "redis_url"})
+
+
 class SettingsError(Exception):
     """Settings failed validation; the message is one line naming the setting."""
 
@@ -91,7 +94,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = "AIVAX_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
-        raise SettingsError(
-            f"invalid setting {name}: {first['msg']} (got {first.get('input')!r})"
-        ) from None
+        field = str(first["loc"][0]) if first["loc"] else ""
+        name = f"AIVAX_{field.upper()}" if field else "settings"
+        # Values that may carry credentials are never echoed.
+        shown = "" if field in SENSITIVE_SETTINGS else f" (got {first.get('input')!r})"
+        raise SettingsError(f"invalid setting {name}: {first['msg']}{shown}") from None

@@ -1,0 +1,46 @@
+"""Settings validate themselves and fail with one line naming the setting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from aivax.config import Settings, SettingsError, load_settings
+from tests.fixtures.assertions import REPO_ROOT
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AIVAX_PORT", "eighty"),
+        ("AIVAX_PORT", "70000"),
+        ("AIVAX_DATABASE_URL", "mysql://x"),
+        ("AIVAX_SECRET_KEY", "short"),
+        ("AIVAX_REDIS_URL", "http://localhost"),
+        ("AIVAX_LOG_LEVEL", "loud"),
+        ("AIVAX_MAX_BODY_BYTES", "10"),
+    ],
+)
+def test_invalid_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert variable in message
+    assert "\n" not in message
+    if variable in ("AIVAX_SECRET_KEY", "AIVAX_DATABASE_URL", "AIVAX_REDIS_URL"):
+        assert value not in message  # values that may carry credentials are never echoed
+    else:
+        assert value in message
+
+
+def test_every_setting_is_documented() -> None:
+    operations = (REPO_ROOT / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"AIVAX_[A-Z_]+", operations))
+    for name in Settings.model_fields:
+        assert f"AIVAX_{name.upper()}" in documented, f"AIVAX_{name.upper()} is undocumented"
