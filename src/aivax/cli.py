@@ -38,7 +38,11 @@ from aivax.wallet.schemas import LedgerEntryRead
 
 T = TypeVar("T")
 
-app = typer.Typer(help="AIVAX: OpenAI-compatible AI orchestration platform.", no_args_is_help=True)
+app = typer.Typer(
+    help="AIVAX: OpenAI-compatible AI orchestration platform.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold secrets
+)
 accounts_app = typer.Typer(
     help="Create, list, show, suspend accounts; change their plan.", no_args_is_help=True
 )

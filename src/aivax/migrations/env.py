@@ -12,8 +12,16 @@ from sqlalchemy.engine import Connection
 from aivax.config import load_settings
 from aivax.db import create_engine
 from aivax.models import Base
+from aivax.models.base import UTCDateTime
 
 MIGRATION_LOCK_ID = 7_240_001  # arbitrary, fixed: pg_advisory_lock key for migrations
+
+
+def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+    """Autogenerate writes portable types, never references to application classes."""
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 
 
 def _run(connection: Connection) -> None:
@@ -27,6 +35,7 @@ def _run(connection: Connection) -> None:
             target_metadata=Base.metadata,
             render_as_batch=connection.dialect.name == "sqlite",
             compare_type=True,
+            render_item=_render_item,
         )
         with context.begin_transaction():
             context.run_migrations()

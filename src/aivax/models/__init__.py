@@ -2,6 +2,7 @@
 
 from aivax.models.account import Account, AccountStatus, ApiKey
 from aivax.models.base import Base
+from aivax.models.catalog import CatalogModel, ProviderCredential, RequestLog
 from aivax.models.operator import OperatorToken, SystemState
 from aivax.models.plan import Plan
 from aivax.models.wallet import EntryKind, HoldStatus, LedgerEntry, WalletHold
@@ -11,11 +12,14 @@ __all__ = [
     "AccountStatus",
     "ApiKey",
     "Base",
+    "CatalogModel",
     "EntryKind",
     "HoldStatus",
     "LedgerEntry",
     "OperatorToken",
     "Plan",
+    "ProviderCredential",
+    "RequestLog",
     "SystemState",
     "WalletHold",
 ]
