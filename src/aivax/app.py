@@ -10,13 +10,18 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from fastapi import FastAPI
+from sqlalchemy.exc import IntegrityError
 
 from aivax import __version__, handlers
 from aivax.accounts.endpoints import router as account_router
 from aivax.admin.endpoints import router as admin_router
 from aivax.auth.middleware import AccountKeyMiddleware, BodySizeLimitMiddleware
+from aivax.catalog.endpoints import admin_router as admin_models_router
+from aivax.catalog.endpoints import router as credentials_router
+from aivax.catalog.service import seed_from_file
 from aivax.config import Settings
 from aivax.health import router as health_router
+from aivax.inference.endpoints import router as inference_router
 from aivax.keys.endpoints import router as keys_router
 from aivax.migrate import head_revision
 from aivax.services import AppServices
@@ -42,6 +47,21 @@ async def reap_holds_forever(services: AppServices) -> None:
             logger.exception("hold reaper failed; retrying next interval")
 
 
+async def seed_models(services: AppServices) -> None:
+    """Create the models and credentials of AIVAX_MODELS_FILE that do not exist yet."""
+    path = services.settings.models_file
+    if path is None:
+        return
+    try:
+        async with services.database.writing() as session:
+            created = await seed_from_file(session, path, services.secret_box)
+    except IntegrityError:
+        logger.info("another replica seeded the models file first")
+        return
+    for item in created:
+        logger.info("seeded %s from %s", item, path)
+
+
 def create_app(settings: Settings, *, services: AppServices | None = None) -> FastAPI:
     """Build the ASGI app. Pass `services` to share them (tests); otherwise the lifespan builds
     them from `settings` and disposes of them on shutdown."""
@@ -50,6 +70,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
         app.state.services = services or AppServices.build(settings)
+        await seed_models(app.state.services)
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
         try:
             yield
@@ -72,6 +93,15 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     handlers.install(app)
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccountKeyMiddleware)
-    for router in (health_router, account_router, keys_router, wallet_router, admin_router):
+    for router in (
+        health_router,
+        inference_router,
+        account_router,
+        keys_router,
+        wallet_router,
+        credentials_router,
+        admin_router,
+        admin_models_router,
+    ):
         app.include_router(router)
     return app

@@ -6,10 +6,11 @@ Nothing else in the code base reads the environment; everything receives a `Sett
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError as SourceError
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -55,6 +56,31 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
     max_keys_per_account: int = Field(default=100, ge=1, description="API keys per account.")
 
+    models_file: Path | None = Field(
+        default=None, description="TOML file of integrated models and operator credentials."
+    )
+    ssrf_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts BYOK upstream URLs may use even though they are not public "
+        "(comma-separated), e.g. an internal vLLM. Everything else private is refused.",
+    )
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    upstream_read_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="Longest silence accepted from an upstream."
+    )
+    upstream_retries: int = Field(default=2, ge=0, le=5, description="Retries before 1st byte.")
+    local_model_threads: int = Field(default=2, ge=1, description="CPU threads per local model.")
+    local_model_max_waiting: int = Field(
+        default=16, ge=0, description="Requests that may wait for a busy local model (then 503)."
+    )
+
+    @field_validator("ssrf_allowlist", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, value: str) -> str:
@@ -99,3 +125,5 @@ def load_settings(**overrides: object) -> Settings:
         # Values that may carry credentials are never echoed.
         shown = "" if field in SENSITIVE_SETTINGS else f" (got {first.get('input')!r})"
         raise SettingsError(f"invalid setting {name}: {first['msg']}{shown}") from None
+    except SourceError as exc:
+        raise SettingsError(f"invalid settings: {str(exc).splitlines()[0]}") from None

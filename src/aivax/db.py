@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -63,6 +66,16 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.engine = create_engine(settings)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time and its busy handler sleeps while it waits; hot-path
+        # writers of this process queue here instead. PostgreSQL needs no such gate.
+        self._write_gate: asyncio.Lock | None = asyncio.Lock() if settings.is_sqlite else None
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncSession]:
+        """A session for a short write transaction, committed on success."""
+        async with self._write_gate or contextlib.nullcontext(), self.sessions() as session:
+            yield session
+            await session.commit()
 
     async def dispose(self) -> None:
         await self.engine.dispose()

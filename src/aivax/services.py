@@ -10,7 +10,9 @@ from pathlib import Path
 
 from aivax.config import Settings
 from aivax.db import Database
+from aivax.inference.ratelimit import RateLimiter
 from aivax.kit.crypto import SecretBox, random_secret
+from aivax.providers.registry import ProviderRegistry
 
 logger = logging.getLogger("aivax")
 
@@ -23,6 +25,8 @@ class AppServices:
     database: Database
     secret: bytes
     secret_box: SecretBox
+    registry: ProviderRegistry
+    limiter: RateLimiter
 
     @classmethod
     def build(cls, settings: Settings) -> AppServices:
@@ -32,9 +36,13 @@ class AppServices:
             database=Database(settings),
             secret=secret,
             secret_box=SecretBox(secret),
+            registry=ProviderRegistry(settings),
+            limiter=RateLimiter(settings.redis_url),
         )
 
     async def close(self) -> None:
+        await self.registry.close()
+        await self.limiter.close()
         await self.database.dispose()
 
 

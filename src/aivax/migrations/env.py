@@ -4,6 +4,7 @@ replicas starting together do not migrate twice."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Literal
 
 from alembic import context
 from sqlalchemy import text
@@ -17,7 +18,7 @@ from aivax.models.base import UTCDateTime
 MIGRATION_LOCK_ID = 7_240_001  # arbitrary, fixed: pg_advisory_lock key for migrations
 
 
-def _render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+def _render_item(type_: str, obj: object, autogen_context: Any) -> str | Literal[False]:
     """Autogenerate writes portable types, never references to application classes."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from aivax.models.base import Base, Timestamped
+from aivax.models.base import Base, BigIntId, Timestamped
 
 
 class ProviderCredential(Timestamped, Base):
@@ -63,7 +63,7 @@ class RequestLog(Base):
 
     __tablename__ = "request_logs"
 
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(128))
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)

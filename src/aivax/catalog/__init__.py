@@ -1,0 +1,1 @@
+"""Integrated models, operator credentials and accounts' bring-your-own-key credentials."""

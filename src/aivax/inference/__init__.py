@@ -1,0 +1,1 @@
+"""The request pipeline: resolve, admit, hold, execute, settle (ARCHITECTURE.md §1)."""

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from aivax.auth.dependencies import AnyKey, PrivateKey, Services
+from aivax.db import SessionDep
+from aivax.errors import error_envelope
+from aivax.inference import catalog_view, repository, responses
+from aivax.inference.accumulate import Accumulator, delta_of
+from aivax.inference.pipeline import PreparedCall, client_error, finish, open_stream, prepare
+from aivax.inference.schemas import ChatCompletionRequest
+from aivax.kit.pagination import ListPage, PageLimit, page_of
+from aivax.providers.base import StreamEvent, UpstreamError
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, principal: AnyKey, services: Services, request: Request
+) -> JSONResponse | StreamingResponse:
+    call = await prepare(services, principal, body, request.state.request_id)
+    accumulator = Accumulator()
+    events = open_stream(call, accumulator)
+    if body.stream:
+        return await _stream(call, accumulator, events)
+    try:
+        async for _ in events:
+            pass
+    except UpstreamError as exc:
+        error = client_error(exc, call.model)
+        await finish(call, accumulator, status=error.status, error_code=error.instance_code)
+        raise error from exc
+    finally:
+        await finish(call, accumulator, status=200, error_code=None)
+    return JSONResponse(
+        responses.completion(call, accumulator), headers=responses.cost_headers(call)
+    )
+
+
+async def _stream(
+    call: PreparedCall, accumulator: Accumulator, events: AsyncIterator[StreamEvent]
+) -> StreamingResponse:
+    """Fail with a plain HTTP error if the upstream fails before its first event; after that,
+    failures become an SSE error event followed by [DONE]."""
+    try:
+        first: StreamEvent | None = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except UpstreamError as exc:
+        error = client_error(exc, call.model)
+        await finish(call, accumulator, status=error.status, error_code=error.instance_code)
+        raise error from exc
+    except BaseException:
+        await finish(call, accumulator, status=499, error_code="cancelled")
+        raise
+    return StreamingResponse(
+        _sse(call, accumulator, first, events),
+        media_type="text/event-stream",
+        headers={**call.admission.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _sse(
+    call: PreparedCall,
+    accumulator: Accumulator,
+    first: StreamEvent | None,
+    events: AsyncIterator[StreamEvent],
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    status = 499  # unless the loop below completes
+    code: str | None = "client_disconnected"
+    try:
+        yield responses.sse(
+            responses.chunk(call, created, delta={"role": "assistant", "content": ""})
+        )
+        pending = [first] if first is not None else []
+        async for event in _chain(pending, events):
+            delta = delta_of(event)
+            if delta is not None:
+                yield responses.sse(responses.chunk(call, created, delta=delta))
+        yield responses.sse(
+            responses.chunk(call, created, finish_reason=accumulator.final_finish_reason())
+        )
+        status, code = 200, None
+        await finish(call, accumulator, status=200, error_code=None)
+        if call.request.include_usage:
+            yield responses.sse(responses.usage_chunk(call, accumulator, created))
+        yield responses.DONE
+    except UpstreamError as exc:
+        error = client_error(exc, call.model)
+        status, code = error.status, error.instance_code
+        await finish(call, accumulator, status=status, error_code=code)
+        yield responses.sse(error_envelope(error.message, type_=error.type, code=code))
+        yield responses.DONE
+    finally:
+        await finish(call, accumulator, status=status, error_code=code)
+
+
+async def _chain(
+    pending: list[StreamEvent], events: AsyncIterator[StreamEvent]
+) -> AsyncIterator[StreamEvent]:
+    for event in pending:
+        yield event
+    async for event in events:
+        yield event
+
+
+@router.get("/models")
+async def list_models(principal: AnyKey, session: SessionDep) -> dict[str, Any]:
+    data = await catalog_view.visible_models(session, principal)
+    return {"object": "list", "data": data}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, principal: AnyKey, session: SessionDep) -> dict[str, Any]:
+    return await catalog_view.visible_model(session, principal, model_id)
+
+
+@router.get("/requests", response_model=ListPage[catalog_view.RequestLogRead])
+async def list_requests(
+    auth: PrivateKey, session: SessionDep, limit: PageLimit = 20, after: int | None = None
+) -> ListPage[catalog_view.RequestLogRead]:
+    logs = await repository.list_logs(session, auth.account.id, limit=limit, after=after)
+    data = [catalog_view.RequestLogRead.model_validate(log) for log in logs]
+    return page_of(data, [str(log.id) for log in data], limit=limit)
+
+
+@router.get("/usage")
+async def usage(
+    auth: PrivateKey,
+    session: SessionDep,
+    group_by: Literal["day", "model", "key"] = "day",
+    since: Annotated[datetime | None, Query(description="Start (default: 30 days ago).")] = None,
+    until: Annotated[datetime | None, Query(description="End, exclusive (default: now).")] = None,
+) -> dict[str, Any]:
+    end = until or datetime.now(UTC)
+    start = since or end - timedelta(days=30)
+    rows = await repository.usage_totals(
+        session,
+        auth.account.id,
+        group_by=group_by,
+        since=start if start.tzinfo else start.replace(tzinfo=UTC),
+        until=end if end.tzinfo else end.replace(tzinfo=UTC),
+    )
+    for row in rows:
+        row[group_by] = str(row.pop("group"))
+    return {
+        "object": "usage",
+        "group_by": group_by,
+        "since": start.isoformat(),
+        "until": end.isoformat(),
+        "data": rows,
+    }

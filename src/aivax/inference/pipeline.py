@@ -1,0 +1,265 @@
+"""Composable steps of one chat call: `prepare` (resolve, admit, hold), `open_stream` (the
+provider call), `finish` (usage → cost → settle the hold → request log). Every entry point —
+the API today, gateways, channels and batches later — goes through these."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+
+from aivax.catalog import service as catalog
+from aivax.catalog.service import ResolvedModel
+from aivax.errors import AppError
+from aivax.inference import admission, repository
+from aivax.inference.accumulate import Accumulator
+from aivax.inference.schemas import ChatCompletionRequest
+from aivax.inference.tokens import count_input_tokens, estimate_output_tokens
+from aivax.keys.service import Principal
+from aivax.kit.clock import utcnow
+from aivax.models import Account, Plan, RequestLog
+from aivax.plans.schemas import PlanLimits
+from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
+from aivax.services import AppServices
+from aivax.wallet import service as wallet
+
+logger = logging.getLogger("aivax.inference")
+
+
+class UpstreamFailed(AppError):
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: str,
+        headers: dict[str, str] | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.status = status  # type: ignore[misc]
+        if type_:
+            self.type = type_  # type: ignore[misc]
+
+
+def client_error(error: UpstreamError, model: ResolvedModel) -> UpstreamFailed:
+    """What the caller sees for an upstream failure (never the operator's credential problems
+    as if they were the caller's)."""
+    upstream = error.status
+    retry = {"retry-after": error.headers["retry-after"]} if "retry-after" in error.headers else {}
+    if upstream in (400, 413, 422):
+        return UpstreamFailed(
+            f"The upstream rejected the request: {error.message}",
+            status=400,
+            code="upstream_invalid_request",
+            type_="invalid_request_error",
+        )
+    if upstream in (401, 403) and model.byok:
+        return UpstreamFailed(
+            f"The upstream refused your credential: {error.message}",
+            status=400,
+            code="byok_credential_rejected",
+            type_="invalid_request_error",
+        )
+    if upstream == 404 and model.byok:
+        return UpstreamFailed(
+            f"The upstream does not know this model: {error.message}",
+            status=404,
+            code="model_not_found",
+            type_="not_found_error",
+        )
+    if upstream == 429:
+        return UpstreamFailed(
+            "The upstream is rate limiting; retry shortly.",
+            status=429,
+            code="upstream_rate_limited",
+            headers=retry,
+            type_="rate_limit_error",
+        )
+    if upstream == 503 and error.code == "model_overloaded":
+        return UpstreamFailed(
+            error.message,
+            status=503,
+            code="model_overloaded",
+            headers=retry or {"retry-after": "2"},
+        )
+    if upstream in (408, 504):
+        return UpstreamFailed(
+            "The upstream did not answer in time.", status=504, code="upstream_timeout"
+        )
+    return UpstreamFailed(
+        f"The upstream failed: {error.message}",
+        status=502,
+        code=error.code if error.code != "upstream_error" else "upstream_error",
+    )
+
+
+@dataclass
+class PreparedCall:
+    services: AppServices
+    principal: Principal
+    request_id: str
+    request: ChatCompletionRequest
+    model: ResolvedModel
+    provider: Provider
+    upstream: UpstreamRequest
+    admission: admission.Admission
+    hold_id: uuid.UUID | None
+    started: float = field(default_factory=time.perf_counter)
+    finished: bool = False
+    cost_micros: int | None = None
+    estimated: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+async def prepare(
+    services: AppServices, principal: Principal, request: ChatCompletionRequest, request_id: str
+) -> PreparedCall:
+    admission.check_parameters(request)
+    async with services.database.sessions() as session:
+        account = await session.get(Account, principal.account_id)
+        plan = await session.get(Plan, principal.plan_id)
+        if account is None or plan is None:
+            raise AppError("The account is no longer available.")
+        limits = PlanLimits.model_validate(plan.limits)
+        model = await catalog.resolve(session, account.id, request.model, services.secret_box)
+        admission.check_plan(principal, plan.id, limits, model)
+        body = request.upstream_body()
+        input_tokens = await count_input_tokens(services.registry, model, body)
+        headers = await admission.check_rate_limits(
+            services.limiter, principal, limits, model, input_tokens
+        )
+        admission.check_context(limits, model, input_tokens)
+        media = admission.media_in(body)
+        admission.check_capabilities(request, model, media)
+        max_tokens, send_max = admission.plan_output(request, model, input_tokens)
+        hold_amount, max_tokens, money_headers = await admission.check_money(
+            session, account, limits, model, input_tokens, max_tokens, media
+        )
+    hold_id = await _hold(services, account.id, hold_amount, request_id)
+    if send_max or money_headers:
+        body["max_tokens"] = max_tokens
+    admitted = admission.Admission(
+        input_tokens=input_tokens,
+        max_tokens=max_tokens,
+        send_max_tokens=send_max,
+        hold_micros=hold_amount,
+        headers={**headers, **money_headers},
+    )
+    return PreparedCall(
+        services=services,
+        principal=principal,
+        request_id=request_id,
+        request=request,
+        model=model,
+        provider=services.registry.provider(model),
+        upstream=UpstreamRequest(
+            upstream_model=model.upstream_model,
+            body=body,
+            max_tokens=max_tokens,
+            timeout_seconds=services.settings.upstream_read_timeout_seconds,
+        ),
+        admission=admitted,
+        hold_id=hold_id,
+        input_tokens=input_tokens,
+    )
+
+
+async def _hold(
+    services: AppServices, account_id: uuid.UUID, amount: int, request_id: str
+) -> uuid.UUID | None:
+    if amount <= 0:
+        return None
+    async with services.database.writing() as session:
+        held = await wallet.hold(
+            session, account_id=account_id, amount_micros=amount, ref=request_id
+        )
+        return held.id
+
+
+def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[StreamEvent]:
+    """The provider's events, each recorded in `accumulator` on the way through."""
+
+    async def recorded() -> AsyncIterator[StreamEvent]:
+        async for event in call.provider.stream(call.upstream):
+            accumulator.add(event)
+            yield event
+
+    return recorded()
+
+
+async def finish(
+    call: PreparedCall, accumulator: Accumulator, *, status: int, error_code: str | None
+) -> None:
+    """Settle the hold and write the log row — once, whatever happened, even when cancelled."""
+    if call.finished:
+        return
+    call.finished = True
+    with anyio.CancelScope(shield=True):
+        try:
+            await _settle_and_log(call, accumulator, status, error_code)
+        except Exception:
+            logger.exception(
+                "settling request %s failed; the reaper will release its hold", call.request_id
+            )
+
+
+def _usage(call: PreparedCall, accumulator: Accumulator) -> tuple[int, int, int, bool]:
+    usage = accumulator.usage
+    if usage is not None and (usage.input_tokens or usage.output_tokens):
+        return usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, False
+    if not accumulator.produced_output and accumulator.usage is None:
+        return 0, 0, 0, False  # nothing generated: nothing billed
+    # No usage from upstream: count locally and say so.
+    return call.input_tokens, estimate_output_tokens(accumulator.generated_text()), 0, True
+
+
+async def _settle_and_log(
+    call: PreparedCall, accumulator: Accumulator, status: int, error_code: str | None
+) -> None:
+    input_tokens, output_tokens, cached, estimated = _usage(call, accumulator)
+    produced = input_tokens or output_tokens
+    cost = admission.cost_micros(call.model, input_tokens, output_tokens) if produced else 0
+    call.input_tokens, call.output_tokens, call.estimated = input_tokens, output_tokens, estimated
+    elapsed = time.perf_counter() - call.started
+    first = accumulator.first_token_at
+    async with call.services.database.writing() as session:
+        if call.hold_id is not None:
+            if cost:
+                settled = await wallet.settle(session, call.hold_id, cost)
+                cost = settled.actual_micros or 0
+            else:
+                await wallet.release(session, call.hold_id)
+        call.cost_micros = cost if call.model.priced else None
+        await repository.add_log(
+            session,
+            RequestLog(
+                request_id=call.request_id,
+                account_id=call.principal.account_id,
+                key_id=call.principal.key_id,
+                model=call.model.id,
+                provider=call.model.provider,
+                upstream_model=call.model.upstream_model,
+                byok=call.model.byok,
+                stream=call.request.stream,
+                status=status,
+                error_code=error_code,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached_input_tokens=cached,
+                cost_micros=call.cost_micros,
+                estimated=estimated,
+                latency_ms=int(elapsed * 1000),
+                ttft_ms=int((first - call.started) * 1000) if first else None,
+                created_at=utcnow(),
+            ),
+        )

@@ -1,0 +1,71 @@
+"""Rate limits with the `limits` library: in-process memory by default, Redis (atomic scripts,
+shared by every replica) when AIVAX_REDIS_URL is set.
+
+Requests per minute use a moving window (exact: one entry per request); tokens per minute use a
+sliding-window counter, which takes a token count as the cost of a single hit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+def _storage(redis_url: str | None) -> Storage:
+    if redis_url is None:
+        return MemoryStorage()
+    scheme, _, rest = redis_url.partition("://")
+    uri = f"async+{scheme}://{rest}"
+    return RedisStorage(uri, implementation="redispy", key_prefix="aivax")
+
+
+class RateLimiter:
+    def __init__(self, redis_url: str | None) -> None:
+        self.storage = _storage(redis_url)
+        self.shared = redis_url is not None
+        self._requests = MovingWindowRateLimiter(self.storage)
+        self._tokens = SlidingWindowCounterRateLimiter(self.storage)
+
+    async def hit_requests(self, scope: str, per_minute: int) -> Decision:
+        return await self._hit(self._requests, RateLimitItemPerMinute(per_minute), scope, 1)
+
+    async def hit_tokens(self, scope: str, per_minute: int, tokens: int) -> Decision:
+        return await self._hit(
+            self._tokens, RateLimitItemPerMinute(per_minute), scope, max(tokens, 1)
+        )
+
+    async def _hit(
+        self,
+        strategy: MovingWindowRateLimiter | SlidingWindowCounterRateLimiter,
+        item: RateLimitItem,
+        scope: str,
+        cost: int,
+    ) -> Decision:
+        if item.amount <= 0:
+            return Decision(False, 0, 0, 60.0)
+        allowed = await strategy.hit(item, scope, cost=cost)
+        stats = await strategy.get_window_stats(item, scope)
+        return Decision(
+            allowed=allowed,
+            limit=item.amount,
+            remaining=max(stats.remaining, 0),
+            reset_seconds=max(stats.reset_time - time.time(), 0.0),
+        )
+
+    async def reset(self) -> None:
+        await self.storage.reset()
+
+    async def close(self) -> None:
+        return None

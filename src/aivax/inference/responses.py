@@ -1,0 +1,102 @@
+"""OpenAI response shapes for a finished or streaming call."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aivax.inference.accumulate import Accumulator
+from aivax.inference.pipeline import PreparedCall
+from aivax.kit.money import micros_to_usd
+
+
+def completion_id(call: PreparedCall) -> str:
+    return "chatcmpl-" + call.request_id.removeprefix("req_")
+
+
+def usage_block(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
+    cached = accumulator.usage.cached_input_tokens if accumulator.usage else 0
+    reasoning = accumulator.usage.reasoning_tokens if accumulator.usage else 0
+    return {
+        "prompt_tokens": call.input_tokens,
+        "completion_tokens": call.output_tokens,
+        "total_tokens": call.input_tokens + call.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def aivax_block(call: PreparedCall) -> dict[str, Any]:
+    return {
+        "request_id": call.request_id,
+        "cost_micros": call.cost_micros,
+        "cost_usd": micros_to_usd(call.cost_micros) if call.cost_micros is not None else None,
+        "usage_estimated": call.estimated,
+        "max_tokens": call.admission.max_tokens,
+    }
+
+
+def cost_headers(call: PreparedCall) -> dict[str, str]:
+    headers = dict(call.admission.headers)
+    if call.cost_micros is not None:
+        headers["x-aivax-cost-micros"] = str(call.cost_micros)
+        headers["x-aivax-cost-usd"] = micros_to_usd(call.cost_micros)
+    headers["x-aivax-usage-estimated"] = "true" if call.estimated else "false"
+    return headers
+
+
+def completion(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
+    return {
+        "id": completion_id(call),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": call.model.id,
+        "choices": [
+            {
+                "index": 0,
+                "message": accumulator.message(),
+                "finish_reason": accumulator.final_finish_reason(),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage_block(call, accumulator),
+        "aivax": aivax_block(call),
+    }
+
+
+def chunk(
+    call: PreparedCall,
+    created: int,
+    *,
+    delta: dict[str, Any] | None = None,
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": completion_id(call),
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": call.model.id,
+        "choices": [
+            {"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}
+        ],
+    }
+
+
+def usage_chunk(call: PreparedCall, accumulator: Accumulator, created: int) -> dict[str, Any]:
+    return {
+        "id": completion_id(call),
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": call.model.id,
+        "choices": [],
+        "usage": usage_block(call, accumulator),
+        "aivax": aivax_block(call),
+    }
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"

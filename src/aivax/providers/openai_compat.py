@@ -1,0 +1,217 @@
+"""OpenAI-compatible chat completions over HTTP (OpenAI, Groq, Together, DeepSeek, Mistral,
+OpenRouter, vLLM, Ollama, llama.cpp server, …).
+
+Always streams from upstream with `stream_options.include_usage`, so streamed and non-streamed
+client calls share one path and usage is reported whenever the upstream can report it. SSE is
+parsed by `httpx-sse` (comments, keep-alives and multi-line `data:` fields); a stream that ends
+without `[DONE]` is accepted; an upstream that ignores `stream` and answers with one JSON body is
+accepted too. Connect errors, 429 and 5xx are retried with backoff — only before the first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from aivax.providers.base import (
+    RETRYABLE_STATUSES,
+    FinishEvent,
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamError,
+    UpstreamRequest,
+    UsageEvent,
+)
+
+MAX_RETRY_AFTER_SECONDS = 5.0
+
+
+def events_from_chunk(chunk: dict[str, Any]) -> Iterator[StreamEvent]:
+    """Translate one `chat.completion.chunk` (or a whole `chat.completion`) into events."""
+    for choice in chunk.get("choices") or []:
+        if choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta") or choice.get("message") or {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            yield ReasoningDelta(reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            yield TextDelta(content)
+        for position, call in enumerate(delta.get("tool_calls") or []):
+            function = call.get("function") or {}
+            yield ToolCallDelta(
+                index=call.get("index", position),
+                id=call.get("id"),
+                name=function.get("name"),
+                arguments=function.get("arguments") or "",
+            )
+        if choice.get("finish_reason"):
+            yield FinishEvent(choice["finish_reason"])
+    usage = chunk.get("usage")
+    if isinstance(usage, dict) and usage:
+        yield usage_event(usage)
+
+
+def usage_event(usage: dict[str, Any]) -> UsageEvent:
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return UsageEvent(
+        input_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        cached_input_tokens=int(prompt_details.get("cached_tokens") or 0),
+        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+    )
+
+
+def _retry_delay(attempt: int, headers: httpx.Headers | None) -> float:
+    if headers is not None:
+        retry_after = headers.get("retry-after")
+        if retry_after and retry_after.replace(".", "", 1).isdigit():
+            return min(float(retry_after), MAX_RETRY_AFTER_SECONDS)
+    return float(min(0.25 * 2**attempt, MAX_RETRY_AFTER_SECONDS))
+
+
+def _error_message(status: int, body: str) -> str:
+    try:
+        parsed = json.loads(body)
+        error = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return f"upstream answered HTTP {status}"
+
+
+class OpenAICompatProvider:
+    name = "openai"
+
+    def __init__(
+        self, http: httpx.AsyncClient, *, base_url: str, api_key: str, retries: int = 2
+    ) -> None:
+        self.http = http
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key = api_key
+        self.retries = retries
+
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        return {
+            **request.body,
+            "model": request.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamEvent]:
+        body = self._body(request)
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "text/event-stream"}
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                async with self.http.stream(
+                    "POST", self.url, json=body, headers=headers, timeout=request.timeout_seconds
+                ) as response:
+                    if response.status_code >= 400:
+                        error = await self._status_error(response)
+                        if not last and response.status_code in RETRYABLE_STATUSES:
+                            await asyncio.sleep(_retry_delay(attempt, response.headers))
+                            continue
+                        raise error
+                    async for event in self._events(response):
+                        yield event
+                    return
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if not last:
+                    await asyncio.sleep(_retry_delay(attempt, None))
+                    continue
+                raise UpstreamError(
+                    f"cannot connect to the upstream: {type(exc).__name__}",
+                    status=502,
+                    provider=self.name,
+                    code="upstream_unreachable",
+                ) from exc
+            except httpx.TimeoutException as exc:
+                raise UpstreamError(
+                    "the upstream did not answer in time",
+                    status=504,
+                    provider=self.name,
+                    code="upstream_timeout",
+                ) from exc
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                raise UpstreamError(
+                    "the upstream closed the connection mid-response",
+                    status=502,
+                    provider=self.name,
+                    code="upstream_disconnected",
+                ) from exc
+
+    async def _status_error(self, response: httpx.Response) -> UpstreamError:
+        raw = (await response.aread()).decode("utf-8", "replace")[:4000]
+        return UpstreamError(
+            _error_message(response.status_code, raw),
+            status=response.status_code,
+            provider=self.name,
+            body=raw,
+            headers=dict(response.headers),
+        )
+
+    async def _events(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            # An upstream that ignored `stream`: one JSON completion.
+            for event in events_from_chunk(self._parse(await response.aread())):
+                yield event
+            return
+        try:
+            async for sse in EventSource(response).aiter_sse():
+                if sse.data.strip() == "[DONE]":
+                    return
+                if not sse.data.strip():
+                    continue
+                chunk = self._parse(sse.data.encode())
+                if "error" in chunk:
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else str(error)
+                    raise UpstreamError(
+                        f"upstream stream error: {message}",
+                        status=502,
+                        provider=self.name,
+                        body=sse.data[:4000],
+                        code="upstream_stream_error",
+                    )
+                for event in events_from_chunk(chunk):
+                    yield event
+        except SSEError as exc:
+            raise UpstreamError(
+                f"malformed event stream from the upstream: {exc}",
+                status=502,
+                provider=self.name,
+                code="upstream_bad_response",
+            ) from exc
+
+    def _parse(self, raw: bytes) -> dict[str, Any]:
+        try:
+            parsed = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UpstreamError(
+                "the upstream sent invalid JSON",
+                status=502,
+                provider=self.name,
+                body=raw[:4000].decode("utf-8", "replace"),
+                code="upstream_bad_response",
+            ) from exc
+        if not isinstance(parsed, dict):
+            raise UpstreamError(
+                "the upstream sent an unexpected JSON value",
+                status=502,
+                provider=self.name,
+                code="upstream_bad_response",
+            )
+        return parsed

@@ -1,0 +1,105 @@
+"""Builds the provider for a resolved model. Built-in providers register through the same
+`register` call an extension would use. One shared `httpx.AsyncClient` per upstream origin,
+with explicit timeouts and connection limits; account-supplied (BYOK) URLs go through a client
+whose transport is the SSRF guard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from aivax.catalog.service import ResolvedModel
+from aivax.config import Settings
+from aivax.kit.ssrf import GuardedTransport
+from aivax.providers.anthropic import AnthropicProvider
+from aivax.providers.base import Provider
+from aivax.providers.local_gguf import LocalModelRuntime, resolve_gguf_path
+from aivax.providers.openai_compat import OpenAICompatProvider
+
+ProviderFactory = Callable[["ProviderRegistry", ResolvedModel], Provider]
+
+
+class UnknownProvider(LookupError):
+    pass
+
+
+class ProviderRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._factories: dict[str, ProviderFactory] = {}
+        self._clients: dict[tuple[str, bool], httpx.AsyncClient] = {}
+        self._runtimes: dict[str, LocalModelRuntime] = {}
+        self.internal_http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        self.register("openai", _openai)
+        self.register("anthropic", _anthropic)
+        self.register("local_gguf", _local)
+
+    def register(self, kind: str, factory: ProviderFactory) -> None:
+        self._factories[kind] = factory
+
+    def provider(self, model: ResolvedModel) -> Provider:
+        try:
+            factory = self._factories[model.provider]
+        except KeyError:
+            raise UnknownProvider(f"no provider {model.provider!r} is registered") from None
+        return factory(self, model)
+
+    def client(self, base_url: str, *, guarded: bool) -> httpx.AsyncClient:
+        parts = urlsplit(base_url)
+        key = (f"{parts.scheme}://{parts.netloc}", guarded)
+        client = self._clients.get(key)
+        if client is None:
+            timeout = httpx.Timeout(
+                self.settings.upstream_read_timeout_seconds,
+                connect=self.settings.upstream_connect_timeout_seconds,
+            )
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+            transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(limits=limits)
+            if guarded:
+                transport = GuardedTransport(
+                    transport, allowlist=frozenset(self.settings.ssrf_allowlist)
+                )
+            client = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
+            self._clients[key] = client
+        return client
+
+    def local_runtime(self, model: ResolvedModel) -> LocalModelRuntime:
+        runtime = self._runtimes.get(model.id)
+        if runtime is None:
+            runtime = LocalModelRuntime(
+                resolve_gguf_path(model.options),
+                context_window=model.context_window or 4096,
+                threads=self.settings.local_model_threads,
+                max_waiting=self.settings.local_model_max_waiting,
+                http=self.internal_http,
+            )
+            self._runtimes[model.id] = runtime
+        return runtime
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        await self.internal_http.aclose()
+
+
+def _openai(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
+    return OpenAICompatProvider(
+        registry.client(model.base_url, guarded=model.byok),
+        base_url=model.base_url,
+        api_key=model.api_key,
+        retries=registry.settings.upstream_retries,
+    )
+
+
+def _anthropic(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
+    return AnthropicProvider(
+        registry.client(model.base_url, guarded=model.byok),
+        base_url=model.base_url,
+        api_key=model.api_key,
+    )
+
+
+def _local(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
+    return registry.local_runtime(model)
