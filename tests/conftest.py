@@ -7,6 +7,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import asyncpg
 import httpx
@@ -19,7 +20,14 @@ from aivax.app import create_app
 from aivax.config import Settings
 from aivax.migrate import upgrade_to_head
 from aivax.services import AppServices
-from tests.fixtures.factories import AccountWithKeys, make_account, make_admin_token
+from tests.fixtures.factories import (
+    AccountWithKeys,
+    install_fake_models,
+    make_account,
+    make_admin_token,
+)
+from tests.fixtures.fake_upstreams import Recorder, anthropic_app, openai_app
+from tests.fixtures.servers import ThreadedServer
 
 TEST_SECRET = "test-secret-" + "x" * 40
 
@@ -64,8 +72,11 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         database_url=database_url,
         data_dir=tmp_path_factory.mktemp("data"),
         secret_key=TEST_SECRET,  # type: ignore[arg-type]
-        max_body_bytes=64 * 1024,
+        max_body_bytes=256 * 1024,
         db_pool_size=20,
+        redis_url=os.environ.get("AIVAX_TEST_REDIS_URL") or None,
+        ssrf_allowlist=["127.0.0.1"],
+        upstream_read_timeout_seconds=20,
     )
 
 
@@ -108,3 +119,46 @@ async def admin_token(services: AppServices) -> str:
 @pytest.fixture
 def admin_headers(admin_token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {admin_token}"}
+
+
+@dataclass
+class FakeUpstream:
+    server: ThreadedServer
+    recorder: Recorder
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url + "/v1"
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeUpstream]:
+    recorder = Recorder()
+    server = ThreadedServer(openai_app(recorder)).start()
+    yield FakeUpstream(server, recorder)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_anthropic() -> Iterator[FakeUpstream]:
+    recorder = Recorder()
+    server = ThreadedServer(anthropic_app(recorder)).start()
+    yield FakeUpstream(server, recorder)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def fake_models(
+    services: AppServices, fake_openai: FakeUpstream, fake_anthropic: FakeUpstream
+) -> list[str]:
+    """Integrated models served by the fake upstreams, priced so costs are easy to check:
+    1 USD per 1M input tokens and 2 USD per 1M output tokens."""
+    return await install_fake_models(services, fake_openai.base_url, fake_anthropic.server.url)
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings, fake_models: list[str]) -> Iterator[ThreadedServer]:
+    """The real app on a real port (its own services and event loop), for real clients."""
+    server = ThreadedServer(create_app(settings)).start()
+    yield server
+    server.stop()

@@ -54,15 +54,45 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# Tag values of the discriminated unions in request bodies (message roles, content-part
+# types): pydantic puts them in error locations right after a list index.
+UNION_TAGS = frozenset({
+    "system", "developer", "user", "assistant", "tool",
+    "text", "image_url", "input_audio", "file",
+})
+BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _clean_location(location: tuple[Any, ...]) -> list[str]:
+    """Field names and indexes only: no union branch names or discriminator tags."""
+    parts: list[str] = []
+    previous: Any = None
+    for part in location[1:]:
+        if isinstance(part, str) and (
+            "[" in part or part in BRANCH_NAMES
+            or (isinstance(previous, int) and part in UNION_TAGS)
+        ):
+            previous = part
+            continue
+        parts.append(str(part))
+        previous = part
+    return parts
+
+
 def _param(location: tuple[Any, ...]) -> str | None:
-    parts = [str(part) for part in location[1:]] if len(location) > 1 else []
-    return ".".join(parts) or None
+    return ".".join(_clean_location(location)) or None
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """A union reports one error per branch; the deepest one says what is really wrong."""
+    return max(errors, key=lambda error: len(_clean_location(tuple(error.get("loc", ())))))
 
 
 async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     """Schema errors are 400 like OpenAI's; a bad id in the path is simply not found (404)."""
     assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it only
-    first = exc.errors()[0]
+    errors = list(exc.errors())
+    first = errors[0] if errors[0].get("loc", ("",))[0] == "path" else _most_specific(errors)
     location = tuple(first.get("loc", ()))
     kind = first.get("type", "")
     param = _param(location)
@@ -79,6 +109,9 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
     if kind == "json_invalid":
         message = "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error"))
         code = "invalid_json"
+    elif kind == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}."
+        code = "unknown_parameter"
     elif kind == "missing":
         message = f"Missing required parameter: {param!r}."
         code = "missing_required_parameter"

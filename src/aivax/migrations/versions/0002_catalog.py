@@ -42,7 +42,10 @@ def upgrade() -> None:
     )
     op.create_table(
         "request_logs",
-        sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("request_id", sa.String(length=128), nullable=False),
         sa.Column("account_id", sa.Uuid(), nullable=False),
         sa.Column("key_id", sa.Uuid(), nullable=True),
