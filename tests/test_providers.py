@@ -43,9 +43,15 @@ async def http() -> Any:
         yield client
 
 
-def _openai(http: httpx.AsyncClient, fake: FakeUpstream, key: str = "sk-fake-upstream",
-            retries: int = 2) -> OpenAICompatProvider:
+def _openai(
+    http: httpx.AsyncClient, fake: FakeUpstream, key: str = "sk-fake-upstream", retries: int = 2
+) -> OpenAICompatProvider:
     return OpenAICompatProvider(http, base_url=fake.base_url, api_key=key, retries=retries)
+
+
+async def _drain(stream: Any, seen: list[StreamEvent]) -> None:
+    async for event in stream:
+        seen.append(event)
 
 
 def _text(events: list[StreamEvent]) -> str:
@@ -116,8 +122,7 @@ async def test_openai_abrupt_disconnect_is_an_upstream_error(
 ) -> None:
     seen: list[StreamEvent] = []
     with pytest.raises(UpstreamError) as raised:
-        async for event in _openai(http, fake_openai).stream(_request("fake-disconnect")):
-            seen.append(event)
+        await _drain(_openai(http, fake_openai).stream(_request("fake-disconnect")), seen)
     assert raised.value.code == "upstream_disconnected"
     assert _text(seen) == "Hello from"
 
@@ -144,8 +149,9 @@ async def test_connection_refused_is_502_after_retries(http: httpx.AsyncClient) 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    provider = OpenAICompatProvider(http, base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
-                                    retries=1)
+    provider = OpenAICompatProvider(
+        http, base_url=f"http://127.0.0.1:{port}/v1", api_key="k", retries=1
+    )
     with pytest.raises(UpstreamError) as raised:
         await _collect(provider, _request("x"))
     assert raised.value.status == 502
@@ -157,18 +163,37 @@ def test_anthropic_request_translation() -> None:
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "developer", "content": [{"type": "text", "text": "Use French."}]},
-            {"role": "user", "content": [
-                {"type": "text", "text": "What is this?"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-            ]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_9", "type": "function",
-                 "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_9",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": '{"q": "x"}'},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "call_9", "content": "42"},
             {"role": "tool", "tool_call_id": "call_9", "content": "43"},
         ],
-        "tools": [{"type": "function", "function": {
-            "name": "lookup", "description": "Look up", "parameters": {"type": "object"}}}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "description": "Look up",
+                    "parameters": {"type": "object"},
+                },
+            }
+        ],
         "tool_choice": "required",
         "parallel_tool_calls": False,
         "stop": "END",
@@ -178,7 +203,9 @@ def test_anthropic_request_translation() -> None:
     payload = translate_request(UpstreamRequest("claude-x", body, max_tokens=300))
     assert payload["system"] == "Be brief.\n\nUse French."
     assert payload["messages"][0]["content"][1] == {
-        "type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"},
+    }
     assert payload["messages"][1]["content"][0]["type"] == "tool_use"
     assert payload["messages"][1]["content"][0]["input"] == {"q": "x"}
     results = payload["messages"][2]["content"]
@@ -191,8 +218,11 @@ def test_anthropic_request_translation() -> None:
 
 
 def test_anthropic_reasoning_effort_becomes_thinking_budget() -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low",
-            "temperature": 0.5}
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "reasoning_effort": "low",
+        "temperature": 0.5,
+    }
     payload = translate_request(UpstreamRequest("claude-x", body, max_tokens=4000))
     assert payload["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     assert "temperature" not in payload
@@ -206,8 +236,9 @@ async def test_anthropic_stream_translates_text_thinking_tools_and_usage(
     assert ReasoningDelta("Let me think.") in thinking
     assert _text(thinking) == "Bonjour !"
     usage = next(e for e in thinking if isinstance(e, UsageEvent))
-    assert usage == UsageEvent(input_tokens=27, output_tokens=7, cached_input_tokens=5,
-                               cache_write_tokens=2)
+    assert usage == UsageEvent(
+        input_tokens=27, output_tokens=7, cached_input_tokens=5, cache_write_tokens=2
+    )
     assert FinishEvent("stop") in thinking
     tools = await _collect(provider, _request("claude-tools"))
     calls = [e for e in tools if isinstance(e, ToolCallDelta)]

@@ -56,10 +56,19 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 # Tag values of the discriminated unions in request bodies (message roles, content-part
 # types): pydantic puts them in error locations right after a list index.
-UNION_TAGS = frozenset({
-    "system", "developer", "user", "assistant", "tool",
-    "text", "image_url", "input_audio", "file",
-})
+UNION_TAGS = frozenset(
+    {
+        "system",
+        "developer",
+        "user",
+        "assistant",
+        "tool",
+        "text",
+        "image_url",
+        "input_audio",
+        "file",
+    }
+)
 BRANCH_NAMES = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
@@ -69,7 +78,8 @@ def _clean_location(location: tuple[Any, ...]) -> list[str]:
     previous: Any = None
     for part in location[1:]:
         if isinstance(part, str) and (
-            "[" in part or part in BRANCH_NAMES
+            "[" in part
+            or part in BRANCH_NAMES
             or (isinstance(previous, int) and part in UNION_TAGS)
         ):
             previous = part

@@ -68,4 +68,7 @@ class RateLimiter:
         await self.storage.reset()
 
     async def close(self) -> None:
-        return None
+        # `limits` has no public close; its redis-py client lives on the storage's bridge.
+        client = getattr(getattr(self.storage, "bridge", None), "storage", None)
+        if client is not None:
+            await client.aclose()

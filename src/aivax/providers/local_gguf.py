@@ -64,7 +64,9 @@ class LocalModelRuntime:
         threads: int,
         max_waiting: int,
         http: httpx.AsyncClient,
+        verbose: bool = False,
     ) -> None:
+        self.verbose = verbose
         self.path = path
         self.context_window = context_window
         self.threads = threads
@@ -93,8 +95,15 @@ class LocalModelRuntime:
                 params.api_keys = [self._api_key]
                 params.endpoint_metrics = False
                 params.endpoint_slots = False
+                if not self.verbose:
+                    params.verbosity = -1  # llama.cpp logs to stderr only at AIVAX_LOG_LEVEL=debug
                 self._server = xllamacpp.Server(params)
             return self._server
+
+    @property
+    def busy(self) -> bool:
+        """True while a generation holds the model (until llama.cpp has really stopped)."""
+        return self._slot.locked()
 
     async def server(self) -> Any:
         return self._server or await asyncio.to_thread(self._load)
@@ -112,7 +121,7 @@ class LocalModelRuntime:
         return len(response.json()["tokens"])
 
     async def _acquire(self) -> None:
-        if self._waiting >= self.max_waiting:
+        if self._slot.locked() and self._waiting >= self.max_waiting:
             raise UpstreamError(
                 f"the local model is busy ({self._waiting} requests waiting); retry shortly",
                 status=503,

@@ -74,6 +74,7 @@ class ProviderRegistry:
                 threads=self.settings.local_model_threads,
                 max_waiting=self.settings.local_model_max_waiting,
                 http=self.internal_http,
+                verbose=self.settings.log_level == "debug",
             )
             self._runtimes[model.id] = runtime
         return runtime

@@ -43,7 +43,9 @@ def upgrade() -> None:
     op.create_table(
         "request_logs",
         sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True,
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
             nullable=False,
         ),
         sa.Column("request_id", sa.String(length=128), nullable=False),
