@@ -51,8 +51,18 @@ fmt: $(STAMP) ## Format and auto-fix
 	$(BIN)/ruff check --fix src tests bench
 
 .PHONY: bench
-bench: $(STAMP) ## Run the benchmarks in bench/
+bench: $(STAMP) ## Gateway overhead vs a mock upstream (and LiteLLM when bench-deps ran)
+	$(BIN)/python bench/gateway.py
+
+.PHONY: bench-foundation
+bench-foundation: $(STAMP) ## Auth, session and wallet costs
 	$(BIN)/python bench/foundation.py
+
+.PHONY: bench-deps
+bench-deps: ## Install LiteLLM's proxy in its own venv (.bench-venv) for comparison
+	$(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/python -m pip install --quiet --upgrade pip
+	.bench-venv/bin/python -m pip install --quiet 'litellm[proxy]==1.110.2'
 
 .PHONY: constraints
 constraints: $(STAMP) ## Re-pin every installed dependency into constraints.txt

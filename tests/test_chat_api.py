@@ -122,8 +122,8 @@ async def test_non_streaming_call_bills_upstream_usage(
     assert completion.model_extra["aivax"]["cost_micros"] == 11 * 1 + 3 * 2
     assert raw.headers["x-aivax-cost-micros"] == "17"
     assert raw.headers["x-ratelimit-limit-requests"] == "60"
+    [log] = await _wait_for_logs(services, starter.id, 1)
     assert await _balance(services, starter.id) == 1_000_000 - 17
-    [log] = await _logs(services, starter.id)
     assert (log.status, log.cost_micros, log.estimated, log.stream) == (200, 17, False, False)
     assert log.key_id == starter.private_key_id
     async with services.database.sessions() as session:
@@ -155,6 +155,7 @@ async def test_streaming_call_with_usage_chunk(
     assert usage.total_tokens == 14
     assert extra is not None
     assert extra["aivax"]["cost_micros"] == 17
+    await _wait_for_logs(services, starter.id, 1)
     assert await _balance(services, starter.id) == 1_000_000 - 17
 
 
@@ -184,7 +185,7 @@ async def test_missing_upstream_usage_is_counted_locally_and_marked(
     assert completion.usage.prompt_tokens > 0
     assert completion.model_extra is not None
     assert completion.model_extra["aivax"]["usage_estimated"] is True
-    [log] = await _logs(services, starter.id)
+    [log] = await _wait_for_logs(services, starter.id, 1)
     assert log.estimated is True
     assert log.cost_micros is not None
     assert log.cost_micros > 0
@@ -397,8 +398,8 @@ async def test_upstream_failure_before_first_byte_bills_nothing(
                 stream=stream,  # type: ignore[call-overload]
             )
         assert raised.value.status_code == 502
+    logs = await _wait_for_logs(services, starter.id, 2)
     assert await _balance(services, starter.id) == 1_000_000
-    logs = await _logs(services, starter.id)
     assert [(log.status, log.cost_micros) for log in logs] == [(502, 0), (502, 0)]
 
 
@@ -517,6 +518,7 @@ async def test_40_parallel_requests_against_a_balance_for_10(
     assert set(statuses) <= {200, 402}
     assert statuses.count(200) >= 10
     assert statuses.count(402) > 0
+    await _wait_for_logs(services, account.id, statuses.count(200))
     balance = await _balance(services, account.id)  # also checks ledger sum == balance
     assert balance >= 0
     assert balance == hold * 10 - 17 * statuses.count(200)

@@ -8,9 +8,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from aivax.caches import HotPathCaches
 from aivax.config import Settings
 from aivax.db import Database
 from aivax.inference.ratelimit import RateLimiter
+from aivax.inference.settlement import Settler
 from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
 
@@ -27,20 +29,26 @@ class AppServices:
     secret_box: SecretBox
     registry: ProviderRegistry
     limiter: RateLimiter
+    caches: HotPathCaches
+    settler: Settler
 
     @classmethod
     def build(cls, settings: Settings) -> AppServices:
         secret = load_or_create_secret(settings)
+        database = Database(settings)
         return cls(
             settings=settings,
-            database=Database(settings),
+            database=database,
             secret=secret,
             secret_box=SecretBox(secret),
             registry=ProviderRegistry(settings),
             limiter=RateLimiter(settings.redis_url),
+            caches=HotPathCaches(settings.cache_seconds),
+            settler=Settler(database),
         )
 
     async def close(self) -> None:
+        await self.settler.close()
         await self.registry.close()
         await self.limiter.close()
         await self.database.dispose()

@@ -54,9 +54,14 @@ async def get_account(account_id: uuid.UUID, _: Operator, session: SessionDep) -
 
 @router.patch("/accounts/{account_id}", response_model=AccountRead)
 async def update_account(
-    account_id: uuid.UUID, data: AdminAccountUpdate, _: Operator, session: SessionDep
+    account_id: uuid.UUID,
+    data: AdminAccountUpdate,
+    _: Operator,
+    session: SessionDep,
+    services: Services,
 ) -> AccountRead:
     account = await account_service.update_as_operator(session, account_id, data)
+    services.caches.clear()
     return await account_service.read(session, account)
 
 
@@ -157,9 +162,14 @@ async def create_key(
 
 @router.delete("/accounts/{account_id}/keys/{key_id}", response_model=KeyRead)
 async def revoke_key(
-    account_id: uuid.UUID, key_id: uuid.UUID, _: Operator, session: SessionDep
+    account_id: uuid.UUID,
+    key_id: uuid.UUID,
+    _: Operator,
+    session: SessionDep,
+    services: Services,
 ) -> KeyRead:
     key = await key_service.revoke(session, account_id, key_id, keep_last_private=False)
+    services.caches.clear()
     return KeyRead.model_validate(key)
 
 
@@ -180,8 +190,12 @@ async def get_plan(plan_id: str, _: Operator, session: SessionDep) -> PlanRead:
 
 
 @router.patch("/plans/{plan_id}", response_model=PlanRead)
-async def update_plan(plan_id: str, data: PlanUpdate, _: Operator, session: SessionDep) -> PlanRead:
-    return PlanRead.model_validate(await plan_service.update(session, plan_id, data))
+async def update_plan(
+    plan_id: str, data: PlanUpdate, _: Operator, session: SessionDep, services: Services
+) -> PlanRead:
+    plan = await plan_service.update(session, plan_id, data)
+    services.caches.clear()
+    return PlanRead.model_validate(plan)
 
 
 @router.post("/wallet/reap")

@@ -80,12 +80,18 @@ class AccountKeyMiddleware:
         services: AppServices, token: str, state: dict[str, object]
     ) -> list[tuple[bytes, bytes]]:
         interval = timedelta(seconds=services.settings.key_touch_interval_seconds)
+        caches = services.caches
         try:
-            async with services.database.sessions() as session:
-                principal = await key_service.authenticate(
-                    session, token, secret=services.secret, touch_interval=interval
-                )
-                await session.commit()
+            digest = key_service.checked_hash(token, services.secret)
+            principal = caches.principals.get(digest) if caches.enabled else None
+            if principal is None:
+                async with services.database.sessions() as session:
+                    principal = await key_service.authenticate(
+                        session, token, secret=services.secret, touch_interval=interval
+                    )
+                    await session.commit()
+                if caches.enabled:
+                    caches.principals[digest] = principal
         except AppError as exc:
             state["auth_error"] = exc
             return []

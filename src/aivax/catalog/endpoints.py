@@ -28,9 +28,10 @@ async def list_models(_: Operator, session: SessionDep) -> dict[str, Any]:
 
 @admin_router.post("/models", response_model=CatalogModelRead, status_code=201)
 async def create_model(
-    data: CatalogModelCreate, _: Operator, session: SessionDep
+    data: CatalogModelCreate, _: Operator, session: SessionDep, services: Services
 ) -> CatalogModelRead:
     model = await service.create_model(session, data)
+    services.caches.clear()
     return (await service.read_models(session, [model]))[0]
 
 
@@ -42,15 +43,19 @@ async def get_model(model_id: str, _: Operator, session: SessionDep) -> CatalogM
 
 @admin_router.patch("/models/{model_id:path}", response_model=CatalogModelRead)
 async def update_model(
-    model_id: str, data: CatalogModelUpdate, _: Operator, session: SessionDep
+    model_id: str, data: CatalogModelUpdate, _: Operator, session: SessionDep, services: Services
 ) -> CatalogModelRead:
     model = await service.update_model(session, model_id, data)
+    services.caches.clear()
     return (await service.read_models(session, [model]))[0]
 
 
 @admin_router.delete("/models/{model_id:path}", status_code=204)
-async def delete_model(model_id: str, _: Operator, session: SessionDep) -> Response:
+async def delete_model(
+    model_id: str, _: Operator, session: SessionDep, services: Services
+) -> Response:
     await service.delete_model(session, model_id)
+    services.caches.clear()
     return Response(status_code=204)
 
 
@@ -71,14 +76,16 @@ async def create_operator_credential(
         secret_box=services.secret_box,
         ssrf_allowlist=frozenset(),
     )
+    services.caches.clear()
     return service.read_credential(credential)
 
 
 @admin_router.delete("/credentials/{credential_id}", status_code=204)
 async def delete_operator_credential(
-    credential_id: uuid.UUID, _: Operator, session: SessionDep
+    credential_id: uuid.UUID, _: Operator, session: SessionDep, services: Services
 ) -> Response:
     await service.delete_credential(session, None, credential_id)
+    services.caches.clear()
     return Response(status_code=204)
 
 
@@ -99,12 +106,14 @@ async def create_credential(
         secret_box=services.secret_box,
         ssrf_allowlist=frozenset(services.settings.ssrf_allowlist),
     )
+    services.caches.clear()
     return service.read_credential(credential)
 
 
 @router.delete("/{credential_id}", status_code=204)
 async def delete_credential(
-    credential_id: uuid.UUID, auth: PrivateKey, session: SessionDep
+    credential_id: uuid.UUID, auth: PrivateKey, session: SessionDep, services: Services
 ) -> Response:
     await service.delete_credential(session, auth.account.id, credential_id)
+    services.caches.clear()
     return Response(status_code=204)

@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError, BadRequest, Forbidden, PaymentRequired
 from aivax.inference.ratelimit import Decision, RateLimiter
@@ -22,7 +20,6 @@ from aivax.inference.schemas import ChatCompletionRequest
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
 from aivax.kit.money import micros_to_usd
-from aivax.models import Account
 from aivax.plans.schemas import PlanLimits
 
 DEFAULT_BYOK_MAX_TOKENS = 4_096
@@ -229,38 +226,31 @@ def plan_output(
     return requested or ceiling, True
 
 
-async def check_money(
-    session: AsyncSession,
-    account: Account,
-    limits: PlanLimits,
+def check_storage(principal: Principal, limits: PlanLimits) -> None:
+    if principal.storage_bytes_used > limits.storage_quota_bytes:
+        raise StorageQuotaExceeded(
+            "The account's storage quota is used up; delete documents or upgrade the plan."
+        )
+
+
+def clamp_to_balance(
     model: ResolvedModel,
+    balance: int,
+    minimum: int,
     input_tokens: int,
     max_tokens: int,
     media: set[str],
 ) -> tuple[int, int, dict[str, str]]:
-    """(hold amount, max_tokens after clamping, headers). Reads the balance; the hold itself
-    re-checks it atomically."""
-    if account.storage_bytes_used > limits.storage_quota_bytes:
-        raise StorageQuotaExceeded(
-            "The account's storage quota is used up; delete documents or upgrade the plan."
-        )
-    worst = cost_micros(model, input_tokens, max_tokens)
-    if not worst:
-        return 0, max_tokens, {}
-    await session.refresh(account, attribute_names=["balance_micros"])
-    balance = account.balance_micros
-    minimum = limits.multimodal_min_balance_micros if media else limits.min_balance_micros
+    """After the worst case was refused: (hold amount, clamped max_tokens, headers), or 402."""
     if balance < max(minimum, 1):
         raise BelowMinimumBalance(
             f"Balance {micros_to_usd(balance)} USD is below the {micros_to_usd(minimum)} USD "
             f"minimum{' for image, audio or file input' if media else ''}. Top up the wallet.",
         )
-    if worst <= balance:
-        return worst, max_tokens, {}
     input_cost = cost_micros(model, input_tokens, 0) or 0
     per_token = model.output_price_per_m or 0
     affordable = (balance - input_cost) * 1_000_000 // per_token if per_token else max_tokens
-    if affordable < 1:
+    if affordable < 1 or input_cost > balance:
         raise BelowMinimumBalance(
             f"Balance {micros_to_usd(balance)} USD does not cover this prompt "
             f"({micros_to_usd(input_cost)} USD of input). Top up the wallet."

@@ -10,18 +10,17 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import anyio
-
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError
-from aivax.inference import admission, repository
+from aivax.inference import admission
 from aivax.inference.accumulate import Accumulator
 from aivax.inference.schemas import ChatCompletionRequest
+from aivax.inference.settlement import Settlement
 from aivax.inference.tokens import count_input_tokens, estimate_output_tokens
 from aivax.keys.service import Principal
 from aivax.kit.clock import utcnow
-from aivax.models import Account, Plan, RequestLog
+from aivax.models import Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
 from aivax.services import AppServices
@@ -125,27 +124,21 @@ async def prepare(
     services: AppServices, principal: Principal, request: ChatCompletionRequest, request_id: str
 ) -> PreparedCall:
     admission.check_parameters(request)
-    async with services.database.sessions() as session:
-        account = await session.get(Account, principal.account_id)
-        plan = await session.get(Plan, principal.plan_id)
-        if account is None or plan is None:
-            raise AppError("The account is no longer available.")
-        limits = PlanLimits.model_validate(plan.limits)
-        model = await catalog.resolve(session, account.id, request.model, services.secret_box)
-        admission.check_plan(principal, plan.id, limits, model)
-        body = request.upstream_body()
-        input_tokens = await count_input_tokens(services.registry, model, body)
-        headers = await admission.check_rate_limits(
-            services.limiter, principal, limits, model, input_tokens
-        )
-        admission.check_context(limits, model, input_tokens)
-        media = admission.media_in(body)
-        admission.check_capabilities(request, model, media)
-        max_tokens, send_max = admission.plan_output(request, model, input_tokens)
-        hold_amount, max_tokens, money_headers = await admission.check_money(
-            session, account, limits, model, input_tokens, max_tokens, media
-        )
-    hold_id = await _hold(services, account.id, hold_amount, request_id)
+    limits, model = await _plan_and_model(services, principal, request.model)
+    admission.check_plan(principal, principal.plan_id, limits, model)
+    body = request.upstream_body()
+    input_tokens = await count_input_tokens(services.registry, model, body)
+    headers = await admission.check_rate_limits(
+        services.limiter, principal, limits, model, input_tokens
+    )
+    admission.check_context(limits, model, input_tokens)
+    media = admission.media_in(body)
+    admission.check_capabilities(request, model, media)
+    max_tokens, send_max = admission.plan_output(request, model, input_tokens)
+    admission.check_storage(principal, limits)
+    hold_id, hold_amount, max_tokens, money_headers = await _hold(
+        services, principal, limits, model, input_tokens, max_tokens, media, request_id
+    )
     if send_max or money_headers:
         body["max_tokens"] = max_tokens
     admitted = admission.Admission(
@@ -174,14 +167,78 @@ async def prepare(
     )
 
 
+async def _plan_and_model(
+    services: AppServices, principal: Principal, model_name: str
+) -> tuple[PlanLimits, ResolvedModel]:
+    """Plan limits and the resolved model, from the hot-path caches when fresh."""
+    caches = services.caches
+    limits = caches.plans.get(principal.plan_id) if caches.enabled else None
+    model = caches.models.get((principal.account_id, model_name)) if caches.enabled else None
+    if limits is None or model is None:
+        async with services.database.sessions() as session:
+            if limits is None:
+                plan = await session.get(Plan, principal.plan_id)
+                if plan is None:
+                    raise AppError("The account's plan no longer exists.")
+                limits = PlanLimits.model_validate(plan.limits)
+            if model is None:
+                model = await catalog.resolve(
+                    session, principal.account_id, model_name, services.secret_box
+                )
+        if caches.enabled:
+            caches.plans[principal.plan_id] = limits
+            caches.models[(principal.account_id, model_name)] = model
+    return limits, model
+
+
 async def _hold(
-    services: AppServices, account_id: uuid.UUID, amount: int, request_id: str
-) -> uuid.UUID | None:
-    if amount <= 0:
-        return None
+    services: AppServices,
+    principal: Principal,
+    limits: PlanLimits,
+    model: ResolvedModel,
+    input_tokens: int,
+    max_tokens: int,
+    media: set[str],
+    request_id: str,
+) -> tuple[uuid.UUID | None, int, int, dict[str, str]]:
+    """Reserve the worst case in one conditional UPDATE; only when that is refused, read the
+    balance to clamp `max_tokens` to what it affords (or refuse with 402)."""
+    worst = admission.cost_micros(model, input_tokens, max_tokens)
+    if not worst:
+        return None, 0, max_tokens, {}
+    minimum = limits.multimodal_min_balance_micros if media else limits.min_balance_micros
+    try:
+        return (
+            await _try_hold(services, principal, worst, minimum, request_id),
+            worst,
+            max_tokens,
+            {},
+        )
+    except wallet.InsufficientBalance:
+        pass
+    async with services.database.sessions() as session:
+        balance = await wallet.summary(session, principal.account_id)
+    amount, clamped, headers = admission.clamp_to_balance(
+        model, balance.balance_micros, minimum, input_tokens, max_tokens, media
+    )
+    return (
+        await _try_hold(services, principal, amount, minimum, request_id),
+        amount,
+        clamped,
+        headers,
+    )
+
+
+async def _try_hold(
+    services: AppServices, principal: Principal, amount: int, minimum: int, request_id: str
+) -> uuid.UUID:
     async with services.database.writing() as session:
         held = await wallet.hold(
-            session, account_id=account_id, amount_micros=amount, ref=request_id
+            session,
+            account_id=principal.account_id,
+            amount_micros=amount,
+            ref=request_id,
+            minimum_balance=minimum,
         )
         return held.id
 
@@ -200,17 +257,47 @@ def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[S
 async def finish(
     call: PreparedCall, accumulator: Accumulator, *, status: int, error_code: str | None
 ) -> None:
-    """Settle the hold and write the log row — once, whatever happened, even when cancelled."""
+    """Work out usage and cost now (the response reports them), and queue the settlement —
+    exactly once, whatever happened, even when cancelled."""
     if call.finished:
         return
     call.finished = True
-    with anyio.CancelScope(shield=True):
-        try:
-            await _settle_and_log(call, accumulator, status, error_code)
-        except Exception:
-            logger.exception(
-                "settling request %s failed; the reaper will release its hold", call.request_id
-            )
+    input_tokens, output_tokens, cached, estimated = _usage(call, accumulator)
+    cost = admission.cost_micros(call.model, input_tokens, output_tokens) or 0
+    if not (input_tokens or output_tokens):
+        cost = 0
+    charge = min(cost, call.admission.hold_micros) if call.hold_id is not None else 0
+    call.input_tokens, call.output_tokens, call.estimated = input_tokens, output_tokens, estimated
+    call.cost_micros = charge if call.model.priced else None
+    elapsed = time.perf_counter() - call.started
+    first = accumulator.first_token_at
+    call.services.settler.submit(
+        Settlement(
+            hold_id=call.hold_id,
+            cost_micros=charge,
+            log={
+                "request_id": call.request_id,
+                "account_id": call.principal.account_id,
+                "key_id": call.principal.key_id,
+                "gateway_id": None,
+                "model": call.model.id,
+                "provider": call.model.provider,
+                "upstream_model": call.model.upstream_model,
+                "byok": call.model.byok,
+                "stream": call.request.stream,
+                "status": status,
+                "error_code": error_code,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cached_input_tokens": cached,
+                "cost_micros": call.cost_micros,
+                "estimated": estimated,
+                "latency_ms": int(elapsed * 1000),
+                "ttft_ms": int((first - call.started) * 1000) if first else None,
+                "created_at": utcnow(),
+            },
+        )
+    )
 
 
 def _usage(call: PreparedCall, accumulator: Accumulator) -> tuple[int, int, int, bool]:
@@ -221,45 +308,3 @@ def _usage(call: PreparedCall, accumulator: Accumulator) -> tuple[int, int, int,
         return 0, 0, 0, False  # nothing generated: nothing billed
     # No usage from upstream: count locally and say so.
     return call.input_tokens, estimate_output_tokens(accumulator.generated_text()), 0, True
-
-
-async def _settle_and_log(
-    call: PreparedCall, accumulator: Accumulator, status: int, error_code: str | None
-) -> None:
-    input_tokens, output_tokens, cached, estimated = _usage(call, accumulator)
-    produced = input_tokens or output_tokens
-    cost = admission.cost_micros(call.model, input_tokens, output_tokens) if produced else 0
-    call.input_tokens, call.output_tokens, call.estimated = input_tokens, output_tokens, estimated
-    elapsed = time.perf_counter() - call.started
-    first = accumulator.first_token_at
-    async with call.services.database.writing() as session:
-        if call.hold_id is not None:
-            if cost:
-                settled = await wallet.settle(session, call.hold_id, cost)
-                cost = settled.actual_micros or 0
-            else:
-                await wallet.release(session, call.hold_id)
-        call.cost_micros = cost if call.model.priced else None
-        await repository.add_log(
-            session,
-            RequestLog(
-                request_id=call.request_id,
-                account_id=call.principal.account_id,
-                key_id=call.principal.key_id,
-                model=call.model.id,
-                provider=call.model.provider,
-                upstream_model=call.model.upstream_model,
-                byok=call.model.byok,
-                stream=call.request.stream,
-                status=status,
-                error_code=error_code,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cached_input_tokens=cached,
-                cost_micros=call.cost_micros,
-                estimated=estimated,
-                latency_ms=int(elapsed * 1000),
-                ttft_ms=int((first - call.started) * 1000) if first else None,
-                created_at=utcnow(),
-            ),
-        )

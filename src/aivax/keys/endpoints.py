@@ -44,6 +44,9 @@ async def get_key(key_id: uuid.UUID, auth: PrivateKey, session: SessionDep) -> K
 
 
 @router.delete("/{key_id}", response_model=KeyRead)
-async def revoke_key(key_id: uuid.UUID, auth: PrivateKey, session: SessionDep) -> KeyRead:
+async def revoke_key(
+    key_id: uuid.UUID, auth: PrivateKey, session: SessionDep, services: Services
+) -> KeyRead:
     key = await service.revoke(session, auth.account.id, key_id, keep_last_private=True)
+    services.caches.clear()
     return KeyRead.model_validate(key)

@@ -37,6 +37,7 @@ class Principal:
     key_id: uuid.UUID
     key_kind: KeyKind
     allowed_origins: tuple[str, ...]
+    storage_bytes_used: int = 0
 
 
 async def create(
@@ -109,13 +110,18 @@ def kind_of_token(token: str) -> KeyKind | None:
 INVALID_KEY_MESSAGE = "Incorrect API key provided. Find your keys with GET /v1/keys."
 
 
+def checked_hash(token: str, secret: bytes) -> str:
+    """The stored form of a presented key; a malformed key is refused here, before any I/O."""
+    if kind_of_token(token) is None:
+        raise Unauthorized(INVALID_KEY_MESSAGE)
+    return token_hash(secret, token)
+
+
 async def authenticate(
     session: AsyncSession, token: str, *, secret: bytes, touch_interval: timedelta
 ) -> Principal:
     """Resolve a presented key; a malformed one is refused without a database lookup."""
-    if kind_of_token(token) is None:
-        raise Unauthorized(INVALID_KEY_MESSAGE)
-    found = await repository.find_by_hash(session, token_hash(secret, token))
+    found = await repository.find_by_hash(session, checked_hash(token, secret))
     if found is None:
         raise Unauthorized(INVALID_KEY_MESSAGE)
     key, account = found
@@ -133,4 +139,5 @@ async def authenticate(
         key_id=key.id,
         key_kind=KeyKind(key.kind),
         allowed_origins=tuple(key.allowed_origins),
+        storage_bytes_used=account.storage_bytes_used,
     )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.db import insert_ignoring_conflicts
@@ -18,13 +18,21 @@ from aivax.models import Account, HoldStatus, LedgerEntry, WalletHold
 
 
 async def change_balance(
-    session: AsyncSession, account_id: uuid.UUID, delta: int, *, floor: int | None
+    session: AsyncSession,
+    account_id: uuid.UUID,
+    delta: int,
+    *,
+    floor: int | None,
+    minimum: int = 0,
 ) -> int | None:
-    """Add `delta` to the balance; with `floor`, only if the result stays ≥ floor.
-    Returns the new balance, or None when the account is missing or the floor would be crossed."""
+    """Add `delta` to the balance; with `floor`, only if the result stays ≥ floor and the
+    balance before is ≥ `minimum`. Returns the new balance, or None when the account is missing
+    or a condition fails."""
     statement = update(Account).where(Account.id == account_id)
     if floor is not None:
         statement = statement.where(Account.balance_micros + delta >= floor)
+    if minimum > 0:
+        statement = statement.where(Account.balance_micros >= minimum)
     statement = statement.values(balance_micros=Account.balance_micros + delta).returning(
         Account.balance_micros
     )
@@ -76,8 +84,16 @@ async def list_entries(
 
 
 async def add_hold(session: AsyncSession, hold: WalletHold) -> WalletHold:
-    session.add(hold)
-    await session.flush()
+    await session.execute(
+        insert(WalletHold).values(
+            id=hold.id,
+            account_id=hold.account_id,
+            amount_micros=hold.amount_micros,
+            ref=hold.ref,
+            status=hold.status,
+            created_at=hold.created_at,
+        )
+    )
     return hold
 
 
@@ -87,19 +103,21 @@ async def close_hold(
     *,
     from_status: HoldStatus,
     to_status: HoldStatus,
-    actual: int | None,
+    actual: int,
     now: datetime,
-) -> tuple[uuid.UUID, int] | None:
-    """Move a hold out of `from_status` exactly once; returns (account_id, amount) if it moved."""
+) -> tuple[uuid.UUID, int, int] | None:
+    """Move a hold out of `from_status` exactly once, recording min(actual, amount) as charged.
+    Returns (account_id, amount, charged) if it moved."""
+    charged = case((WalletHold.amount_micros < actual, WalletHold.amount_micros), else_=actual)
     result = await session.execute(
         update(WalletHold)
         .where(WalletHold.id == hold_id, WalletHold.status == from_status.value)
-        .values(status=to_status.value, actual_micros=actual, closed_at=now)
-        .returning(WalletHold.account_id, WalletHold.amount_micros)
+        .values(status=to_status.value, actual_micros=charged, closed_at=now)
+        .returning(WalletHold.account_id, WalletHold.amount_micros, WalletHold.actual_micros)
         .execution_options(synchronize_session=False)
     )
     row = result.first()
-    return (row[0], row[1]) if row is not None else None
+    return (row[0], row[1], row[2] or 0) if row is not None else None
 
 
 async def get_hold(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold | None:

@@ -141,12 +141,20 @@ def _entry_values(
 
 
 async def hold(
-    session: AsyncSession, *, account_id: uuid.UUID, amount_micros: int, ref: str
+    session: AsyncSession,
+    *,
+    account_id: uuid.UUID,
+    amount_micros: int,
+    ref: str,
+    minimum_balance: int = 0,
 ) -> WalletHold:
-    """Reserve `amount_micros`; succeeds only if the balance covers it (one conditional UPDATE)."""
+    """Reserve `amount_micros`; succeeds only if the balance covers it and is at least
+    `minimum_balance` — one conditional UPDATE, atomic on SQLite and PostgreSQL."""
     if not 0 < amount_micros <= MAX_MOVEMENT_MICROS:
         raise ValueError(f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {amount_micros}")
-    balance = await repository.change_balance(session, account_id, -amount_micros, floor=0)
+    balance = await repository.change_balance(
+        session, account_id, -amount_micros, floor=0, minimum=minimum_balance
+    )
     if balance is None:
         await _raise_missing_or_insufficient(session, account_id, amount_micros)
     held = await repository.add_hold(
@@ -175,45 +183,51 @@ async def hold(
     return held
 
 
-async def settle(session: AsyncSession, hold_id: uuid.UUID, actual_micros: int) -> WalletHold:
-    """Charge the real cost (at most the hold) and return the rest. Idempotent.
+async def settle_charge(session: AsyncSession, hold_id: uuid.UUID, actual_micros: int) -> int:
+    """Charge the real cost (at most the hold) and return the rest; the amount charged.
 
-    A hold is a ceiling: the caller holds the worst case first, so `actual` above the hold is
-    capped and the capped part recorded in the entry's details. A hold the reaper already
-    expired is still charged (the work was done), even if that takes the balance below zero.
+    Idempotent: a hold already settled charges nothing more. A hold the reaper expired is still
+    charged (the work was done), even if that takes the balance below zero.
     """
     if actual_micros < 0:
         raise ValueError("actual cost cannot be negative")
     now = utcnow()
-    current = await _load_hold(session, hold_id)
-    charge = min(actual_micros, current.amount_micros)
     moved = await repository.close_hold(
         session,
         hold_id,
         from_status=HoldStatus.OPEN,
         to_status=HoldStatus.SETTLED,
-        actual=charge,
+        actual=actual_micros,
         now=now,
     )
     if moved is not None:
-        account_id, amount = moved
+        account_id, amount, charge = moved
         await _return_and_charge(session, account_id, hold_id, amount, charge, actual_micros)
-        return await _load_hold(session, hold_id, refresh=True)
+        return charge
     late = await repository.close_hold(
         session,
         hold_id,
         from_status=HoldStatus.EXPIRED,
         to_status=HoldStatus.SETTLED,
-        actual=charge,
+        actual=actual_micros,
         now=now,
     )
     if late is not None:
-        await _return_and_charge(session, late[0], hold_id, 0, charge, actual_micros)
-        return await _load_hold(session, hold_id, refresh=True)
+        account_id, _, charge = late
+        await _return_and_charge(session, account_id, hold_id, 0, charge, actual_micros)
+        return charge
     current = await _load_hold(session, hold_id, refresh=True)
     if current.status == HoldStatus.RELEASED.value:
         raise HoldAlreadyReleased(f"Hold {str(hold_id)!r} was released; it cannot be settled.")
-    return current  # already settled: settling again changes nothing
+    return 0  # already settled: settling again changes nothing
+
+
+async def settle(session: AsyncSession, hold_id: uuid.UUID, actual_micros: int) -> WalletHold:
+    """`settle_charge`, returning the hold as it now stands. A hold is a ceiling: the caller
+    holds the worst case first, so `actual` above the hold is capped and the capped part is
+    recorded in the usage entry's details."""
+    await settle_charge(session, hold_id, actual_micros)
+    return await _load_hold(session, hold_id, refresh=True)
 
 
 async def _return_and_charge(
@@ -254,20 +268,23 @@ async def _return_and_charge(
         )
 
 
-async def release(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold:
-    """Return a hold untouched (nothing was used). Idempotent; a no-op on a closed hold."""
-    return await _close_unused(session, hold_id, HoldStatus.RELEASED)
-
-
-async def _close_unused(
-    session: AsyncSession, hold_id: uuid.UUID, to_status: HoldStatus
-) -> WalletHold:
+async def release_unused(
+    session: AsyncSession, hold_id: uuid.UUID, to_status: HoldStatus = HoldStatus.RELEASED
+) -> bool:
+    """Return an open hold untouched; True if this call closed it."""
     moved = await repository.close_hold(
         session, hold_id, from_status=HoldStatus.OPEN, to_status=to_status, actual=0, now=utcnow()
     )
-    if moved is not None:
-        account_id, amount = moved
-        await _return_and_charge(session, account_id, hold_id, amount, 0, 0)
+    if moved is None:
+        return False
+    account_id, amount, _ = moved
+    await _return_and_charge(session, account_id, hold_id, amount, 0, 0)
+    return True
+
+
+async def release(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold:
+    """Return a hold untouched (nothing was used). Idempotent; a no-op on a closed hold."""
+    await release_unused(session, hold_id)
     return await _load_hold(session, hold_id, refresh=True)
 
 
@@ -287,8 +304,7 @@ async def reap_stale_holds(session: AsyncSession, *, max_age: timedelta, batch: 
     ids = await repository.stale_hold_ids(session, created_before=utcnow() - max_age, limit=batch)
     expired = 0
     for hold_id in ids:
-        closed = await _close_unused(session, hold_id, HoldStatus.EXPIRED)
-        expired += closed.status == HoldStatus.EXPIRED.value
+        expired += await release_unused(session, hold_id, HoldStatus.EXPIRED)
     return expired
 
 

@@ -1,0 +1,222 @@
+"""Gateway benchmark: what AIVAX adds on top of an upstream, and how it compares to LiteLLM.
+
+Starts, each in its own process on loopback:
+  - bench/mock_upstream.py  (an OpenAI-compatible mock with no artificial delay)
+  - `aivax serve`           (SQLite, every pipeline step on: key check, model resolution,
+                             plan check, rate limits, token count, hold, settle, request log)
+  - LiteLLM's proxy         (only if `make bench-deps` installed it in .bench-venv)
+then drives each with the same requests — non-streaming and streaming, at concurrency 1, 16
+and 64 — and prints RPS, p50/p99 latency, p50 time to first byte, and p50 overhead over the
+direct call. Timings depend on the machine; run on an otherwise idle one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
+CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,16,64").split(",")]
+LITELLM = ROOT / ".bench-venv" / "bin" / "litellm"
+BODY = {"messages": [{"role": "user", "content": "What is the answer?"}], "max_tokens": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit(f"{url} exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not start:\n{log.read_text()[-3000:]}")
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            cwd=cwd)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    model: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Result:
+    rps: float
+    p50: float
+    p99: float
+    ttfb: float
+
+
+async def drive(target: Target, *, stream: bool, concurrency: int) -> Result:
+    body = {**BODY, "model": target.model, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    latencies: list[float] = []
+    firsts: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60, headers=target.headers) as client:
+        url = f"{target.url}/chat/completions"
+        for _ in range(3):  # warm up connections and caches
+            await client.post(url, json=body)
+        deadline = time.perf_counter() + SECONDS
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                async with client.stream("POST", url, json=body) as response:
+                    first = None
+                    async for _ in response.aiter_raw():
+                        first = first or time.perf_counter()
+                    if response.status_code != 200:
+                        raise SystemExit(f"{target.name}: HTTP {response.status_code}")
+                ended = time.perf_counter()
+                latencies.append(ended - started)
+                firsts.append((first or ended) - started)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    ordered = sorted(latencies)
+    return Result(
+        rps=len(latencies) / elapsed,
+        p50=statistics.median(ordered) * 1000,
+        p99=ordered[max(int(len(ordered) * 0.99) - 1, 0)] * 1000,
+        ttfb=statistics.median(firsts) * 1000,
+    )
+
+
+def start_aivax(work: Path, mock_url: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes],
+                                                                         Target]:
+    models = work / "models.toml"
+    models.write_text(
+        '[[credentials]]\nname = "mock"\nprovider = "openai"\n'
+        f'base_url = "{mock_url}/v1"\napi_key = "mock"\n\n'
+        '[[models]]\nid = "bench/mock"\nprovider = "openai"\nupstream_model = "mock"\n'
+        'credential = "mock"\ninput_price_per_m = 1000000\noutput_price_per_m = 2000000\n'
+        "context_window = 8192\nmax_output_tokens = 256\n"
+    )
+    env = {**env, "AIVAX_MODELS_FILE": str(models), "AIVAX_LOG_LEVEL": "warning",
+           "AIVAX_DATABASE_URL": env.get("AIVAX_BENCH_DATABASE_URL",
+                                         f"sqlite+aiosqlite:///{work}/aivax.db")}
+    aivax = [sys.executable, "-m", "aivax"]
+    subprocess.run([*aivax, "migrate"], env=env, cwd=work, check=True, capture_output=True)
+    subprocess.run([*aivax, "plans", "set", "free", 'models_allowed=["*"]',
+                    "integrated_rpm=100000000", "integrated_input_tpm=1000000000"],
+                   env=env, cwd=work, check=True, capture_output=True)
+    port = free_port()
+    log = work / "aivax.log"
+    process = spawn([*aivax, "serve", "--port", str(port)], log, env, work)
+    wait_ready(f"http://127.0.0.1:{port}/readyz", process, log)
+    banner = log.read_text()
+    key = re.search(r"private key\s*:\s*(\S+)", banner)
+    account = re.search(r"demo account\s*:\s*(\S+)", banner)
+    assert key and account, banner
+    subprocess.run([*aivax, "wallet", "topup", account.group(1), "1000000"], env=env, cwd=work,
+                   check=True, capture_output=True)
+    return process, Target("aivax", f"http://127.0.0.1:{port}/v1", "bench/mock",
+                           {"Authorization": f"Bearer {key.group(1)}"})
+
+
+def start_litellm(work: Path, mock_url: str, env: dict[str, str]) -> tuple[
+        subprocess.Popen[bytes], Target] | None:
+    if not LITELLM.exists():
+        return None
+    config = work / "litellm.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: mock\n    litellm_params:\n      model: openai/mock\n"
+        f"      api_base: {mock_url}/v1\n      api_key: mock\n"
+    )
+    port = free_port()
+    log = work / "litellm.log"
+    process = spawn([str(LITELLM), "--config", str(config), "--port", str(port),
+                     "--num_workers", "1"], log, {**env, "LITELLM_LOG": "ERROR"}, work)
+    wait_ready(f"http://127.0.0.1:{port}/health/liveliness", process, log)
+    return process, Target("litellm", f"http://127.0.0.1:{port}/v1", "mock", {})
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="aivax-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
+    env["AIVAX_BENCH_DATABASE_URL"] = os.environ.get(
+        "AIVAX_BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{work}/aivax.db")
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        mock_port = free_port()
+        mock_log = work / "mock.log"
+        mock = spawn([sys.executable, str(ROOT / "bench" / "mock_upstream.py"), str(mock_port)],
+                     mock_log, env, work)
+        processes.append(mock)
+        mock_url = f"http://127.0.0.1:{mock_port}"
+        wait_ready(f"{mock_url}/v1/models", mock, mock_log)
+        targets = [Target("direct", f"{mock_url}/v1", "mock", {})]
+        aivax, target = start_aivax(work, mock_url, env)
+        processes.append(aivax)
+        targets.append(target)
+        litellm = start_litellm(work, mock_url, env)
+        if litellm is not None:
+            processes.append(litellm[0])
+            targets.append(litellm[1])
+        else:
+            print("LiteLLM not installed (run `make bench-deps` to compare with it)\n")
+        report(targets)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(targets: list[Target]) -> None:
+    print(f"{'target':<8} {'mode':<7} {'conc':>4} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'TTFB ms':>8} {'+p50 ms':>8}")
+    results: dict[tuple[str, bool, int], Result] = {}
+    for stream in (False, True):
+        for concurrency in CONCURRENCY:
+            for target in targets:
+                result = asyncio.run(drive(target, stream=stream, concurrency=concurrency))
+                results[(target.name, stream, concurrency)] = result
+                direct = results[("direct", stream, concurrency)]
+                overhead = result.p50 - direct.p50
+                print(f"{target.name:<8} {'stream' if stream else 'json':<7} {concurrency:>4} "
+                      f"{result.rps:>8.0f} {result.p50:>8.2f} {result.p99:>8.2f} "
+                      f"{result.ttfb:>8.2f} {overhead:>8.2f}", flush=True)
+    if any(name == "litellm" for name, _, _ in results):
+        print("\nAIVAX RPS / LiteLLM RPS:")
+        for stream in (False, True):
+            ratios = [results[("aivax", stream, c)].rps / results[("litellm", stream, c)].rps
+                      for c in CONCURRENCY]
+            print(f"  {'stream' if stream else 'json':<7} " + "  ".join(
+                f"c={c}: {r:.1f}x" for c, r in zip(CONCURRENCY, ratios, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

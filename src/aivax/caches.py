@@ -1,0 +1,36 @@
+"""Short-lived in-process caches for the request hot path.
+
+Authentication, plan limits and model resolution are read on every call but change rarely; each
+is cached for `AIVAX_CACHE_SECONDS` (default 5). Every change made through this process clears
+them at once; other replicas (and `aivax` CLI changes) take effect within that many seconds. Set
+AIVAX_CACHE_SECONDS=0 to read the database on every request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+from cachetools import TTLCache
+
+if TYPE_CHECKING:
+    from aivax.catalog.service import ResolvedModel
+    from aivax.keys.service import Principal
+    from aivax.plans.schemas import PlanLimits
+
+MAX_ENTRIES = 50_000
+
+
+class HotPathCaches:
+    def __init__(self, ttl_seconds: float) -> None:
+        self.enabled = ttl_seconds > 0
+        ttl = max(ttl_seconds, 0.001)
+        self.principals: TTLCache[str, Principal] = TTLCache(MAX_ENTRIES, ttl)
+        self.plans: TTLCache[str, PlanLimits] = TTLCache(1_000, ttl)
+        self.models: TTLCache[tuple[uuid.UUID, str], ResolvedModel] = TTLCache(MAX_ENTRIES, ttl)
+
+    def clear(self) -> None:
+        """Called after any change to keys, accounts, plans, models or credentials."""
+        self.principals.clear()
+        self.plans.clear()
+        self.models.clear()

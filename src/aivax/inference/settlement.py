@@ -1,0 +1,99 @@
+"""Settlement off the response path: each finished call's hold is settled (or released) and its
+request-log row written by one background writer that commits many calls per transaction.
+
+The response never waits for the ledger; the amount it reports is already exact (the charge is
+min(cost, hold), computed in memory). If the process dies before a queued settlement is written,
+the hold is released by the reaper — the same guarantee as a crash mid-request. On shutdown the
+queue is drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert
+
+from aivax.db import Database
+from aivax.models import RequestLog
+from aivax.wallet import service as wallet
+
+logger = logging.getLogger("aivax.settlement")
+
+MAX_BATCH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    hold_id: uuid.UUID | None
+    cost_micros: int
+    log: dict[str, Any]
+
+
+class Settler:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._queue: asyncio.Queue[Settlement] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, item: Settlement) -> None:
+        if self._queue is None or self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._queue.put_nowait(item)
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is committed."""
+        if self._queue is not None:
+            await self._queue.join()
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        assert self._queue is not None  # noqa: S101 - created with the task
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                await self._write(batch)
+            except Exception:
+                logger.exception("batch settlement failed; settling one by one")
+                for item in batch:
+                    await self._write_one(item)
+            finally:
+                for _ in batch:
+                    queue.task_done()
+
+    async def _write(self, batch: list[Settlement]) -> None:
+        async with self.database.writing() as session:
+            for item in batch:
+                await _apply(session, item)
+
+    async def _write_one(self, item: Settlement) -> None:
+        try:
+            async with self.database.writing() as session:
+                await _apply(session, item)
+        except Exception:
+            logger.exception(
+                "settling %s failed; the reaper will release its hold", item.log.get("request_id")
+            )
+
+
+async def _apply(session: Any, item: Settlement) -> None:
+    if item.hold_id is not None:
+        if item.cost_micros:
+            await wallet.settle_charge(session, item.hold_id, item.cost_micros)
+        else:
+            await wallet.release_unused(session, item.hold_id)
+    await session.execute(insert(RequestLog).values(**item.log))
