@@ -62,7 +62,7 @@ bench-foundation: $(STAMP) ## Auth, session and wallet costs
 bench-deps: ## Install LiteLLM's proxy in its own venv (.bench-venv) for comparison
 	$(PYTHON) -m venv .bench-venv
 	.bench-venv/bin/python -m pip install --quiet --upgrade pip
-	.bench-venv/bin/python -m pip install --quiet 'litellm[proxy]==1.110.2'
+	.bench-venv/bin/python -m pip install --quiet 'litellm[proxy]==1.88.6'
 
 .PHONY: constraints
 constraints: $(STAMP) ## Re-pin every installed dependency into constraints.txt

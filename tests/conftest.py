@@ -74,7 +74,9 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         secret_key=TEST_SECRET,  # type: ignore[arg-type]
         max_body_bytes=256 * 1024,
         db_pool_size=20,
-        redis_url=os.environ.get("AIVAX_TEST_REDIS_URL") or None,
+        redis_url=None
+        if os.environ.get("AIVAX_TEST_RATE_LIMITS") == "memory"
+        else os.environ.get("AIVAX_TEST_REDIS_URL") or None,
         ssrf_allowlist=["127.0.0.1"],
         upstream_read_timeout_seconds=20,
     )

@@ -102,7 +102,8 @@ def test_first_start_bootstraps_once_and_quickstart_works(tmp_path: Path) -> Non
             f"http://127.0.0.1:{port}/v1/wallet",
             headers={"Authorization": f"Bearer {private_key}"},
         ).json()
-        assert wallet["balance_micros"] == 15_000_000  # 5 USD demo + 10 USD top-up
+        assert wallet["balance_micros"] <= 15_000_000  # 5 USD demo + 10 USD top-up - two chats
+        assert wallet["balance_micros"] > 14_990_000
 
     secret_file = tmp_path / "data" / "secret.key"
     assert secret_file.stat().st_mode & 0o777 == 0o600

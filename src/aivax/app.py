@@ -53,8 +53,9 @@ async def seed_models(services: AppServices) -> None:
     if path is None:
         return
     try:
-        async with services.database.writing() as session:
+        async with services.database.sessions() as session:
             created = await seed_from_file(session, path, services.secret_box)
+            await session.commit()
     except IntegrityError:
         logger.info("another replica seeded the models file first")
         return

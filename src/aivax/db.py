@@ -5,15 +5,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from aivax.config import Settings
+
+T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -66,18 +68,37 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         self.engine = create_engine(settings)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # SQLite has one writer at a time and its busy handler sleeps while it waits; hot-path
-        # writers of this process queue here instead. PostgreSQL needs no such gate.
-        self._write_gate: asyncio.Lock | None = asyncio.Lock() if settings.is_sqlite else None
+        # Hot-path writes on SQLite: one dedicated thread with a synchronous engine runs each
+        # whole transaction in a single hop (instead of one thread hop per statement), and
+        # serialises this process's writers without the busy handler's sleeps.
+        self._sync_engine: Engine | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        if settings.is_sqlite:
+            url = make_url(settings.database_url).set(drivername="sqlite")
+            self._sync_engine = sa_create_engine(
+                url, pool_size=1, max_overflow=0, connect_args={"check_same_thread": False}
+            )
+            event.listen(self._sync_engine, "connect", _sqlite_pragmas)
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aivax-writer")
 
-    @asynccontextmanager
-    async def writing(self) -> AsyncIterator[AsyncSession]:
-        """A session for a short write transaction, committed on success."""
-        async with self._write_gate or contextlib.nullcontext(), self.sessions() as session:
-            yield session
-            await session.commit()
+    async def run_write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work(connection)` in one committed transaction (rolled back if it raises)."""
+        if self._sync_engine is not None and self._writer is not None:
+            engine = self._sync_engine
+
+            def transaction() -> T:
+                with engine.begin() as connection:
+                    return work(connection)
+
+            return await asyncio.get_running_loop().run_in_executor(self._writer, transaction)
+        async with self.engine.begin() as connection:
+            return await connection.run_sync(work)
 
     async def dispose(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
         await self.engine.dispose()
 
 
@@ -100,6 +121,17 @@ SessionDep = Annotated[AsyncSession, Depends(_request_session, scope="function")
 def insert_ignoring_conflicts(session: AsyncSession, table: Any, *, conflict_on: list[str]) -> Any:
     """`INSERT … ON CONFLICT (cols) DO NOTHING` for the session's dialect (SQLite or PostgreSQL)."""
     if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=conflict_on)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=conflict_on)
+
+
+def insert_ignoring_conflicts_sync(conn: Connection, table: Any, *, conflict_on: list[str]) -> Any:
+    """`insert_ignoring_conflicts` for a synchronous connection."""
+    if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
         return pg_insert(table).on_conflict_do_nothing(index_elements=conflict_on)

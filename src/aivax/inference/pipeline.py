@@ -24,6 +24,7 @@ from aivax.models import Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
 from aivax.services import AppServices
+from aivax.wallet import ledger
 from aivax.wallet import service as wallet
 
 logger = logging.getLogger("aivax.inference")
@@ -214,7 +215,7 @@ async def _hold(
             max_tokens,
             {},
         )
-    except wallet.InsufficientBalance:
+    except ledger.InsufficientBalance:
         pass
     async with services.database.sessions() as session:
         balance = await wallet.summary(session, principal.account_id)
@@ -232,15 +233,15 @@ async def _hold(
 async def _try_hold(
     services: AppServices, principal: Principal, amount: int, minimum: int, request_id: str
 ) -> uuid.UUID:
-    async with services.database.writing() as session:
-        held = await wallet.hold(
-            session,
+    return await services.database.run_write(
+        lambda conn: ledger.hold(
+            conn,
             account_id=principal.account_id,
             amount_micros=amount,
             ref=request_id,
             minimum_balance=minimum,
         )
-        return held.id
+    )
 
 
 def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[StreamEvent]:

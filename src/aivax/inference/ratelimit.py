@@ -1,8 +1,10 @@
 """Rate limits with the `limits` library: in-process memory by default, Redis (atomic scripts,
 shared by every replica) when AIVAX_REDIS_URL is set.
 
-Requests per minute use a moving window (exact: one entry per request); tokens per minute use a
-sliding-window counter, which takes a token count as the cost of a single hit.
+Both limits use the sliding-window counter: two counters per key (this minute and the last),
+weighted by how far into the minute we are. State is O(1) per key, a token count is simply the
+cost of one hit, and within a window the count is exact. (The moving window keeps one entry per
+request and, in memory, sweeps them with a thread hop per key — far too slow for a hot path.)
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,28 +37,19 @@ class RateLimiter:
     def __init__(self, redis_url: str | None) -> None:
         self.storage = _storage(redis_url)
         self.shared = redis_url is not None
-        self._requests = MovingWindowRateLimiter(self.storage)
-        self._tokens = SlidingWindowCounterRateLimiter(self.storage)
+        self._strategy = SlidingWindowCounterRateLimiter(self.storage)
 
     async def hit_requests(self, scope: str, per_minute: int) -> Decision:
-        return await self._hit(self._requests, RateLimitItemPerMinute(per_minute), scope, 1)
+        return await self._hit(RateLimitItemPerMinute(per_minute), scope, 1)
 
     async def hit_tokens(self, scope: str, per_minute: int, tokens: int) -> Decision:
-        return await self._hit(
-            self._tokens, RateLimitItemPerMinute(per_minute), scope, max(tokens, 1)
-        )
+        return await self._hit(RateLimitItemPerMinute(per_minute), scope, max(tokens, 1))
 
-    async def _hit(
-        self,
-        strategy: MovingWindowRateLimiter | SlidingWindowCounterRateLimiter,
-        item: RateLimitItem,
-        scope: str,
-        cost: int,
-    ) -> Decision:
+    async def _hit(self, item: RateLimitItem, scope: str, cost: int) -> Decision:
         if item.amount <= 0:
             return Decision(False, 0, 0, 60.0)
-        allowed = await strategy.hit(item, scope, cost=cost)
-        stats = await strategy.get_window_stats(item, scope)
+        allowed = await self._strategy.hit(item, scope, cost=cost)
+        stats = await self._strategy.get_window_stats(item, scope)
         return Decision(
             allowed=allowed,
             limit=item.amount,

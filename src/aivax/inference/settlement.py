@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.engine import Connection
 
 from aivax.db import Database
 from aivax.models import RequestLog
-from aivax.wallet import service as wallet
+from aivax.wallet import ledger
 
 logger = logging.getLogger("aivax.settlement")
 
@@ -76,24 +77,25 @@ class Settler:
                     queue.task_done()
 
     async def _write(self, batch: list[Settlement]) -> None:
-        async with self.database.writing() as session:
+        def write(conn: Connection) -> None:
             for item in batch:
-                await _apply(session, item)
+                _apply(conn, item)
+
+        await self.database.run_write(write)
 
     async def _write_one(self, item: Settlement) -> None:
         try:
-            async with self.database.writing() as session:
-                await _apply(session, item)
+            await self.database.run_write(lambda conn: _apply(conn, item))
         except Exception:
             logger.exception(
                 "settling %s failed; the reaper will release its hold", item.log.get("request_id")
             )
 
 
-async def _apply(session: Any, item: Settlement) -> None:
+def _apply(conn: Connection, item: Settlement) -> None:
     if item.hold_id is not None:
         if item.cost_micros:
-            await wallet.settle_charge(session, item.hold_id, item.cost_micros)
+            ledger.settle(conn, item.hold_id, item.cost_micros)
         else:
-            await wallet.release_unused(session, item.hold_id)
-    await session.execute(insert(RequestLog).values(**item.log))
+            ledger.release(conn, item.hold_id)
+    conn.execute(insert(RequestLog).values(**item.log))

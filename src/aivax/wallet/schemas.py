@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validat
 
 from aivax.kit.money import micros_to_usd, usd_to_micros
 from aivax.models import EntryKind
-from aivax.wallet.service import MAX_MOVEMENT_MICROS
+from aivax.wallet.ledger import MAX_MOVEMENT_MICROS
 
 
 class WalletRead(BaseModel):

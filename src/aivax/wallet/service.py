@@ -1,51 +1,44 @@
-"""Wallet rules. Balances move only through ledger entries; holds reserve money up front.
-
-A hold debits the balance at once (entry `hold`, negative). Settling returns the hold
+"""The wallet's async API. Balances move only through ledger entries; holds reserve money up
+front. A hold debits the balance at once (entry `hold`, negative). Settling returns the hold
 (entry `release`) and charges the real cost (entry `usage`), so the balance is always the sum
 of the entries and never counts reserved money as spendable.
+
+Each function runs the synchronous core in `ledger` inside the caller's session (`run_sync`),
+so the request (or job) still owns the transaction.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
-from aivax.errors import BadRequest, Conflict, NotFound, PaymentRequired
 from aivax.kit.clock import utcnow
-from aivax.kit.money import micros_to_usd
 from aivax.models import EntryKind, HoldStatus, LedgerEntry, WalletHold
-from aivax.wallet import repository
+from aivax.wallet import ledger, repository
+from aivax.wallet.ledger import (  # noqa: F401 - the errors are part of this API
+    MAX_MOVEMENT_MICROS,
+    HoldAlreadyReleased,
+    HoldNotFound,
+    IdempotencyMismatch,
+    InsufficientBalance,
+    InvalidAmount,
+    WalletAccountNotFound,
+)
 
-MAX_MOVEMENT_MICROS = 10**12  # one million USD in a single movement
-
-
-class InvalidAmount(BadRequest):
-    code = "invalid_amount"
-
-
-class InsufficientBalance(PaymentRequired):
-    code = "insufficient_balance"
-
-
-class HoldNotFound(NotFound):
-    code = "hold_not_found"
+T = TypeVar("T")
 
 
-class HoldAlreadyReleased(Conflict):
-    code = "hold_already_released"
+async def _run(session: AsyncSession, work: Callable[[Any], T]) -> T:
+    def in_session(sync_session: Session) -> T:
+        return work(sync_session.connection())
 
-
-class IdempotencyMismatch(Conflict):
-    code = "idempotency_key_reused"
-
-
-class WalletAccountNotFound(NotFound):
-    code = "account_not_found"
+    return await session.run_sync(in_session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,79 +58,19 @@ async def post_credit(
     details: dict[str, Any] | None = None,
 ) -> Posted:
     """Top-up, refund or adjustment. Replaying an idempotency key returns the first entry."""
-    if amount_micros == 0 or (kind is not EntryKind.ADJUSTMENT and amount_micros < 0):
-        expected = "non-zero" if kind is EntryKind.ADJUSTMENT else "positive"
-        raise InvalidAmount(
-            f"A {kind.value} amount must be {expected}, got {amount_micros}.",
-            param="amount_micros",
-        )
-    existing = await repository.entry_by_key(session, account_id, idempotency_key)
-    if existing is not None:
-        return Posted(_same_movement(existing, kind, amount_micros), created=False)
-    # A negative adjustment may not take the balance below zero.
-    floor = 0 if amount_micros < 0 else None
-    balance = await repository.change_balance(session, account_id, amount_micros, floor=floor)
-    if balance is None:
-        await _raise_missing_or_insufficient(session, account_id, -amount_micros)
-    entry_id = await repository.insert_entry(
+    entry_id, created = await _run(
         session,
-        _entry_values(
-            account_id, kind, amount_micros, balance, idempotency_key, description, details
+        lambda conn: ledger.post_credit(
+            conn,
+            account_id=account_id,
+            kind=kind,
+            amount_micros=amount_micros,
+            idempotency_key=idempotency_key,
+            description=description,
+            details=details,
         ),
     )
-    if entry_id is None:
-        # A concurrent request with the same key won the insert: undo our change in this
-        # same transaction and answer with the first entry.
-        await repository.change_balance(session, account_id, -amount_micros, floor=None)
-        winner = await repository.entry_by_key(session, account_id, idempotency_key)
-        assert winner is not None  # noqa: S101 - the conflict proves it exists
-        return Posted(_same_movement(winner, kind, amount_micros), created=False)
-    return Posted(await repository.entry_by_id(session, entry_id), created=True)
-
-
-def _same_movement(entry: LedgerEntry, kind: EntryKind, amount_micros: int) -> LedgerEntry:
-    if entry.kind != kind.value or entry.amount_micros != amount_micros:
-        raise IdempotencyMismatch(
-            f"Idempotency key {entry.idempotency_key!r} was already used for a {entry.kind} of "
-            f"{entry.amount_micros} micros; use a new key for a different movement.",
-            param="idempotency_key",
-        )
-    return entry
-
-
-async def _raise_missing_or_insufficient(
-    session: AsyncSession, account_id: uuid.UUID, needed: int
-) -> None:
-    balance = await repository.cached_balance(session, account_id)
-    if balance is None:
-        raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
-    raise InsufficientBalance(
-        f"Insufficient balance: {micros_to_usd(balance)} USD available, "
-        f"{micros_to_usd(needed)} USD needed. Top up the wallet to continue."
-    )
-
-
-def _entry_values(
-    account_id: uuid.UUID,
-    kind: EntryKind,
-    amount: int,
-    balance_after: int | None,
-    idempotency_key: str,
-    description: str = "",
-    details: dict[str, Any] | None = None,
-    hold_id: uuid.UUID | None = None,
-) -> dict[str, Any]:
-    return {
-        "account_id": account_id,
-        "kind": kind.value,
-        "amount_micros": amount,
-        "balance_after_micros": balance_after,
-        "idempotency_key": idempotency_key,
-        "hold_id": hold_id,
-        "description": description,
-        "details": details or {},
-        "created_at": utcnow(),
-    }
+    return Posted(await repository.entry_by_id(session, entry_id), created=created)
 
 
 async def hold(
@@ -148,164 +81,48 @@ async def hold(
     ref: str,
     minimum_balance: int = 0,
 ) -> WalletHold:
-    """Reserve `amount_micros`; succeeds only if the balance covers it and is at least
-    `minimum_balance` — one conditional UPDATE, atomic on SQLite and PostgreSQL."""
-    if not 0 < amount_micros <= MAX_MOVEMENT_MICROS:
-        raise ValueError(f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {amount_micros}")
-    balance = await repository.change_balance(
-        session, account_id, -amount_micros, floor=0, minimum=minimum_balance
-    )
-    if balance is None:
-        await _raise_missing_or_insufficient(session, account_id, amount_micros)
-    held = await repository.add_hold(
+    """Reserve `amount_micros`; succeeds only if the balance covers it (one conditional UPDATE)."""
+    hold_id = await _run(
         session,
-        WalletHold(
-            id=uuid.uuid4(),
+        lambda conn: ledger.hold(
+            conn,
             account_id=account_id,
             amount_micros=amount_micros,
-            ref=ref[:200],
-            status=HoldStatus.OPEN.value,
-            created_at=utcnow(),
+            ref=ref,
+            minimum_balance=minimum_balance,
         ),
     )
-    await repository.insert_entry(
-        session,
-        _entry_values(
-            account_id,
-            EntryKind.HOLD,
-            -amount_micros,
-            balance,
-            f"hold:{held.id}",
-            details={"ref": held.ref},
-            hold_id=held.id,
-        ),
-    )
-    return held
-
-
-async def settle_charge(session: AsyncSession, hold_id: uuid.UUID, actual_micros: int) -> int:
-    """Charge the real cost (at most the hold) and return the rest; the amount charged.
-
-    Idempotent: a hold already settled charges nothing more. A hold the reaper expired is still
-    charged (the work was done), even if that takes the balance below zero.
-    """
-    if actual_micros < 0:
-        raise ValueError("actual cost cannot be negative")
-    now = utcnow()
-    moved = await repository.close_hold(
-        session,
-        hold_id,
-        from_status=HoldStatus.OPEN,
-        to_status=HoldStatus.SETTLED,
-        actual=actual_micros,
-        now=now,
-    )
-    if moved is not None:
-        account_id, amount, charge = moved
-        await _return_and_charge(session, account_id, hold_id, amount, charge, actual_micros)
-        return charge
-    late = await repository.close_hold(
-        session,
-        hold_id,
-        from_status=HoldStatus.EXPIRED,
-        to_status=HoldStatus.SETTLED,
-        actual=actual_micros,
-        now=now,
-    )
-    if late is not None:
-        account_id, _, charge = late
-        await _return_and_charge(session, account_id, hold_id, 0, charge, actual_micros)
-        return charge
-    current = await _load_hold(session, hold_id, refresh=True)
-    if current.status == HoldStatus.RELEASED.value:
-        raise HoldAlreadyReleased(f"Hold {str(hold_id)!r} was released; it cannot be settled.")
-    return 0  # already settled: settling again changes nothing
+    return await _load_hold(session, hold_id)
 
 
 async def settle(session: AsyncSession, hold_id: uuid.UUID, actual_micros: int) -> WalletHold:
-    """`settle_charge`, returning the hold as it now stands. A hold is a ceiling: the caller
-    holds the worst case first, so `actual` above the hold is capped and the capped part is
-    recorded in the usage entry's details."""
-    await settle_charge(session, hold_id, actual_micros)
-    return await _load_hold(session, hold_id, refresh=True)
-
-
-async def _return_and_charge(
-    session: AsyncSession,
-    account_id: uuid.UUID,
-    hold_id: uuid.UUID,
-    returned: int,
-    charge: int,
-    requested: int,
-) -> None:
-    balance = await repository.change_balance(session, account_id, returned - charge, floor=None)
-    assert balance is not None  # noqa: S101 - the hold's account exists (foreign key)
-    if returned:
-        await repository.insert_entry(
-            session,
-            _entry_values(
-                account_id,
-                EntryKind.RELEASE,
-                returned,
-                balance + charge,
-                f"release:{hold_id}",
-                hold_id=hold_id,
-            ),
-        )
-    details = {"uncollected_micros": requested - charge} if requested > charge else {}
-    if charge:
-        await repository.insert_entry(
-            session,
-            _entry_values(
-                account_id,
-                EntryKind.USAGE,
-                -charge,
-                balance,
-                f"usage:{hold_id}",
-                details=details,
-                hold_id=hold_id,
-            ),
-        )
-
-
-async def release_unused(
-    session: AsyncSession, hold_id: uuid.UUID, to_status: HoldStatus = HoldStatus.RELEASED
-) -> bool:
-    """Return an open hold untouched; True if this call closed it."""
-    moved = await repository.close_hold(
-        session, hold_id, from_status=HoldStatus.OPEN, to_status=to_status, actual=0, now=utcnow()
-    )
-    if moved is None:
-        return False
-    account_id, amount, _ = moved
-    await _return_and_charge(session, account_id, hold_id, amount, 0, 0)
-    return True
+    """Charge the real cost (at most the hold) and return the rest. Idempotent."""
+    await _run(session, lambda conn: ledger.settle(conn, hold_id, actual_micros))
+    return await _load_hold(session, hold_id)
 
 
 async def release(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold:
     """Return a hold untouched (nothing was used). Idempotent; a no-op on a closed hold."""
-    await release_unused(session, hold_id)
-    return await _load_hold(session, hold_id, refresh=True)
+    await _run(session, lambda conn: ledger.release(conn, hold_id))
+    return await _load_hold(session, hold_id)
 
 
-async def _load_hold(
-    session: AsyncSession, hold_id: uuid.UUID, *, refresh: bool = False
-) -> WalletHold:
+async def _load_hold(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold:
     found = await repository.get_hold(session, hold_id)
     if found is None:
         raise HoldNotFound(f"No hold {str(hold_id)!r}.")
-    if refresh:
-        await session.refresh(found)
+    await session.refresh(found)
     return found
 
 
 async def reap_stale_holds(session: AsyncSession, *, max_age: timedelta, batch: int = 500) -> int:
     """Expire open holds older than `max_age` (a crashed request must not lock money forever)."""
-    ids = await repository.stale_hold_ids(session, created_before=utcnow() - max_age, limit=batch)
-    expired = 0
-    for hold_id in ids:
-        expired += await release_unused(session, hold_id, HoldStatus.EXPIRED)
-    return expired
+
+    def reap(conn: Any) -> int:
+        ids = ledger.stale_hold_ids(conn, created_before=utcnow() - max_age, limit=batch)
+        return sum(ledger.release(conn, hold_id, HoldStatus.EXPIRED) for hold_id in ids)
+
+    return await _run(session, reap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,11 +133,13 @@ class WalletSummary:
 
 
 async def summary(session: AsyncSession, account_id: uuid.UUID) -> WalletSummary:
-    balance = await repository.cached_balance(session, account_id)
-    if balance is None:
-        raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
-    held = await repository.open_hold_total(session, account_id)
-    return WalletSummary(account_id=account_id, balance_micros=balance, held_micros=held)
+    def read(conn: Any) -> WalletSummary:
+        balance = ledger.cached_balance(conn, account_id)
+        if balance is None:
+            raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
+        return WalletSummary(account_id, balance, ledger.open_hold_total(conn, account_id))
+
+    return await _run(session, read)
 
 
 async def list_entries(
@@ -347,17 +166,20 @@ class InvariantReport:
         return self.cached_balance_micros == self.ledger_sum_micros
 
 
-async def check_invariant(session: AsyncSession, account_id: uuid.UUID) -> InvariantReport:
-    """The cached balance must equal the sum of the account's ledger entries."""
-    cached = await repository.cached_balance(session, account_id)
+def _invariant(conn: Any, account_id: uuid.UUID) -> InvariantReport:
+    cached = ledger.cached_balance(conn, account_id)
     if cached is None:
         raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
-    total = await repository.ledger_sum(session, account_id)
-    return InvariantReport(account_id, cached, total)
+    return InvariantReport(account_id, cached, ledger.ledger_sum(conn, account_id))
+
+
+async def check_invariant(session: AsyncSession, account_id: uuid.UUID) -> InvariantReport:
+    """The cached balance must equal the sum of the account's ledger entries."""
+    return await _run(session, lambda conn: _invariant(conn, account_id))
 
 
 async def check_all_invariants(session: AsyncSession) -> list[InvariantReport]:
-    return [
-        await check_invariant(session, account_id)
-        for account_id in await repository.all_account_ids(session)
-    ]
+    return await _run(
+        session,
+        lambda conn: [_invariant(conn, account_id) for account_id in ledger.all_account_ids(conn)],
+    )

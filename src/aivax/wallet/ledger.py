@@ -1,0 +1,362 @@
+"""The wallet's SQL and rules, written once as synchronous Core functions on a `Connection`.
+
+They run two ways: inside an `AsyncSession` through `run_sync` (the async API in `service.py`,
+used by endpoints, the CLI and tests), or as one whole transaction per thread hop on the
+inference hot path (`Database.run_write`). Every balance change is one conditional
+`UPDATE … RETURNING`: atomic on SQLite (the statement takes the write lock) and on PostgreSQL
+(the row lock re-checks the WHERE clause after waiting), so concurrent holds never overdraw.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, cast
+
+from sqlalchemy import Table, case, func, insert, select, update
+from sqlalchemy.engine import Connection
+
+from aivax.db import insert_ignoring_conflicts_sync
+from aivax.errors import BadRequest, Conflict, NotFound, PaymentRequired
+from aivax.kit.clock import utcnow
+from aivax.kit.money import micros_to_usd
+from aivax.models import Account, EntryKind, HoldStatus, LedgerEntry, WalletHold
+
+MAX_MOVEMENT_MICROS = 10**12  # one million USD in a single movement
+ACCOUNTS = cast(Table, Account.__table__)
+ENTRIES = cast(Table, LedgerEntry.__table__)
+HOLDS = cast(Table, WalletHold.__table__)
+
+
+class InvalidAmount(BadRequest):
+    code = "invalid_amount"
+
+
+class InsufficientBalance(PaymentRequired):
+    code = "insufficient_balance"
+
+
+class HoldNotFound(NotFound):
+    code = "hold_not_found"
+
+
+class HoldAlreadyReleased(Conflict):
+    code = "hold_already_released"
+
+
+class IdempotencyMismatch(Conflict):
+    code = "idempotency_key_reused"
+
+
+class WalletAccountNotFound(NotFound):
+    code = "account_not_found"
+
+
+def change_balance(
+    conn: Connection, account_id: uuid.UUID, delta: int, *, floor: int | None, minimum: int = 0
+) -> int | None:
+    """Add `delta`; with `floor`, only if the result stays ≥ floor and the balance before is
+    ≥ `minimum`. The new balance, or None when the account is missing or a condition fails."""
+    statement = update(ACCOUNTS).where(ACCOUNTS.c.id == account_id)
+    if floor is not None:
+        statement = statement.where(ACCOUNTS.c.balance_micros + delta >= floor)
+    if minimum > 0:
+        statement = statement.where(ACCOUNTS.c.balance_micros >= minimum)
+    statement = statement.values(balance_micros=ACCOUNTS.c.balance_micros + delta).returning(
+        ACCOUNTS.c.balance_micros
+    )
+    return conn.execute(statement).scalar_one_or_none()
+
+
+def cached_balance(conn: Connection, account_id: uuid.UUID) -> int | None:
+    query = select(ACCOUNTS.c.balance_micros).where(ACCOUNTS.c.id == account_id)
+    return conn.execute(query).scalar_one_or_none()
+
+
+def entry_values(
+    account_id: uuid.UUID,
+    kind: EntryKind,
+    amount: int,
+    balance_after: int | None,
+    idempotency_key: str,
+    *,
+    description: str = "",
+    details: dict[str, Any] | None = None,
+    hold_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    return {
+        "account_id": account_id,
+        "kind": kind.value,
+        "amount_micros": amount,
+        "balance_after_micros": balance_after,
+        "idempotency_key": idempotency_key,
+        "hold_id": hold_id,
+        "description": description,
+        "details": details or {},
+        "created_at": utcnow(),
+    }
+
+
+def insert_entry(conn: Connection, values: dict[str, Any]) -> int | None:
+    """Insert a ledger entry unless its idempotency key exists; the new id or None."""
+    statement = (
+        insert_ignoring_conflicts_sync(conn, ENTRIES, conflict_on=["account_id", "idempotency_key"])
+        .values(**values)
+        .returning(ENTRIES.c.id)
+    )
+    return conn.execute(statement).scalar_one_or_none()
+
+
+def entry_by_key(conn: Connection, account_id: uuid.UUID, key: str) -> dict[str, Any] | None:
+    query = select(ENTRIES).where(
+        ENTRIES.c.account_id == account_id, ENTRIES.c.idempotency_key == key
+    )
+    row = conn.execute(query).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def raise_missing_or_insufficient(conn: Connection, account_id: uuid.UUID, needed: int) -> None:
+    balance = cached_balance(conn, account_id)
+    if balance is None:
+        raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
+    raise InsufficientBalance(
+        f"Insufficient balance: {micros_to_usd(balance)} USD available, "
+        f"{micros_to_usd(needed)} USD needed. Top up the wallet to continue."
+    )
+
+
+def post_credit(
+    conn: Connection,
+    *,
+    account_id: uuid.UUID,
+    kind: EntryKind,
+    amount_micros: int,
+    idempotency_key: str,
+    description: str = "",
+    details: dict[str, Any] | None = None,
+) -> tuple[int, bool]:
+    """Top-up, refund or adjustment: (entry id, created). A replayed key returns the first."""
+    if amount_micros == 0 or (kind is not EntryKind.ADJUSTMENT and amount_micros < 0):
+        expected = "non-zero" if kind is EntryKind.ADJUSTMENT else "positive"
+        raise InvalidAmount(
+            f"A {kind.value} amount must be {expected}, got {amount_micros}.", param="amount_micros"
+        )
+    existing = entry_by_key(conn, account_id, idempotency_key)
+    if existing is not None:
+        return _same_movement(existing, kind, amount_micros), False
+    floor = 0 if amount_micros < 0 else None  # a negative adjustment may not overdraw
+    balance = change_balance(conn, account_id, amount_micros, floor=floor)
+    if balance is None:
+        raise_missing_or_insufficient(conn, account_id, -amount_micros)
+    entry_id = insert_entry(
+        conn,
+        entry_values(
+            account_id,
+            kind,
+            amount_micros,
+            balance,
+            idempotency_key,
+            description=description,
+            details=details,
+        ),
+    )
+    if entry_id is None:
+        # A concurrent request with the same key won the insert: undo our change in this
+        # same transaction and answer with the first entry.
+        change_balance(conn, account_id, -amount_micros, floor=None)
+        winner = entry_by_key(conn, account_id, idempotency_key)
+        assert winner is not None  # noqa: S101 - the conflict proves it exists
+        return _same_movement(winner, kind, amount_micros), False
+    return entry_id, True
+
+
+def _same_movement(entry: dict[str, Any], kind: EntryKind, amount_micros: int) -> int:
+    if entry["kind"] != kind.value or entry["amount_micros"] != amount_micros:
+        raise IdempotencyMismatch(
+            f"Idempotency key {entry['idempotency_key']!r} was already used for a "
+            f"{entry['kind']} of {entry['amount_micros']} micros; use a new key for a "
+            "different movement.",
+            param="idempotency_key",
+        )
+    return int(entry["id"])
+
+
+def hold(
+    conn: Connection,
+    *,
+    account_id: uuid.UUID,
+    amount_micros: int,
+    ref: str,
+    minimum_balance: int = 0,
+) -> uuid.UUID:
+    """Reserve `amount_micros` if the balance covers it and is ≥ `minimum_balance`."""
+    if not 0 < amount_micros <= MAX_MOVEMENT_MICROS:
+        raise ValueError(f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {amount_micros}")
+    balance = change_balance(conn, account_id, -amount_micros, floor=0, minimum=minimum_balance)
+    if balance is None:
+        raise_missing_or_insufficient(conn, account_id, amount_micros)
+    hold_id = uuid.uuid4()
+    conn.execute(
+        insert(HOLDS).values(
+            id=hold_id,
+            account_id=account_id,
+            amount_micros=amount_micros,
+            ref=ref[:200],
+            status=HoldStatus.OPEN.value,
+            created_at=utcnow(),
+        )
+    )
+    insert_entry(
+        conn,
+        entry_values(
+            account_id,
+            EntryKind.HOLD,
+            -amount_micros,
+            balance,
+            f"hold:{hold_id}",
+            details={"ref": ref[:200]},
+            hold_id=hold_id,
+        ),
+    )
+    return hold_id
+
+
+def close_hold(
+    conn: Connection,
+    hold_id: uuid.UUID,
+    *,
+    from_status: HoldStatus,
+    to_status: HoldStatus,
+    actual: int,
+) -> tuple[uuid.UUID, int, int] | None:
+    """Move a hold out of `from_status` exactly once, recording min(actual, amount) as charged.
+    (account_id, amount, charged) if it moved."""
+    charged = case((HOLDS.c.amount_micros < actual, HOLDS.c.amount_micros), else_=actual)
+    row = conn.execute(
+        update(HOLDS)
+        .where(HOLDS.c.id == hold_id, HOLDS.c.status == from_status.value)
+        .values(status=to_status.value, actual_micros=charged, closed_at=utcnow())
+        .returning(HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
+    ).first()
+    return (row[0], row[1], row[2] or 0) if row is not None else None
+
+
+def hold_status(conn: Connection, hold_id: uuid.UUID) -> str:
+    status = conn.execute(select(HOLDS.c.status).where(HOLDS.c.id == hold_id)).scalar()
+    if status is None:
+        raise HoldNotFound(f"No hold {str(hold_id)!r}.")
+    return str(status)
+
+
+def settle(conn: Connection, hold_id: uuid.UUID, actual_micros: int) -> int:
+    """Charge the real cost (at most the hold) and return the rest; the amount charged.
+
+    Idempotent: settling again charges nothing. A hold is a ceiling: `actual` above it is capped
+    and the difference recorded in the usage entry's details. A hold the reaper expired is still
+    charged (the work was done), even if that takes the balance below zero.
+    """
+    if actual_micros < 0:
+        raise ValueError("actual cost cannot be negative")
+    moved = close_hold(
+        conn,
+        hold_id,
+        from_status=HoldStatus.OPEN,
+        to_status=HoldStatus.SETTLED,
+        actual=actual_micros,
+    )
+    if moved is not None:
+        account_id, amount, charge = moved
+        _return_and_charge(conn, account_id, hold_id, amount, charge, actual_micros)
+        return charge
+    late = close_hold(
+        conn,
+        hold_id,
+        from_status=HoldStatus.EXPIRED,
+        to_status=HoldStatus.SETTLED,
+        actual=actual_micros,
+    )
+    if late is not None:
+        account_id, _, charge = late
+        _return_and_charge(conn, account_id, hold_id, 0, charge, actual_micros)
+        return charge
+    if hold_status(conn, hold_id) == HoldStatus.RELEASED.value:
+        raise HoldAlreadyReleased(f"Hold {str(hold_id)!r} was released; it cannot be settled.")
+    return 0
+
+
+def release(
+    conn: Connection, hold_id: uuid.UUID, to_status: HoldStatus = HoldStatus.RELEASED
+) -> bool:
+    """Return an open hold untouched; True if this call closed it (a no-op on a closed one)."""
+    moved = close_hold(conn, hold_id, from_status=HoldStatus.OPEN, to_status=to_status, actual=0)
+    if moved is None:
+        hold_status(conn, hold_id)  # 404 for an unknown hold
+        return False
+    account_id, amount, _ = moved
+    _return_and_charge(conn, account_id, hold_id, amount, 0, 0)
+    return True
+
+
+def _return_and_charge(
+    conn: Connection,
+    account_id: uuid.UUID,
+    hold_id: uuid.UUID,
+    returned: int,
+    charge: int,
+    requested: int,
+) -> None:
+    balance = change_balance(conn, account_id, returned - charge, floor=None)
+    assert balance is not None  # noqa: S101 - the hold's account exists (foreign key)
+    if returned:
+        insert_entry(
+            conn,
+            entry_values(
+                account_id,
+                EntryKind.RELEASE,
+                returned,
+                balance + charge,
+                f"release:{hold_id}",
+                hold_id=hold_id,
+            ),
+        )
+    if charge:
+        details = {"uncollected_micros": requested - charge} if requested > charge else {}
+        insert_entry(
+            conn,
+            entry_values(
+                account_id,
+                EntryKind.USAGE,
+                -charge,
+                balance,
+                f"usage:{hold_id}",
+                details=details,
+                hold_id=hold_id,
+            ),
+        )
+
+
+def stale_hold_ids(conn: Connection, *, created_before: Any, limit: int) -> list[uuid.UUID]:
+    query = (
+        select(HOLDS.c.id)
+        .where(HOLDS.c.status == HoldStatus.OPEN.value, HOLDS.c.created_at < created_before)
+        .order_by(HOLDS.c.created_at)
+        .limit(limit)
+    )
+    return list(conn.execute(query).scalars())
+
+
+def open_hold_total(conn: Connection, account_id: uuid.UUID) -> int:
+    query = select(func.coalesce(func.sum(HOLDS.c.amount_micros), 0)).where(
+        HOLDS.c.account_id == account_id, HOLDS.c.status == HoldStatus.OPEN.value
+    )
+    return int(conn.execute(query).scalar() or 0)
+
+
+def ledger_sum(conn: Connection, account_id: uuid.UUID) -> int:
+    query = select(func.coalesce(func.sum(ENTRIES.c.amount_micros), 0)).where(
+        ENTRIES.c.account_id == account_id
+    )
+    return int(conn.execute(query).scalar() or 0)
+
+
+def all_account_ids(conn: Connection) -> list[uuid.UUID]:
+    return list(conn.execute(select(ACCOUNTS.c.id)).scalars())
