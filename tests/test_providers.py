@@ -4,10 +4,12 @@ and the Anthropic translation both ways."""
 from __future__ import annotations
 
 import socket
+import uuid
 from typing import Any
 
 import httpx
 import pytest
+from httpx_aiohttp import AiohttpTransport
 
 from aivax.providers.anthropic import AnthropicProvider, translate_request
 from aivax.providers.base import (
@@ -37,9 +39,11 @@ async def _collect(provider: Any, request: UpstreamRequest) -> list[StreamEvent]
     return [event async for event in provider.stream(request)]
 
 
-@pytest.fixture
-async def http() -> Any:
-    async with httpx.AsyncClient() as client:
+@pytest.fixture(params=["httpcore", "aiohttp"])
+async def http(request: pytest.FixtureRequest) -> Any:
+    """Every adapter test runs on both transports the registry uses."""
+    transport = AiohttpTransport() if request.param == "aiohttp" else httpx.AsyncHTTPTransport()
+    async with httpx.AsyncClient(transport=transport) as client:
         yield client
 
 
@@ -100,9 +104,10 @@ async def test_openai_tool_call_pieces_arrive_in_order(
 async def test_openai_retries_429_before_first_byte(
     http: httpx.AsyncClient, fake_openai: FakeUpstream
 ) -> None:
-    events = await _collect(_openai(http, fake_openai), _request("fake-flaky", user="retry-1"))
+    user = f"retry-{uuid.uuid4()}"
+    events = await _collect(_openai(http, fake_openai), _request("fake-flaky", user=user))
     assert _text(events) == "Hello from fake"
-    assert fake_openai.recorder.attempts["fake-flaky:retry-1"] == 2
+    assert fake_openai.recorder.attempts[f"fake-flaky:{user}"] == 2
 
 
 async def test_openai_5xx_after_retries_keeps_status_and_body(

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, cast, func, select
+from sqlalchemy import BigInteger, Date, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.models import RequestLog
@@ -43,9 +43,16 @@ async def usage_totals(
         select(
             group.label("group"),
             func.count().label("requests"),
-            func.coalesce(func.sum(RequestLog.input_tokens), 0).label("input_tokens"),
-            func.coalesce(func.sum(RequestLog.output_tokens), 0).label("output_tokens"),
-            func.coalesce(func.sum(RequestLog.cost_micros), 0).label("cost_micros"),
+            # PostgreSQL's SUM of BIGINT is NUMERIC; cast back so the API returns integers.
+            cast(func.coalesce(func.sum(RequestLog.input_tokens), 0), BigInteger).label(
+                "input_tokens"
+            ),
+            cast(func.coalesce(func.sum(RequestLog.output_tokens), 0), BigInteger).label(
+                "output_tokens"
+            ),
+            cast(func.coalesce(func.sum(RequestLog.cost_micros), 0), BigInteger).label(
+                "cost_micros"
+            ),
         )
         .where(
             RequestLog.account_id == account_id,

@@ -26,6 +26,7 @@ from aivax.wallet import ledger
 logger = logging.getLogger("aivax.settlement")
 
 MAX_BATCH = 200
+_INSERT_LOG = insert(RequestLog)  # built once: see the note in wallet.ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,4 +99,4 @@ def _apply(conn: Connection, item: Settlement) -> None:
             ledger.settle(conn, item.hold_id, item.cost_micros)
         else:
             ledger.release(conn, item.hold_id)
-    conn.execute(insert(RequestLog).values(**item.log))
+    conn.execute(_INSERT_LOG, item.log)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, cast
 
-from sqlalchemy import Table, case, func, insert, select, update
+from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from aivax.db import insert_ignoring_conflicts_sync
@@ -51,20 +51,50 @@ class WalletAccountNotFound(NotFound):
     code = "account_not_found"
 
 
+# The hot-path statements are built once with bind parameters: SQLAlchemy memoises their cache
+# keys, so executing them skips statement construction and cache-key generation (most of the
+# CPU a small transaction costs).
+_BALANCE = ACCOUNTS.c.balance_micros
+_ADJUST = (
+    update(ACCOUNTS)
+    .where(ACCOUNTS.c.id == bindparam("account_id"))
+    .values(balance_micros=_BALANCE + bindparam("delta", type_=BigInteger))
+    .returning(_BALANCE)
+)
+_ADJUST_WITH_FLOOR = (
+    update(ACCOUNTS)
+    .where(
+        ACCOUNTS.c.id == bindparam("account_id"),
+        _BALANCE + bindparam("delta", type_=BigInteger) >= bindparam("floor", type_=BigInteger),
+        bindparam("minimum", type_=BigInteger) <= _BALANCE,
+    )
+    .values(balance_micros=_BALANCE + bindparam("delta", type_=BigInteger))
+    .returning(_BALANCE)
+)
+_INSERT_HOLD = insert(HOLDS)
+_CHARGED = case(
+    (HOLDS.c.amount_micros < bindparam("actual", type_=BigInteger), HOLDS.c.amount_micros),
+    else_=bindparam("actual", type_=BigInteger),
+)
+_CLOSE_HOLD = (
+    update(HOLDS)
+    .where(HOLDS.c.id == bindparam("hold_id"), HOLDS.c.status == bindparam("from_status"))
+    .values(status=bindparam("to_status"), actual_micros=_CHARGED, closed_at=bindparam("closed_at"))
+    .returning(HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
+)
+_INSERT_ENTRY: dict[str, Any] = {}
+
+
 def change_balance(
     conn: Connection, account_id: uuid.UUID, delta: int, *, floor: int | None, minimum: int = 0
 ) -> int | None:
     """Add `delta`; with `floor`, only if the result stays ≥ floor and the balance before is
     ≥ `minimum`. The new balance, or None when the account is missing or a condition fails."""
-    statement = update(ACCOUNTS).where(ACCOUNTS.c.id == account_id)
-    if floor is not None:
-        statement = statement.where(ACCOUNTS.c.balance_micros + delta >= floor)
-    if minimum > 0:
-        statement = statement.where(ACCOUNTS.c.balance_micros >= minimum)
-    statement = statement.values(balance_micros=ACCOUNTS.c.balance_micros + delta).returning(
-        ACCOUNTS.c.balance_micros
-    )
-    return conn.execute(statement).scalar_one_or_none()
+    if floor is None:
+        params: dict[str, Any] = {"account_id": account_id, "delta": delta}
+        return conn.execute(_ADJUST, params).scalar_one_or_none()
+    params = {"account_id": account_id, "delta": delta, "floor": floor, "minimum": minimum}
+    return conn.execute(_ADJUST_WITH_FLOOR, params).scalar_one_or_none()
 
 
 def cached_balance(conn: Connection, account_id: uuid.UUID) -> int | None:
@@ -98,12 +128,14 @@ def entry_values(
 
 def insert_entry(conn: Connection, values: dict[str, Any]) -> int | None:
     """Insert a ledger entry unless its idempotency key exists; the new id or None."""
-    statement = (
-        insert_ignoring_conflicts_sync(conn, ENTRIES, conflict_on=["account_id", "idempotency_key"])
-        .values(**values)
-        .returning(ENTRIES.c.id)
-    )
-    return conn.execute(statement).scalar_one_or_none()
+    dialect = conn.dialect.name
+    statement = _INSERT_ENTRY.get(dialect)
+    if statement is None:
+        statement = insert_ignoring_conflicts_sync(
+            conn, ENTRIES, conflict_on=["account_id", "idempotency_key"]
+        ).returning(ENTRIES.c.id)
+        _INSERT_ENTRY[dialect] = statement
+    return conn.execute(statement, values).scalar_one_or_none()
 
 
 def entry_by_key(conn: Connection, account_id: uuid.UUID, key: str) -> dict[str, Any] | None:
@@ -196,14 +228,15 @@ def hold(
         raise_missing_or_insufficient(conn, account_id, amount_micros)
     hold_id = uuid.uuid4()
     conn.execute(
-        insert(HOLDS).values(
-            id=hold_id,
-            account_id=account_id,
-            amount_micros=amount_micros,
-            ref=ref[:200],
-            status=HoldStatus.OPEN.value,
-            created_at=utcnow(),
-        )
+        _INSERT_HOLD,
+        {
+            "id": hold_id,
+            "account_id": account_id,
+            "amount_micros": amount_micros,
+            "ref": ref[:200],
+            "status": HoldStatus.OPEN.value,
+            "created_at": utcnow(),
+        },
     )
     insert_entry(
         conn,
@@ -230,13 +263,14 @@ def close_hold(
 ) -> tuple[uuid.UUID, int, int] | None:
     """Move a hold out of `from_status` exactly once, recording min(actual, amount) as charged.
     (account_id, amount, charged) if it moved."""
-    charged = case((HOLDS.c.amount_micros < actual, HOLDS.c.amount_micros), else_=actual)
-    row = conn.execute(
-        update(HOLDS)
-        .where(HOLDS.c.id == hold_id, HOLDS.c.status == from_status.value)
-        .values(status=to_status.value, actual_micros=charged, closed_at=utcnow())
-        .returning(HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
-    ).first()
+    params = {
+        "hold_id": hold_id,
+        "from_status": from_status.value,
+        "to_status": to_status.value,
+        "actual": actual,
+        "closed_at": utcnow(),
+    }
+    row = conn.execute(_CLOSE_HOLD, params).first()
     return (row[0], row[1], row[2] or 0) if row is not None else None
 
 
