@@ -55,8 +55,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def spawn(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            cwd=cwd)
+    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
 
 @dataclass
@@ -113,8 +112,9 @@ async def drive(target: Target, *, stream: bool, concurrency: int) -> Result:
     )
 
 
-def start_aivax(work: Path, mock_url: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes],
-                                                                         Target]:
+def start_aivax(
+    work: Path, mock_url: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Target]:
     models = work / "models.toml"
     models.write_text(
         '[[credentials]]\nname = "mock"\nprovider = "openai"\n'
@@ -123,14 +123,31 @@ def start_aivax(work: Path, mock_url: str, env: dict[str, str]) -> tuple[subproc
         'credential = "mock"\ninput_price_per_m = 1000000\noutput_price_per_m = 2000000\n'
         "context_window = 8192\nmax_output_tokens = 256\n"
     )
-    env = {**env, "AIVAX_MODELS_FILE": str(models), "AIVAX_LOG_LEVEL": "warning",
-           "AIVAX_DATABASE_URL": env.get("AIVAX_BENCH_DATABASE_URL",
-                                         f"sqlite+aiosqlite:///{work}/aivax.db")}
+    env = {
+        **env,
+        "AIVAX_MODELS_FILE": str(models),
+        "AIVAX_LOG_LEVEL": "warning",
+        "AIVAX_DATABASE_URL": env.get(
+            "AIVAX_BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{work}/aivax.db"
+        ),
+    }
     aivax = [sys.executable, "-m", "aivax"]
     subprocess.run([*aivax, "migrate"], env=env, cwd=work, check=True, capture_output=True)
-    subprocess.run([*aivax, "plans", "set", "free", 'models_allowed=["*"]',
-                    "integrated_rpm=100000000", "integrated_input_tpm=1000000000"],
-                   env=env, cwd=work, check=True, capture_output=True)
+    subprocess.run(
+        [
+            *aivax,
+            "plans",
+            "set",
+            "free",
+            'models_allowed=["*"]',
+            "integrated_rpm=100000000",
+            "integrated_input_tpm=1000000000",
+        ],
+        env=env,
+        cwd=work,
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     log = work / "aivax.log"
     process = spawn([*aivax, "serve", "--port", str(port)], log, env, work)
@@ -138,15 +155,26 @@ def start_aivax(work: Path, mock_url: str, env: dict[str, str]) -> tuple[subproc
     banner = log.read_text()
     key = re.search(r"private key\s*:\s*(\S+)", banner)
     account = re.search(r"demo account\s*:\s*(\S+)", banner)
-    assert key and account, banner
-    subprocess.run([*aivax, "wallet", "topup", account.group(1), "1000000"], env=env, cwd=work,
-                   check=True, capture_output=True)
-    return process, Target("aivax", f"http://127.0.0.1:{port}/v1", "bench/mock",
-                           {"Authorization": f"Bearer {key.group(1)}"})
+    if key is None or account is None:
+        raise SystemExit(f"no bootstrap banner in the AIVAX log:\n{banner}")
+    subprocess.run(
+        [*aivax, "wallet", "topup", account.group(1), "1000000"],
+        env=env,
+        cwd=work,
+        check=True,
+        capture_output=True,
+    )
+    return process, Target(
+        "aivax",
+        f"http://127.0.0.1:{port}/v1",
+        "bench/mock",
+        {"Authorization": f"Bearer {key.group(1)}"},
+    )
 
 
-def start_litellm(work: Path, mock_url: str, env: dict[str, str]) -> tuple[
-        subprocess.Popen[bytes], Target] | None:
+def start_litellm(
+    work: Path, mock_url: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Target] | None:
     if not LITELLM.exists():
         return None
     config = work / "litellm.yaml"
@@ -156,8 +184,12 @@ def start_litellm(work: Path, mock_url: str, env: dict[str, str]) -> tuple[
     )
     port = free_port()
     log = work / "litellm.log"
-    process = spawn([str(LITELLM), "--config", str(config), "--port", str(port),
-                     "--num_workers", "1"], log, {**env, "LITELLM_LOG": "ERROR"}, work)
+    process = spawn(
+        [str(LITELLM), "--config", str(config), "--port", str(port), "--num_workers", "1"],
+        log,
+        {**env, "LITELLM_LOG": "ERROR"},
+        work,
+    )
     wait_ready(f"http://127.0.0.1:{port}/health/liveliness", process, log)
     return process, Target("litellm", f"http://127.0.0.1:{port}/v1", "mock", {})
 
@@ -166,13 +198,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="aivax-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
     env["AIVAX_BENCH_DATABASE_URL"] = os.environ.get(
-        "AIVAX_BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{work}/aivax.db")
+        "AIVAX_BENCH_DATABASE_URL", f"sqlite+aiosqlite:///{work}/aivax.db"
+    )
     processes: list[subprocess.Popen[bytes]] = []
     try:
         mock_port = free_port()
         mock_log = work / "mock.log"
-        mock = spawn([sys.executable, str(ROOT / "bench" / "mock_upstream.py"), str(mock_port)],
-                     mock_log, env, work)
+        mock = spawn(
+            [sys.executable, str(ROOT / "bench" / "mock_upstream.py"), str(mock_port)],
+            mock_log,
+            env,
+            work,
+        )
         processes.append(mock)
         mock_url = f"http://127.0.0.1:{mock_port}"
         wait_ready(f"{mock_url}/v1/models", mock, mock_log)
@@ -196,8 +233,10 @@ def main() -> None:
 
 
 def report(targets: list[Target]) -> None:
-    print(f"{'target':<8} {'mode':<7} {'conc':>4} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'TTFB ms':>8} {'+p50 ms':>8}")
+    print(
+        f"{'target':<8} {'mode':<7} {'conc':>4} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'TTFB ms':>8} {'+p50 ms':>8}"
+    )
     results: dict[tuple[str, bool, int], Result] = {}
     for stream in (False, True):
         for concurrency in CONCURRENCY:
@@ -206,16 +245,23 @@ def report(targets: list[Target]) -> None:
                 results[(target.name, stream, concurrency)] = result
                 direct = results[("direct", stream, concurrency)]
                 overhead = result.p50 - direct.p50
-                print(f"{target.name:<8} {'stream' if stream else 'json':<7} {concurrency:>4} "
-                      f"{result.rps:>8.0f} {result.p50:>8.2f} {result.p99:>8.2f} "
-                      f"{result.ttfb:>8.2f} {overhead:>8.2f}", flush=True)
+                print(
+                    f"{target.name:<8} {'stream' if stream else 'json':<7} {concurrency:>4} "
+                    f"{result.rps:>8.0f} {result.p50:>8.2f} {result.p99:>8.2f} "
+                    f"{result.ttfb:>8.2f} {overhead:>8.2f}",
+                    flush=True,
+                )
     if any(name == "litellm" for name, _, _ in results):
         print("\nAIVAX RPS / LiteLLM RPS:")
         for stream in (False, True):
-            ratios = [results[("aivax", stream, c)].rps / results[("litellm", stream, c)].rps
-                      for c in CONCURRENCY]
-            print(f"  {'stream' if stream else 'json':<7} " + "  ".join(
-                f"c={c}: {r:.1f}x" for c, r in zip(CONCURRENCY, ratios, strict=True)))
+            ratios = [
+                results[("aivax", stream, c)].rps / results[("litellm", stream, c)].rps
+                for c in CONCURRENCY
+            ]
+            print(
+                f"  {'stream' if stream else 'json':<7} "
+                + "  ".join(f"c={c}: {r:.1f}x" for c, r in zip(CONCURRENCY, ratios, strict=True))
+            )
 
 
 if __name__ == "__main__":
