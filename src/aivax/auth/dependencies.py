@@ -27,7 +27,9 @@ MISSING_KEY_MESSAGE = (
 )
 
 
-def services_of(request: Request) -> AppServices:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a worker
+# thread, which costs a thread hop per dependency on every request.
+async def services_of(request: Request) -> AppServices:
     services: AppServices = request.app.state.services
     return services
 
@@ -35,7 +37,7 @@ def services_of(request: Request) -> AppServices:
 Services = Annotated[AppServices, Depends(services_of)]
 
 
-def require_any_key(request: Request) -> Principal:
+async def require_any_key(request: Request) -> Principal:
     error: AppError | None = getattr(request.state, "auth_error", None)
     if error is not None:
         raise error
