@@ -26,6 +26,9 @@ from aivax.wallet import ledger
 logger = logging.getLogger("aivax.settlement")
 
 MAX_BATCH = 200
+# Group commit: after the first settlement arrives, wait this long for more, so one transaction
+# settles many calls and the writer stays free for the holds of new requests.
+LINGER_SECONDS = 0.02
 _INSERT_LOG = insert(RequestLog)  # built once: see the note in wallet.ledger
 
 
@@ -65,6 +68,7 @@ class Settler:
         queue = self._queue
         while True:
             batch = [await queue.get()]
+            await asyncio.sleep(LINGER_SECONDS)
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
