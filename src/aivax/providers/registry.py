@@ -56,7 +56,7 @@ class ProviderRegistry:
                 self.settings.upstream_read_timeout_seconds,
                 connect=self.settings.upstream_connect_timeout_seconds,
             )
-            limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
             transport: httpx.AsyncBaseTransport
             if guarded:
                 # The SSRF guard connects to the vetted IP with the original TLS server name,
