@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from httpx_sse import EventSource, SSEError
+from httpx_sse import EventSource
 
 from aivax.providers.base import (
+    TRANSPORT_ERRORS,
     FinishEvent,
     ReasoningDelta,
     StreamEvent,
@@ -27,6 +28,7 @@ from aivax.providers.base import (
     UpstreamError,
     UpstreamRequest,
     UsageEvent,
+    transport_failure,
 )
 from aivax.providers.openai_compat import _error_message
 
@@ -316,31 +318,5 @@ class AnthropicProvider:
                         continue
                     for event in state.events(sse.event, json.loads(sse.data)):
                         yield event
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise UpstreamError(
-                "cannot connect to the upstream",
-                status=502,
-                provider=self.name,
-                code="upstream_unreachable",
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(
-                "the upstream did not answer in time",
-                status=504,
-                provider=self.name,
-                code="upstream_timeout",
-            ) from exc
-        except (httpx.RemoteProtocolError, httpx.ReadError, SSEError) as exc:
-            raise UpstreamError(
-                "the upstream stream broke off",
-                status=502,
-                provider=self.name,
-                code="upstream_disconnected",
-            ) from exc
-        except json.JSONDecodeError as exc:
-            raise UpstreamError(
-                "the upstream sent invalid JSON",
-                status=502,
-                provider=self.name,
-                code="upstream_bad_response",
-            ) from exc
+        except TRANSPORT_ERRORS as exc:
+            raise transport_failure(exc, self.name) from exc

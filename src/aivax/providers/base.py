@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import httpx
+from httpx_sse import SSEError
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +83,46 @@ class UpstreamError(Exception):
 
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+# What an HTTP adapter turns into an UpstreamError with `transport_failure`.
+CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+TRANSPORT_ERRORS = (
+    *CONNECT_ERRORS,
+    httpx.TimeoutException,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    SSEError,
+    json.JSONDecodeError,
+)
+
+
+def transport_failure(exc: Exception, provider: str) -> UpstreamError:
+    """The UpstreamError for a failure below HTTP: no connection, a timeout, a broken stream,
+    or a body that is not JSON."""
+    if isinstance(exc, CONNECT_ERRORS):
+        return UpstreamError(
+            f"cannot connect to the upstream: {type(exc).__name__}",
+            status=502,
+            provider=provider,
+            code="upstream_unreachable",
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(
+            "the upstream did not answer in time",
+            status=504,
+            provider=provider,
+            code="upstream_timeout",
+        )
+    if isinstance(exc, json.JSONDecodeError):
+        return UpstreamError(
+            "the upstream sent invalid JSON",
+            status=502,
+            provider=provider,
+            code="upstream_bad_response",
+        )
+    return UpstreamError(
+        "the upstream closed the connection mid-response",
+        status=502,
+        provider=provider,
+        code="upstream_disconnected",
+    )

@@ -19,6 +19,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from aivax.providers.base import (
+    CONNECT_ERRORS,
     RETRYABLE_STATUSES,
     FinishEvent,
     ReasoningDelta,
@@ -28,6 +29,7 @@ from aivax.providers.base import (
     UpstreamError,
     UpstreamRequest,
     UsageEvent,
+    transport_failure,
 )
 
 MAX_RETRY_AFTER_SECONDS = 5.0
@@ -127,30 +129,13 @@ class OpenAICompatProvider:
                     async for event in self._events(response):
                         yield event
                     return
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except CONNECT_ERRORS as exc:
                 if not last:
                     await asyncio.sleep(_retry_delay(attempt, None))
                     continue
-                raise UpstreamError(
-                    f"cannot connect to the upstream: {type(exc).__name__}",
-                    status=502,
-                    provider=self.name,
-                    code="upstream_unreachable",
-                ) from exc
-            except httpx.TimeoutException as exc:
-                raise UpstreamError(
-                    "the upstream did not answer in time",
-                    status=504,
-                    provider=self.name,
-                    code="upstream_timeout",
-                ) from exc
-            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                raise UpstreamError(
-                    "the upstream closed the connection mid-response",
-                    status=502,
-                    provider=self.name,
-                    code="upstream_disconnected",
-                ) from exc
+                raise transport_failure(exc, self.name) from exc
+            except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                raise transport_failure(exc, self.name) from exc
 
     async def _status_error(self, response: httpx.Response) -> UpstreamError:
         raw = (await response.aread()).decode("utf-8", "replace")[:4000]
