@@ -13,6 +13,7 @@ direct call. Timings depend on the machine; run on an otherwise idle one.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,27 +77,32 @@ class Result:
 
 
 async def drive(target: Target, *, stream: bool, concurrency: int) -> Result:
+    """Closed-loop load with aiohttp (httpx's pool bookkeeping made the driver itself the
+    bottleneck at concurrency 64)."""
     body = {**BODY, "model": target.model, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
+    payload = json.dumps(body).encode()
+    headers = {**target.headers, "Content-Type": "application/json"}
     latencies: list[float] = []
     firsts: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60, headers=target.headers) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
         url = f"{target.url}/chat/completions"
         for _ in range(3):  # warm up connections and caches
-            await client.post(url, json=body)
+            async with session.post(url, data=payload, headers=headers) as response:
+                await response.read()
         deadline = time.perf_counter() + SECONDS
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
-                async with client.stream("POST", url, json=body) as response:
+                async with session.post(url, data=payload, headers=headers) as response:
                     first = None
-                    async for _ in response.aiter_raw():
+                    async for _ in response.content.iter_any():
                         first = first or time.perf_counter()
-                    if response.status_code != 200:
-                        raise SystemExit(f"{target.name}: HTTP {response.status_code}")
+                    if response.status != 200:
+                        raise SystemExit(f"{target.name}: HTTP {response.status}")
                 ended = time.perf_counter()
                 latencies.append(ended - started)
                 firsts.append((first or ended) - started)
