@@ -34,12 +34,18 @@ def _clean_env() -> dict[str, str]:
 
 @contextmanager
 def serving(workdir: Path, port: int) -> Iterator[Path]:
+    with serving_env(workdir, port, _clean_env()) as log:
+        yield log
+
+
+@contextmanager
+def serving_env(workdir: Path, port: int, env: dict[str, str]) -> Iterator[Path]:
     log = workdir / f"serve-{time.monotonic_ns()}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "aivax", "serve", "--port", str(port)],
             cwd=workdir,
-            env=_clean_env(),
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -128,3 +134,27 @@ def test_first_start_bootstraps_once_and_quickstart_works(tmp_path: Path) -> Non
         check=True,
     )
     assert len(accounts.stdout.strip().splitlines()) == 1
+
+
+def test_bad_models_file_stops_serve_with_one_line_and_keeps_the_banner(tmp_path: Path) -> None:
+    bad = tmp_path / "models.toml"
+    bad.write_text('[[models]]\nid = "x/y"\nprovider = "openai"\n')
+    env = {**_clean_env(), "AIVAX_MODELS_FILE": str(bad)}
+    result = subprocess.run(
+        [sys.executable, "-m", "aivax", "serve", "--port", str(_free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: models file {str(bad)!r}: models[0].upstream_model: Field required"]
+    assert "Traceback" not in result.stderr
+    assert "shown ONCE" not in result.stdout  # the one-time secrets were not spent
+    bad.write_text("")
+    port = _free_port()
+    with serving_env(tmp_path, port, env) as log:
+        assert "shown ONCE" in log.read_text()

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aivax.accounts import service as account_service
 from aivax.accounts.schemas import AdminAccountUpdate
 from aivax.admin import tokens as operator_tokens
+from aivax.catalog.service import ModelsFileError
 from aivax.config import Settings, SettingsError, load_settings
 from aivax.errors import AppError
 from aivax.keys import service as key_service
@@ -142,6 +143,8 @@ def serve(
             upgrade_to_head(settings.database_url)
         services = AppServices.build(settings)
         credentials = asyncio.run(_bootstrap_and_close(services, bootstrap))
+    except ModelsFileError as exc:
+        fail(str(exc))
     except (SQLAlchemyError, OSError, ValueError) as exc:
         fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     if credentials is not None:
@@ -157,7 +160,12 @@ def serve(
 
 
 async def _bootstrap_and_close(services: AppServices, bootstrap: Callable[..., Any]) -> Any:
+    """Bootstrap once and create the models file's entries, so a bad file stops `serve` with
+    one clear line instead of a failed application start."""
+    from aivax.app import seed_models
+
     try:
+        await seed_models(services)  # first: a bad file must not swallow the one-time banner
         return await bootstrap(services)
     finally:
         await services.close()

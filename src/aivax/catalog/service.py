@@ -326,6 +326,12 @@ class ModelsFileError(ValueError):
     """The models file is unreadable or invalid; the message names the entry."""
 
 
+def _entry_error(path: Path, entry: str, exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    return f"models file {str(path)!r}: {entry}.{field}: {first['msg']}"
+
+
 async def seed_from_file(session: AsyncSession, path: Path, secret_box: SecretBox) -> list[str]:
     """Create the credentials and models of a TOML file that do not exist yet (the database,
     where operators edit them, stays the source of truth for the ones that do)."""
@@ -338,7 +344,7 @@ async def seed_from_file(session: AsyncSession, path: Path, secret_box: SecretBo
         try:
             data = CredentialCreate.model_validate(entry)
         except ValidationError as exc:
-            raise ModelsFileError(f"credentials[{index}]: {exc.errors()[0]['msg']}") from None
+            raise ModelsFileError(_entry_error(path, f"credentials[{index}]", exc)) from None
         if await repository.get_credential_by_name(session, None, data.name) is None:
             await create_credential(
                 session,
@@ -352,7 +358,7 @@ async def seed_from_file(session: AsyncSession, path: Path, secret_box: SecretBo
         try:
             model = CatalogModelCreate.model_validate(entry)
         except ValidationError as exc:
-            raise ModelsFileError(f"models[{index}]: {exc.errors()[0]['msg']}") from None
+            raise ModelsFileError(_entry_error(path, f"models[{index}]", exc)) from None
         if await repository.get_model(session, model.id) is None:
             await create_model(session, model)
             created.append(f"model {model.id}")
