@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +18,7 @@ from aivax.catalog.schemas import CatalogModelCreate
 from aivax.providers.base import TextDelta, UpstreamError, UpstreamRequest
 from aivax.providers.local_gguf import LocalModelRuntime, locate_packaged_gguf
 from aivax.services import AppServices
+from tests.fixtures.assertions import assert_error
 from tests.fixtures.factories import AccountWithKeys, make_account
 from tests.fixtures.servers import ThreadedServer
 
@@ -185,3 +188,38 @@ async def test_any_gguf_path_can_be_registered(
     assert completion.choices[0].message.content
     assert completion.model_extra is not None
     assert completion.model_extra["aivax"]["cost_micros"] == 0
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "missing"])
+async def test_unloadable_local_model_is_503_and_costs_nothing(
+    client: httpx.AsyncClient, services: AppServices, tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / f"{kind}.gguf"
+    if kind == "corrupt":
+        path.write_bytes(b"this is not a GGUF file" * 64)
+    model_id = f"aivax/{kind}-{uuid.uuid4().hex[:6]}"
+    async with services.database.sessions() as session:
+        await catalog.create_model(
+            session,
+            CatalogModelCreate(
+                id=model_id,
+                provider="local_gguf",
+                upstream_model=kind,
+                context_window=512,
+                max_output_tokens=16,
+                options={"path": str(path)},
+                input_price_per_m=1_000_000,
+            ),
+        )
+        await session.commit()
+    services.caches.clear()
+    account = await make_account(services, plan="free", balance_micros=10_000)
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": model_id, "messages": PROMPT},
+    )
+    assert_error(response, 503, "model_unavailable")
+    assert str(path) not in response.text  # server paths stay in the server log
+    wallet = (await client.get("/v1/wallet", headers=account.headers)).json()
+    assert (wallet["balance_micros"], wallet["held_micros"]) == (10_000, 0)

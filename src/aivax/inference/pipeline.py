@@ -91,6 +91,14 @@ def client_error(error: UpstreamError, model: ResolvedModel) -> UpstreamFailed:
             code="model_overloaded",
             headers=retry or {"retry-after": "2"},
         )
+    if error.code == "model_unavailable":
+        logger.error("model %s unavailable: %s", model.id, error.message)
+        return UpstreamFailed(
+            f"Model {model.id!r} is unavailable on this server; the operator has been told "
+            "(see the server log).",
+            status=503,
+            code="model_unavailable",
+        )
     if upstream in (408, 504):
         return UpstreamFailed(
             "The upstream did not answer in time.", status=504, code="upstream_timeout"
@@ -128,7 +136,11 @@ async def prepare(
     limits, model = await _plan_and_model(services, principal, request.model)
     admission.check_plan(principal, principal.plan_id, limits, model)
     body = request.upstream_body()
-    input_tokens = await count_input_tokens(services.registry, model, body)
+    try:
+        input_tokens = await count_input_tokens(services.registry, model, body)
+        provider = services.registry.provider(model)
+    except UpstreamError as exc:  # e.g. a local model that is missing or will not load
+        raise client_error(exc, model) from exc
     headers = await admission.check_rate_limits(
         services.limiter, principal, limits, model, input_tokens
     )
@@ -155,7 +167,7 @@ async def prepare(
         request_id=request_id,
         request=request,
         model=model,
-        provider=services.registry.provider(model),
+        provider=provider,
         upstream=UpstreamRequest(
             upstream_model=model.upstream_model,
             body=body,

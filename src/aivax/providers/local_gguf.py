@@ -106,7 +106,17 @@ class LocalModelRuntime:
         return self._slot.locked()
 
     async def server(self) -> Any:
-        return self._server or await asyncio.to_thread(self._load)
+        if self._server is not None:
+            return self._server
+        try:
+            return await asyncio.to_thread(self._load)
+        except Exception as exc:  # llama.cpp refuses a corrupt or unsupported file
+            raise UpstreamError(
+                f"the local model {self.path.name!r} could not be loaded: {exc}",
+                status=503,
+                provider=self.name,
+                code="model_unavailable",
+            ) from exc
 
     async def count_tokens(self, text: str) -> int:
         """Tokens in `text` by the model's own tokenizer (through the key-protected listener)."""

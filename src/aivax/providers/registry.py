@@ -15,7 +15,7 @@ from aivax.catalog.service import ResolvedModel
 from aivax.config import Settings
 from aivax.kit.ssrf import GuardedTransport
 from aivax.providers.anthropic import AnthropicProvider
-from aivax.providers.base import Provider
+from aivax.providers.base import Provider, UpstreamError
 from aivax.providers.local_gguf import LocalModelRuntime, resolve_gguf_path
 from aivax.providers.openai_compat import OpenAICompatProvider
 
@@ -76,8 +76,17 @@ class ProviderRegistry:
     def local_runtime(self, model: ResolvedModel) -> LocalModelRuntime:
         runtime = self._runtimes.get(model.id)
         if runtime is None:
+            try:
+                path = resolve_gguf_path(model.options)
+            except FileNotFoundError as exc:
+                raise UpstreamError(
+                    f"the local model {model.id!r} is not installed: {exc}",
+                    status=503,
+                    provider="local_gguf",
+                    code="model_unavailable",
+                ) from exc
             runtime = LocalModelRuntime(
-                resolve_gguf_path(model.options),
+                path,
                 context_window=model.context_window or 4096,
                 threads=self.settings.local_model_threads,
                 max_waiting=self.settings.local_model_max_waiting,
