@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import IntegrityError
 
 from aivax import __version__, handlers
@@ -20,6 +21,7 @@ from aivax.catalog.endpoints import admin_router as admin_models_router
 from aivax.catalog.endpoints import router as credentials_router
 from aivax.catalog.service import seed_from_file
 from aivax.config import Settings
+from aivax.gateways.endpoints import router as gateways_router
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
 from aivax.keys.endpoints import router as keys_router
@@ -94,9 +96,26 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     handlers.install(app)
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccountKeyMiddleware)
+    # Browsers may call with public keys: CORS is answered for any origin, and the real check —
+    # the key's and the gateway's allowed origins — is made server-side on each request.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+        expose_headers=[
+            "x-request-id",
+            "x-aivax-cost-micros",
+            "x-aivax-cost-usd",
+            "x-ratelimit-remaining-requests",
+            "retry-after",
+        ],
+        max_age=600,
+    )
     for router in (
         health_router,
         inference_router,
+        gateways_router,
         account_router,
         keys_router,
         wallet_router,

@@ -15,6 +15,7 @@ from cachetools import TTLCache
 
 if TYPE_CHECKING:
     from aivax.catalog.service import ResolvedModel
+    from aivax.gateways.compose import GatewayTarget
     from aivax.keys.service import Principal
     from aivax.plans.schemas import PlanLimits
 
@@ -28,9 +29,11 @@ class HotPathCaches:
         self.principals: TTLCache[str, Principal] = TTLCache(MAX_ENTRIES, ttl)
         self.plans: TTLCache[str, PlanLimits] = TTLCache(1_000, ttl)
         self.models: TTLCache[tuple[uuid.UUID, str], ResolvedModel] = TTLCache(MAX_ENTRIES, ttl)
+        self.gateways: TTLCache[tuple[uuid.UUID, str], GatewayTarget] = TTLCache(MAX_ENTRIES, ttl)
 
     def clear(self) -> None:
         """Called after any change to keys, accounts, plans, models or credentials."""
         self.principals.clear()
         self.plans.clear()
         self.models.clear()
+        self.gateways.clear()

@@ -92,9 +92,14 @@ def check_parameters(request: ChatCompletionRequest) -> None:
 
 
 def check_plan(
-    principal: Principal, plan_id: str, limits: PlanLimits, model: ResolvedModel
+    principal: Principal,
+    plan_id: str,
+    limits: PlanLimits,
+    model: ResolvedModel,
+    *,
+    via_gateway: bool = False,
 ) -> None:
-    if principal.key_kind is KeyKind.PUBLIC:
+    if principal.key_kind is KeyKind.PUBLIC and not via_gateway:
         raise ModelNotAllowed(
             "Public keys may only call public gateways, never a model directly.", param="model"
         )

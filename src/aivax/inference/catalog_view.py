@@ -13,9 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ModelNotFound
+from aivax.gateways import service as gateway_service
+from aivax.gateways.schemas import GatewayConfig
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
-from aivax.models import CatalogModel, Plan, ProviderCredential
+from aivax.models import CatalogModel, Gateway, Plan, ProviderCredential
 from aivax.plans.schemas import PlanLimits
 
 
@@ -68,9 +70,39 @@ def _byok(credential: ProviderCredential, upstream: str) -> dict[str, Any]:
     }
 
 
+def _gateway(gateway: Gateway, model_id: str) -> dict[str, Any]:
+    config = GatewayConfig.model_validate(gateway.config)
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(gateway.created_at.timestamp()),
+        "owned_by": "gateway",
+        "aivax": {
+            "kind": "gateway",
+            "gateway_id": str(gateway.id),
+            "slug": gateway.slug,
+            "name": gateway.name,
+            "model": config.model,
+            "fallbacks": config.fallbacks,
+            "public": config.public.enabled,
+        },
+    }
+
+
+async def _gateways(session: AsyncSession, principal: Principal) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for gateway in await gateway_service.list_gateways(session, principal.account_id):
+        if principal.key_kind is KeyKind.PUBLIC:
+            if GatewayConfig.model_validate(gateway.config).public.enabled:
+                entries.append(_gateway(gateway, str(gateway.id)))  # UUID only
+        else:
+            entries += [_gateway(gateway, str(gateway.id)), _gateway(gateway, gateway.slug)]
+    return entries
+
+
 async def visible_models(session: AsyncSession, principal: Principal) -> list[dict[str, Any]]:
     if principal.key_kind is KeyKind.PUBLIC:
-        return []  # public keys call public gateways only
+        return await _gateways(session, principal)  # public keys call public gateways only
     plan = await session.get(Plan, principal.plan_id)
     if plan is None:
         return []
@@ -79,7 +111,7 @@ async def visible_models(session: AsyncSession, principal: Principal) -> list[di
     data = [_integrated(m) for m in rows if _allowed(m, plan, limits)]
     for credential in await catalog.list_credentials(session, principal.account_id):
         data += [_byok(credential, upstream) for upstream in credential.models]
-    return data
+    return data + await _gateways(session, principal)
 
 
 async def visible_model(

@@ -25,7 +25,9 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 async def chat_completions(
     body: ChatCompletionRequest, principal: AnyKey, services: Services, request: Request
 ) -> JSONResponse | StreamingResponse:
-    call = await prepare(services, principal, body, request.state.request_id)
+    call = await prepare(
+        services, principal, body, request.state.request_id, origin=request.headers.get("origin")
+    )
     accumulator = Accumulator()
     events = open_stream(call, accumulator)
     if body.stream:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError
+from aivax.gateways import compose as gateway_compose
 from aivax.inference import admission
 from aivax.inference.accumulate import Accumulator
 from aivax.inference.schemas import ChatCompletionRequest
@@ -121,6 +122,8 @@ class PreparedCall:
     upstream: UpstreamRequest
     admission: admission.Admission
     hold_id: uuid.UUID | None
+    gateway_id: uuid.UUID | None = None
+    requested_model: str = ""
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
     cost_micros: int | None = None
@@ -130,11 +133,22 @@ class PreparedCall:
 
 
 async def prepare(
-    services: AppServices, principal: Principal, request: ChatCompletionRequest, request_id: str
+    services: AppServices,
+    principal: Principal,
+    request: ChatCompletionRequest,
+    request_id: str,
+    *,
+    origin: str | None = None,
 ) -> PreparedCall:
     admission.check_parameters(request)
+    requested_model = request.model
+    gateway = await gateway_compose.lookup(services, principal, request.model, origin)
+    if gateway is not None:
+        request = gateway_compose.compose(gateway, request, principal)
     limits, model = await _plan_and_model(services, principal, request.model)
-    admission.check_plan(principal, principal.plan_id, limits, model)
+    admission.check_plan(
+        principal, principal.plan_id, limits, model, via_gateway=gateway is not None
+    )
     body = request.upstream_body()
     try:
         input_tokens = await count_input_tokens(services.registry, model, body)
@@ -177,6 +191,8 @@ async def prepare(
         admission=admitted,
         hold_id=hold_id,
         input_tokens=input_tokens,
+        gateway_id=gateway.id if gateway is not None else None,
+        requested_model=requested_model,
     )
 
 
@@ -292,7 +308,7 @@ async def finish(
                 "request_id": call.request_id,
                 "account_id": call.principal.account_id,
                 "key_id": call.principal.key_id,
-                "gateway_id": None,
+                "gateway_id": call.gateway_id,
                 "model": call.model.id,
                 "provider": call.model.provider,
                 "upstream_model": call.model.upstream_model,

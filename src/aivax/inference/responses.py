@@ -30,6 +30,8 @@ def usage_block(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
 def aivax_block(call: PreparedCall) -> dict[str, Any]:
     return {
         "request_id": call.request_id,
+        "model": call.model.id,
+        "gateway_id": str(call.gateway_id) if call.gateway_id else None,
         "cost_micros": call.cost_micros,
         "cost_usd": micros_to_usd(call.cost_micros) if call.cost_micros is not None else None,
         "usage_estimated": call.estimated,
@@ -51,7 +53,7 @@ def completion(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
         "id": completion_id(call),
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": call.model.id,
+        "model": call.requested_model or call.model.id,
         "choices": [
             {
                 "index": 0,
@@ -76,7 +78,7 @@ def chunk(
         "id": completion_id(call),
         "object": "chat.completion.chunk",
         "created": created,
-        "model": call.model.id,
+        "model": call.requested_model or call.model.id,
         "choices": [
             {"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}
         ],
@@ -88,7 +90,7 @@ def usage_chunk(call: PreparedCall, accumulator: Accumulator, created: int) -> d
         "id": completion_id(call),
         "object": "chat.completion.chunk",
         "created": created,
-        "model": call.model.id,
+        "model": call.requested_model or call.model.id,
         "choices": [],
         "usage": usage_block(call, accumulator),
         "aivax": aivax_block(call),

@@ -154,6 +154,10 @@ class StreamOptions(Strict):
 class AivaxOptions(Strict):
     """AIVAX extensions (`aivax` field); later features add options here."""
 
+    variables: dict[str, str | int | float | bool | None] | None = Field(
+        default=None, max_length=100, description="Values for the gateway's templates."
+    )
+
 
 class ChatCompletionRequest(Strict):
     model: str = Field(min_length=1, max_length=300)

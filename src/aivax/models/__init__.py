@@ -3,6 +3,7 @@
 from aivax.models.account import Account, AccountStatus, ApiKey
 from aivax.models.base import Base
 from aivax.models.catalog import CatalogModel, ProviderCredential, RequestLog
+from aivax.models.gateway import Gateway, GatewayVersion
 from aivax.models.operator import OperatorToken, SystemState
 from aivax.models.plan import Plan
 from aivax.models.wallet import EntryKind, HoldStatus, LedgerEntry, WalletHold
@@ -14,6 +15,8 @@ __all__ = [
     "Base",
     "CatalogModel",
     "EntryKind",
+    "Gateway",
+    "GatewayVersion",
     "HoldStatus",
     "LedgerEntry",
     "OperatorToken",

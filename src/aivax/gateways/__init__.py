@@ -1,0 +1,1 @@
+"""AI Gateways: a configured assistant behind one model id."""

@@ -1,0 +1,186 @@
+"""Calling a gateway: find it for the caller, then compose the request the model will see.
+
+Order: the system instruction (rendered), the prompt templates (rendered), then the caller's
+messages. Gateway sampling values are defaults; a caller may change only those the gateway lists
+as overridable (others are refused by name, never silently ignored). Public keys reach a gateway
+only by UUID, only when it is public and the Origin is allowed, and every server-side tool
+surface is stripped from what they get.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aivax.errors import BadRequest, Forbidden
+from aivax.gateways import service, templates
+from aivax.gateways.schemas import GatewayConfig, Tools
+from aivax.inference.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    SystemMessage,
+    UserMessage,
+)
+from aivax.keys.schemas import KeyKind
+from aivax.keys.service import Principal
+from aivax.services import AppServices
+
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+)
+
+
+class SystemMessageRefused(BadRequest):
+    code = "system_message_not_allowed"
+
+
+class NotOverridable(BadRequest):
+    code = "parameter_not_overridable"
+
+
+class PublicGatewayRefused(Forbidden):
+    code = "gateway_not_public"
+    should_retry = False
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTarget:
+    id: uuid.UUID
+    slug: str
+    config: GatewayConfig
+
+
+async def lookup(
+    services: AppServices, principal: Principal, ref: str, origin: str | None
+) -> GatewayTarget | None:
+    """The gateway `ref` names for this caller, or None when `ref` is not a gateway."""
+    public = principal.key_kind is KeyKind.PUBLIC
+    if public and not _is_uuid(ref):
+        if await _find(services, principal.account_id, ref) is not None:
+            raise PublicGatewayRefused(
+                "Public keys must call a gateway by its UUID, not its slug.", param="model"
+            )
+        return None
+    target = await _find(services, principal.account_id, ref)
+    if target is None or not public:
+        return target
+    access = target.config.public
+    if not access.enabled:
+        raise PublicGatewayRefused(
+            "This gateway is not public; call it with a private key.", param="model"
+        )
+    if access.allowed_origins and origin not in access.allowed_origins:
+        raise PublicGatewayRefused(
+            f"Origin {origin!r} is not allowed for this gateway.", code="origin_not_allowed"
+        )
+    return target
+
+
+def _is_uuid(ref: str) -> bool:
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
+
+
+async def _find(services: AppServices, account_id: uuid.UUID, ref: str) -> GatewayTarget | None:
+    caches = services.caches
+    key = (account_id, f"gateway:{ref}")
+    cached = caches.gateways.get(key) if caches.enabled else None
+    if cached is not None:
+        return None if cached is _NO_GATEWAY else cached
+    async with services.database.sessions() as session:
+        gateway = await service.find(session, account_id, ref)
+    target = (
+        GatewayTarget(gateway.id, gateway.slug, GatewayConfig.model_validate(gateway.config))
+        if gateway is not None
+        else None
+    )
+    if caches.enabled:  # remember misses too: most calls name a model, not a gateway
+        caches.gateways[key] = target or _NO_GATEWAY
+    return target
+
+
+_NO_GATEWAY = GatewayTarget(uuid.UUID(int=0), "", GatewayConfig(model="-"))
+
+
+def effective_config(config: GatewayConfig, principal: Principal) -> GatewayConfig:
+    """Public keys never get server-side tool surfaces, whatever the gateway configures."""
+    if principal.key_kind is not KeyKind.PUBLIC:
+        return config
+    collections = config.collections
+    if collections is not None and collections.strategy == "tool":
+        collections = None
+    return config.model_copy(update={"tools": Tools(), "skills": [], "collections": collections})
+
+
+def compose(
+    target: GatewayTarget, request: ChatCompletionRequest, principal: Principal
+) -> ChatCompletionRequest:
+    config = effective_config(target.config, principal)
+    if config.caller_system_messages == "refuse" and any(
+        message.role in ("system", "developer") for message in request.messages
+    ):
+        raise SystemMessageRefused(
+            "This gateway does not accept system or developer messages from callers.",
+            param="messages",
+        )
+    context = templates.template_context(
+        timezone=config.timezone,
+        user=request.user,
+        metadata=request.metadata,
+        variables=request.aivax.variables if request.aivax else None,
+    )
+    prefix: list[Any] = []
+    if config.system_instruction:
+        prefix.append(
+            SystemMessage(
+                role="system",
+                content=templates.render(
+                    config.system_instruction, context, param="config.system_instruction"
+                ),
+            )
+        )
+    for index, template in enumerate(config.prompt_templates):
+        content = templates.render(
+            template.content, context, param=f"config.prompt_templates.{index}.content"
+        )
+        prefix.append(_message(template.role, content))
+    return request.model_copy(
+        update={
+            "model": config.model,
+            "messages": [*prefix, *request.messages],
+            **_sampling(config, request),
+            "reasoning_effort": request.reasoning_effort or config.reasoning_effort,
+        }
+    )
+
+
+def _message(role: str, content: str) -> Any:
+    if role == "system":
+        return SystemMessage(role="system", content=content)
+    if role == "assistant":
+        return AssistantMessage(role="assistant", content=content)
+    return UserMessage(role="user", content=content)
+
+
+def _sampling(config: GatewayConfig, request: ChatCompletionRequest) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in SAMPLING:
+        asked = request.requested_max_tokens if name == "max_tokens" else getattr(request, name)
+        if asked is not None:
+            if name not in config.overridable:
+                raise NotOverridable(f"This gateway does not let callers set {name!r}.", param=name)
+            continue
+        default = getattr(config.sampling, name)
+        if default is not None:
+            values[name] = default
+    return values
