@@ -133,6 +133,7 @@ def compose(
             "This gateway does not accept system or developer messages from callers.",
             param="messages",
         )
+    sampling = _sampling(config, request)  # the caller's parameters first: cheapest to refuse
     context = templates.template_context(
         timezone=config.timezone,
         user=request.user,
@@ -158,7 +159,7 @@ def compose(
         update={
             "model": config.model,
             "messages": [*prefix, *request.messages],
-            **_sampling(config, request),
+            **sampling,
             "reasoning_effort": request.reasoning_effort or config.reasoning_effort,
         }
     )
