@@ -389,3 +389,139 @@ async def test_request_log_records_the_gateway(
     logs = (await client.get("/v1/requests", headers=owner.headers)).json()["data"]
     assert logs[0]["gateway_id"] == created["id"]
     assert logs[0]["model"] == "test/fake-ok"
+
+
+async def _routed(
+    client: httpx.AsyncClient, account: AccountWithKeys, primary: str, **routing: Any
+) -> str:
+    slug = f"routed-{uuid.uuid4().hex[:8]}"
+    await _create(
+        client,
+        account,
+        slug,
+        {
+            "model": primary,
+            "fallbacks": ["test/fake-ok"],
+            "routing": {"retries": 1, "backoff_ms": 1, **routing},
+        },
+    )
+    return slug
+
+
+async def _logs_for(
+    services: AppServices, client: httpx.AsyncClient, account: AccountWithKeys
+) -> list[dict[str, Any]]:
+    await services.settler.drain()
+    rows: list[dict[str, Any]] = (await client.get("/v1/requests", headers=account.headers)).json()[
+        "data"
+    ]
+    return list(reversed(rows))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_falls_back_when_the_primary_returns_500_and_bills_only_the_answer(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str], stream: bool
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-500")
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": slug, "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 200, response.text
+    assert "Hello" in response.text
+    logs = await _logs_for(services, client, account)
+    assert [(row["model"], row["status"]) for row in logs] == [
+        ("test/fake-500", 500),
+        ("test/fake-500", 500),
+        ("test/fake-ok", 200),
+    ]
+    assert [row["cost_micros"] for row in logs] == [0, 0, 17]
+    wallet = (await client.get("/v1/wallet", headers=account.headers)).json()
+    assert (wallet["balance_micros"], wallet["held_micros"]) == (1_000_000 - 17, 0)
+
+
+async def test_retries_a_429_on_the_same_model_first(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-flaky")
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={
+            "model": slug,
+            "user": f"u-{uuid.uuid4()}",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert response.json()["aivax"]["model"] == "test/fake-flaky"
+    logs = await _logs_for(services, client, account)
+    assert [(row["model"], row["status"]) for row in logs] == [
+        ("test/fake-flaky", 429),
+        ("test/fake-flaky", 200),
+    ]
+
+
+async def test_falls_back_on_timeout(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-hang", retries=0, timeout_seconds=0.3)
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": slug, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.json()["aivax"]["model"] == "test/fake-ok"
+    logs = await _logs_for(services, client, account)
+    assert [(row["model"], row["error_code"]) for row in logs] == [
+        ("test/fake-hang", "upstream_timeout"),
+        ("test/fake-ok", None),
+    ]
+
+
+async def test_stream_dropped_before_the_first_token_falls_back_transparently(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-drop-early", retries=0)
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": slug, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 200
+    assert '"error"' not in response.text
+    assert response.text.count('"content":"') >= 3
+
+
+async def test_failure_after_content_is_an_sse_error_not_a_fallback(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-disconnect", retries=0)
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": slug, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert '"content":"Hello"' in response.text
+    assert '"code":"upstream_disconnected"' in response.text
+    assert response.text.rstrip().endswith("data: [DONE]")
+    logs = await _logs_for(services, client, account)
+    assert [row["model"] for row in logs] == ["test/fake-disconnect"]
+
+
+async def test_no_fallback_for_failures_the_gateway_does_not_name(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-500", fallback_on=["429"])
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": slug, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert_error(response, 502)

@@ -33,6 +33,15 @@ class Accumulator:
     usage: UsageEvent | None = None
     first_token_at: float | None = None
 
+    def reset(self) -> None:
+        """Forget a failed attempt before the next one (nothing of it reached the client)."""
+        self.text.clear()
+        self.reasoning.clear()
+        self.tool_calls.clear()
+        self.finish_reason = None
+        self.usage = None
+        self.first_token_at = None
+
     @property
     def produced_output(self) -> bool:
         return bool(self.text or self.reasoning or self.tool_calls)
@@ -87,6 +96,11 @@ class Accumulator:
         if self.finish_reason:
             return self.finish_reason
         return "tool_calls" if self.tool_calls else "stop"
+
+
+def is_content(event: StreamEvent) -> bool:
+    """Output the client may already have seen (after it, a call can no longer fall back)."""
+    return isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta)
 
 
 def delta_of(event: StreamEvent) -> dict[str, Any] | None:

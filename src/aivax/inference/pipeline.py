@@ -4,18 +4,21 @@ the API today, gateways, channels and batches later — goes through these."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError
 from aivax.gateways import compose as gateway_compose
+from aivax.gateways.schemas import Routing
 from aivax.inference import admission
-from aivax.inference.accumulate import Accumulator
+from aivax.inference.accumulate import Accumulator, is_content
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.inference.settlement import Settlement
 from aivax.inference.tokens import count_input_tokens, estimate_output_tokens
@@ -111,6 +114,15 @@ def client_error(error: UpstreamError, model: ResolvedModel) -> UpstreamFailed:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One model the call may be served by: the primary, then each fallback in order."""
+
+    model: ResolvedModel
+    provider: Provider
+    upstream: UpstreamRequest
+
+
 @dataclass
 class PreparedCall:
     services: AppServices
@@ -124,6 +136,8 @@ class PreparedCall:
     hold_id: uuid.UUID | None
     gateway_id: uuid.UUID | None = None
     requested_model: str = ""
+    fallbacks: list[Attempt] = field(default_factory=list)
+    routing: Routing | None = None
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
     cost_micros: int | None = None
@@ -152,7 +166,7 @@ async def prepare(
     body = request.upstream_body()
     try:
         input_tokens = await count_input_tokens(services.registry, model, body)
-        provider = services.registry.provider(model)
+        provider = services.registry.provider(model, retries=0 if gateway else None)
     except UpstreamError as exc:  # e.g. a local model that is missing or will not load
         raise client_error(exc, model) from exc
     headers = await admission.check_rate_limits(
@@ -163,9 +177,32 @@ async def prepare(
     admission.check_capabilities(request, model, media)
     max_tokens, send_max = admission.plan_output(request, model, input_tokens)
     admission.check_storage(principal, limits)
-    hold_id, hold_amount, max_tokens, money_headers = await _hold(
-        services, principal, limits, model, input_tokens, max_tokens, media, request_id
+    routing = gateway.config.routing if gateway is not None else None
+    fallbacks = await _fallbacks(
+        services, principal, limits, request, gateway, input_tokens, media, body, routing
     )
+    # Hold the costliest model of the chain; when the balance cannot cover the primary's worst
+    # case, max_tokens is clamped for it and the fallbacks are dropped.
+    worst = max(
+        [admission.cost_micros(model, input_tokens, max_tokens) or 0]
+        + [
+            admission.cost_micros(f.model, input_tokens, f.upstream.max_tokens) or 0
+            for f in fallbacks
+        ]
+    )
+    hold_id, hold_amount, max_tokens, money_headers = await _hold(
+        services,
+        principal,
+        limits,
+        model,
+        input_tokens,
+        max_tokens,
+        media,
+        request_id,
+        worst=worst,
+    )
+    if money_headers:
+        fallbacks = []
     if send_max or money_headers:
         body["max_tokens"] = max_tokens
     admitted = admission.Admission(
@@ -186,14 +223,60 @@ async def prepare(
             upstream_model=model.upstream_model,
             body=body,
             max_tokens=max_tokens,
-            timeout_seconds=services.settings.upstream_read_timeout_seconds,
+            timeout_seconds=routing.timeout_seconds
+            if routing
+            else services.settings.upstream_read_timeout_seconds,
         ),
         admission=admitted,
         hold_id=hold_id,
         input_tokens=input_tokens,
         gateway_id=gateway.id if gateway is not None else None,
         requested_model=requested_model,
+        fallbacks=fallbacks,
+        routing=routing,
     )
+
+
+async def _fallbacks(
+    services: AppServices,
+    principal: Principal,
+    limits: PlanLimits,
+    request: ChatCompletionRequest,
+    gateway: gateway_compose.GatewayTarget | None,
+    input_tokens: int,
+    media: set[str],
+    body: dict[str, Any],
+    routing: Routing | None,
+) -> list[Attempt]:
+    """The gateway's fallback models this call may use: those the plan allows and that can
+    take this request (others are skipped, and say so in the log)."""
+    if gateway is None or routing is None:
+        return []
+    attempts: list[Attempt] = []
+    for name in gateway.config.fallbacks:
+        try:
+            _, model = await _plan_and_model(services, principal, name)
+            admission.check_plan(principal, principal.plan_id, limits, model, via_gateway=True)
+            admission.check_context(limits, model, input_tokens)
+            admission.check_capabilities(request, model, media)
+            max_tokens, _ = admission.plan_output(request, model, input_tokens)
+            provider = services.registry.provider(model, retries=0)
+        except (AppError, UpstreamError) as exc:
+            logger.info("fallback %s skipped for this call: %s", name, exc)
+            continue
+        attempts.append(
+            Attempt(
+                model,
+                provider,
+                UpstreamRequest(
+                    upstream_model=model.upstream_model,
+                    body={**body, "max_tokens": max_tokens},
+                    max_tokens=max_tokens,
+                    timeout_seconds=routing.timeout_seconds,
+                ),
+            )
+        )
+    return attempts
 
 
 async def _plan_and_model(
@@ -229,10 +312,11 @@ async def _hold(
     max_tokens: int,
     media: set[str],
     request_id: str,
+    *,
+    worst: int,
 ) -> tuple[uuid.UUID | None, int, int, dict[str, str]]:
-    """Reserve the worst case in one conditional UPDATE; only when that is refused, read the
-    balance to clamp `max_tokens` to what it affords (or refuse with 402)."""
-    worst = admission.cost_micros(model, input_tokens, max_tokens)
+    """Reserve `worst` in one conditional UPDATE; only when that is refused, read the balance
+    to clamp `max_tokens` to what it affords on `model` (or refuse with 402)."""
     if not worst:
         return None, 0, max_tokens, {}
     minimum = limits.multimodal_min_balance_micros if media else limits.min_balance_micros
@@ -273,14 +357,121 @@ async def _try_hold(
 
 
 def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[StreamEvent]:
-    """The provider's events, each recorded in `accumulator` on the way through."""
+    """The provider's events, each recorded in `accumulator` on the way through.
+
+    Gateway calls follow their routing: each model is retried with backoff on the failures the
+    gateway names (429, 5xx, timeout, disconnect), then the next fallback is tried — as long as
+    no content has been produced. Every failed attempt is logged; the model that answers becomes
+    `call.model` and is the only one billed.
+    """
 
     async def recorded() -> AsyncIterator[StreamEvent]:
-        async for event in call.provider.stream(call.upstream):
-            accumulator.add(event)
-            yield event
+        attempts = [Attempt(call.model, call.provider, call.upstream), *call.fallbacks]
+        tries = 1 + (call.routing.retries if call.routing else 0)
+        last: UpstreamError | None = None
+        for attempt in attempts:
+            for number in range(tries):
+                accumulator.reset()
+                produced = False
+                try:
+                    async for event in attempt.provider.stream(attempt.upstream):
+                        produced = produced or is_content(event)
+                        accumulator.add(event)
+                        yield event
+                except UpstreamError as exc:
+                    if produced or not _reroutable(call.routing, exc):
+                        raise
+                    last = exc
+                    _log_failed_attempt(call, attempt.model, exc)
+                    if number + 1 < tries:
+                        assert call.routing is not None  # noqa: S101 - tries > 1 needs routing
+                        await asyncio.sleep(call.routing.backoff_ms / 1000 * 2**number)
+                    continue
+                call.model, call.provider, call.upstream = (
+                    attempt.model,
+                    attempt.provider,
+                    attempt.upstream,
+                )
+                return
+        assert last is not None  # noqa: S101 - every attempt failed
+        raise last
 
     return recorded()
+
+
+def failure_kind(error: UpstreamError) -> str | None:
+    if error.status == 429:
+        return "429"
+    if error.code == "upstream_timeout" or error.status in (408, 504):
+        return "timeout"
+    if error.code == "upstream_disconnected":
+        return "disconnect"
+    if error.status >= 500:
+        return "5xx"
+    return None
+
+
+def _reroutable(routing: Routing | None, error: UpstreamError) -> bool:
+    kind = failure_kind(error)
+    return routing is not None and kind is not None and kind in routing.fallback_on
+
+
+def _log_failed_attempt(call: PreparedCall, model: ResolvedModel, error: UpstreamError) -> None:
+    logger.info("attempt on %s failed (%s %s); rerouting", model.id, error.status, error.code)
+    call.services.settler.submit(
+        Settlement(
+            hold_id=None,
+            cost_micros=0,
+            log=_log_values(
+                call,
+                model=model,
+                status=error.status,
+                error_code=error.code,
+                input_tokens=0,
+                output_tokens=0,
+                cached=0,
+                cost=0,
+                estimated=False,
+                first=None,
+            ),
+        )
+    )
+
+
+def _log_values(
+    call: PreparedCall,
+    *,
+    model: ResolvedModel,
+    status: int,
+    error_code: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    cached: int,
+    cost: int | None,
+    estimated: bool,
+    first: float | None,
+) -> dict[str, Any]:
+    return {
+        "request_id": call.request_id,
+        "account_id": call.principal.account_id,
+        "key_id": call.principal.key_id,
+        "gateway_id": call.gateway_id,
+        "model": model.id,
+        "provider": model.provider,
+        "upstream_model": model.upstream_model,
+        "byok": model.byok,
+        "stream": call.request.stream,
+        "status": status,
+        "error_code": error_code,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cached_input_tokens": cached,
+        "cost_micros": cost,
+        "estimated": estimated,
+        "latency_ms": int((time.perf_counter() - call.started) * 1000),
+        "ttft_ms": int((first - call.started) * 1000) if first else None,
+        "created_at": utcnow(),
+    }
 
 
 async def finish(
@@ -298,33 +489,22 @@ async def finish(
     charge = min(cost, call.admission.hold_micros) if call.hold_id is not None else 0
     call.input_tokens, call.output_tokens, call.estimated = input_tokens, output_tokens, estimated
     call.cost_micros = charge if call.model.priced else None
-    elapsed = time.perf_counter() - call.started
-    first = accumulator.first_token_at
     call.services.settler.submit(
         Settlement(
             hold_id=call.hold_id,
             cost_micros=charge,
-            log={
-                "request_id": call.request_id,
-                "account_id": call.principal.account_id,
-                "key_id": call.principal.key_id,
-                "gateway_id": call.gateway_id,
-                "model": call.model.id,
-                "provider": call.model.provider,
-                "upstream_model": call.model.upstream_model,
-                "byok": call.model.byok,
-                "stream": call.request.stream,
-                "status": status,
-                "error_code": error_code,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "cached_input_tokens": cached,
-                "cost_micros": call.cost_micros,
-                "estimated": estimated,
-                "latency_ms": int(elapsed * 1000),
-                "ttft_ms": int((first - call.started) * 1000) if first else None,
-                "created_at": utcnow(),
-            },
+            log=_log_values(
+                call,
+                model=call.model,
+                status=status,
+                error_code=error_code,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached=cached,
+                cost=call.cost_micros,
+                estimated=estimated,
+                first=accumulator.first_token_at,
+            ),
         )
     )
 

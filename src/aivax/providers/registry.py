@@ -19,7 +19,8 @@ from aivax.providers.base import Provider, UpstreamError
 from aivax.providers.local_gguf import LocalModelRuntime, resolve_gguf_path
 from aivax.providers.openai_compat import OpenAICompatProvider
 
-ProviderFactory = Callable[["ProviderRegistry", ResolvedModel], Provider]
+# (registry, model, retries before the first byte) -> provider
+ProviderFactory = Callable[["ProviderRegistry", ResolvedModel, int], Provider]
 
 
 class UnknownProvider(LookupError):
@@ -40,12 +41,14 @@ class ProviderRegistry:
     def register(self, kind: str, factory: ProviderFactory) -> None:
         self._factories[kind] = factory
 
-    def provider(self, model: ResolvedModel) -> Provider:
+    def provider(self, model: ResolvedModel, *, retries: int | None = None) -> Provider:
+        """`retries`: the adapter's own retries before the first byte (default: the setting;
+        gateways pass 0 and retry at the routing level instead)."""
         try:
             factory = self._factories[model.provider]
         except KeyError:
             raise UnknownProvider(f"no provider {model.provider!r} is registered") from None
-        return factory(self, model)
+        return factory(self, model, self.settings.upstream_retries if retries is None else retries)
 
     def client(self, base_url: str, *, guarded: bool) -> httpx.AsyncClient:
         parts = urlsplit(base_url)
@@ -102,16 +105,16 @@ class ProviderRegistry:
         await self.internal_http.aclose()
 
 
-def _openai(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
+def _openai(registry: ProviderRegistry, model: ResolvedModel, retries: int) -> Provider:
     return OpenAICompatProvider(
         registry.client(model.base_url, guarded=model.byok),
         base_url=model.base_url,
         api_key=model.api_key,
-        retries=registry.settings.upstream_retries,
+        retries=retries,
     )
 
 
-def _anthropic(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
+def _anthropic(registry: ProviderRegistry, model: ResolvedModel, retries: int) -> Provider:
     return AnthropicProvider(
         registry.client(model.base_url, guarded=model.byok),
         base_url=model.base_url,
@@ -119,5 +122,5 @@ def _anthropic(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
     )
 
 
-def _local(registry: ProviderRegistry, model: ResolvedModel) -> Provider:
+def _local(registry: ProviderRegistry, model: ResolvedModel, retries: int) -> Provider:
     return registry.local_runtime(model)
