@@ -17,11 +17,12 @@ from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError
 from aivax.gateways import compose as gateway_compose
 from aivax.gateways.schemas import Routing
-from aivax.inference import admission
+from aivax.inference import admission, truncation
 from aivax.inference.accumulate import Accumulator, is_content
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.inference.settlement import Settlement
 from aivax.inference.tokens import count_input_tokens, estimate_output_tokens
+from aivax.inference.truncation import Truncation
 from aivax.keys.service import Principal
 from aivax.kit.clock import utcnow
 from aivax.models import Plan
@@ -138,6 +139,7 @@ class PreparedCall:
     requested_model: str = ""
     fallbacks: list[Attempt] = field(default_factory=list)
     routing: Routing | None = None
+    truncation: Truncation | None = None
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
     cost_micros: int | None = None
@@ -165,6 +167,7 @@ async def prepare(
     )
     body = request.upstream_body()
     try:
+        truncated = await _fit_context(services, model, body, gateway)
         input_tokens = await count_input_tokens(services.registry, model, body)
         provider = services.registry.provider(model, retries=0 if gateway else None)
     except UpstreamError as exc:  # e.g. a local model that is missing or will not load
@@ -210,7 +213,11 @@ async def prepare(
         max_tokens=max_tokens,
         send_max_tokens=send_max,
         hold_micros=hold_amount,
-        headers={**headers, **money_headers},
+        headers={
+            **headers,
+            **money_headers,
+            **({"x-aivax-truncated": truncated.header()} if truncated else {}),
+        },
     )
     return PreparedCall(
         services=services,
@@ -234,7 +241,28 @@ async def prepare(
         requested_model=requested_model,
         fallbacks=fallbacks,
         routing=routing,
+        truncation=truncated,
     )
+
+
+async def _fit_context(
+    services: AppServices,
+    model: ResolvedModel,
+    body: dict[str, Any],
+    gateway: gateway_compose.GatewayTarget | None,
+) -> Truncation | None:
+    """Apply the gateway's context limit to `body["messages"]` (in place)."""
+    settings = gateway.config.context if gateway is not None else None
+    if settings is None or settings.limit_tokens is None:
+        return None
+
+    async def count(messages: list[dict[str, Any]]) -> int:
+        return await count_input_tokens(services.registry, model, {**body, "messages": messages})
+
+    body["messages"], report = await truncation.fit(
+        body["messages"], limit=settings.limit_tokens, mode=settings.truncation, count=count
+    )
+    return report
 
 
 async def _fallbacks(

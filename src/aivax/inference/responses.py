@@ -36,6 +36,14 @@ def aivax_block(call: PreparedCall) -> dict[str, Any]:
         "cost_usd": micros_to_usd(call.cost_micros) if call.cost_micros is not None else None,
         "usage_estimated": call.estimated,
         "max_tokens": call.admission.max_tokens,
+        "truncation": {
+            "mode": call.truncation.mode,
+            "dropped_messages": call.truncation.dropped_messages,
+            "input_tokens_before": call.truncation.input_tokens_before,
+            "input_tokens_after": call.truncation.input_tokens_after,
+        }
+        if call.truncation
+        else None,
     }
 
 
