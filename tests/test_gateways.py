@@ -525,3 +525,63 @@ async def test_no_fallback_for_failures_the_gateway_does_not_name(
         json={"model": slug, "messages": [{"role": "user", "content": "hi"}]},
     )
     assert_error(response, 502)
+
+
+async def test_reasoning_and_verbosity_are_mapped_or_ignored_with_a_header(
+    client: httpx.AsyncClient,
+    services: AppServices,
+    fake_openai: FakeUpstream,
+    fake_anthropic: FakeUpstream,
+    fake_models: list[str],
+) -> None:
+    from aivax.catalog import service as catalog
+    from aivax.catalog.schemas import CatalogModelCreate
+
+    model_id = f"test/thinker-{uuid.uuid4().hex[:6]}"
+    async with services.database.sessions() as session:
+        await catalog.create_model(
+            session,
+            CatalogModelCreate(
+                id=model_id,
+                provider="openai",
+                upstream_model="fake-ok",
+                credential="fake-openai",
+                context_window=8_192,
+                max_output_tokens=1_000,
+                options={"reasoning_effort": True, "verbosity": True},
+            ),
+        )
+        await session.commit()
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    hints = {"reasoning_effort": "high", "verbosity": "low"}
+
+    async def call(model: str) -> tuple[httpx.Response, dict[str, Any]]:
+        slug = f"hints-{uuid.uuid4().hex[:6]}"
+        await _create(client, account, slug, {"model": model, **hints})
+        marker = f"hint-{uuid.uuid4()}"
+        response = await client.post(
+            "/v1/chat/completions",
+            headers=account.headers,
+            json={"model": slug, "user": marker, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 200, response.text
+        recorders = fake_openai.recorder.requests + fake_anthropic.recorder.requests
+        sent = next(
+            r
+            for r in recorders
+            if r.get("user") == marker or (r.get("metadata") or {}).get("user_id") == marker
+        )
+        return response, sent
+
+    plain, sent = await call("test/fake-ok")
+    assert plain.headers["x-aivax-ignored-parameters"] == "reasoning_effort, verbosity"
+    assert "reasoning_effort" not in sent
+    assert "verbosity" not in sent
+    capable, sent = await call(model_id)
+    assert "x-aivax-ignored-parameters" not in capable.headers
+    assert (sent["reasoning_effort"], sent["verbosity"]) == ("high", "low")
+    claude, sent = await call("test/claude-plain")
+    assert claude.headers["x-aivax-ignored-parameters"] == "verbosity"
+    # Anthropic's smallest thinking budget is 1024, and max_tokens must exceed it.
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert sent["max_tokens"] > 1024

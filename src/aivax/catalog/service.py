@@ -67,6 +67,20 @@ class ResolvedModel:
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def supports_reasoning_effort(self) -> bool:
+        """OpenAI-style `reasoning_effort`: Anthropic maps it to a thinking budget; catalog
+        OpenAI-compatible models declare it in `options.reasoning_effort`; BYOK passes it on."""
+        if self.provider == "anthropic" or self.byok:
+            return True
+        return self.provider == "openai" and bool(self.options.get("reasoning_effort"))
+
+    @property
+    def supports_verbosity(self) -> bool:
+        if self.provider != "openai":
+            return False
+        return self.byok or bool(self.options.get("verbosity"))
+
+    @property
     def priced(self) -> bool:
         return self.input_price_per_m is not None and self.output_price_per_m is not None
 

@@ -161,6 +161,7 @@ def compose(
             "messages": [*prefix, *request.messages],
             **sampling,
             "reasoning_effort": request.reasoning_effort or config.reasoning_effort,
+            "verbosity": request.verbosity or config.verbosity,
         }
     )
 

@@ -166,6 +166,7 @@ async def prepare(
         principal, principal.plan_id, limits, model, via_gateway=gateway is not None
     )
     body = request.upstream_body()
+    ignored = _drop_unsupported_hints(model, body)
     try:
         truncated = await _fit_context(services, model, body, gateway)
         input_tokens = await count_input_tokens(services.registry, model, body)
@@ -217,6 +218,7 @@ async def prepare(
             **headers,
             **money_headers,
             **({"x-aivax-truncated": truncated.header()} if truncated else {}),
+            **({"x-aivax-ignored-parameters": ", ".join(ignored)} if ignored else {}),
         },
     )
     return PreparedCall(
@@ -243,6 +245,19 @@ async def prepare(
         routing=routing,
         truncation=truncated,
     )
+
+
+def _drop_unsupported_hints(model: ResolvedModel, body: dict[str, Any]) -> list[str]:
+    """`reasoning_effort` and `verbosity` are hints: a model that cannot use one still serves
+    the call, and the response names what it ignored (`x-aivax-ignored-parameters`)."""
+    ignored = []
+    if "reasoning_effort" in body and not model.supports_reasoning_effort:
+        ignored.append("reasoning_effort")
+    if "verbosity" in body and not model.supports_verbosity:
+        ignored.append("verbosity")
+    for name in ignored:
+        body.pop(name)
+    return ignored
 
 
 async def _fit_context(

@@ -179,6 +179,7 @@ class ChatCompletionRequest(Strict):
     user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
     # Accepted only at the values AIVAX can honour; anything else is refused by name.
     n: int | None = None
     logprobs: bool | None = None
