@@ -147,4 +147,5 @@ class RequestLogRead(BaseModel):
     estimated: bool
     latency_ms: int
     ttft_ms: int | None
+    flags: list[str] | None = None
     created_at: datetime

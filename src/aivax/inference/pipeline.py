@@ -16,6 +16,7 @@ from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError
 from aivax.gateways import compose as gateway_compose
+from aivax.gateways.moderation import ContentBlocked, Moderator, caller_text
 from aivax.gateways.schemas import Routing
 from aivax.inference import admission, truncation
 from aivax.inference.accumulate import Accumulator, is_content
@@ -59,6 +60,13 @@ def client_error(error: UpstreamError, model: ResolvedModel) -> UpstreamFailed:
     """What the caller sees for an upstream failure (never the operator's credential problems
     as if they were the caller's)."""
     upstream = error.status
+    if error.code == "content_policy_violation":
+        return UpstreamFailed(
+            error.message,
+            status=400,
+            code="content_policy_violation",
+            type_="invalid_request_error",
+        )
     retry = {"retry-after": error.headers["retry-after"]} if "retry-after" in error.headers else {}
     if upstream in (400, 413, 422):
         return UpstreamFailed(
@@ -140,6 +148,8 @@ class PreparedCall:
     fallbacks: list[Attempt] = field(default_factory=list)
     routing: Routing | None = None
     truncation: Truncation | None = None
+    moderator: Moderator | None = None
+    flags: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
     cost_micros: int | None = None
@@ -181,6 +191,7 @@ async def prepare(
     admission.check_capabilities(request, model, media)
     max_tokens, send_max = admission.plan_output(request, model, input_tokens)
     admission.check_storage(principal, limits)
+    moderator, flags = await _moderate_input(services, principal, gateway, body)
     routing = gateway.config.routing if gateway is not None else None
     fallbacks = await _fallbacks(
         services, principal, limits, request, gateway, input_tokens, media, body, routing
@@ -244,7 +255,38 @@ async def prepare(
         fallbacks=fallbacks,
         routing=routing,
         truncation=truncated,
+        moderator=moderator,
+        flags=flags,
     )
+
+
+class InputBlocked(AppError):
+    status = 400
+    code = "content_policy_violation"
+
+
+async def _moderate_input(
+    services: AppServices,
+    principal: Principal,
+    gateway: gateway_compose.GatewayTarget | None,
+    body: dict[str, Any],
+) -> tuple[Moderator | None, list[str]]:
+    """Block (nothing goes upstream) or flag the caller's input; the moderator is kept for the
+    output."""
+    settings = gateway.config.moderation if gateway is not None else None
+    if settings is None:
+        return None, []
+    moderator = Moderator(settings, services, principal.account_id)
+    if not settings.input:
+        return moderator, []
+    tripped = await moderator.trips(caller_text(body["messages"]))
+    if tripped is None:
+        return moderator, []
+    if settings.action == "block":
+        raise InputBlocked(
+            "The input was blocked by this gateway's content policy.", param="messages"
+        )
+    return moderator, [f"input:{tripped}"]
 
 
 def _drop_unsupported_hints(model: ResolvedModel, body: dict[str, Any]) -> list[str]:
@@ -416,11 +458,14 @@ def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[S
             for number in range(tries):
                 accumulator.reset()
                 produced = False
+                watch = OutputWatch(call, accumulator)
                 try:
                     async for event in attempt.provider.stream(attempt.upstream):
                         produced = produced or is_content(event)
                         accumulator.add(event)
+                        await watch.check(final=False)
                         yield event
+                    await watch.check(final=True)
                 except UpstreamError as exc:
                     if produced or not _reroutable(call.routing, exc):
                         raise
@@ -440,6 +485,36 @@ def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[S
         raise last
 
     return recorded()
+
+
+class OutputWatch:
+    """Output moderation on the text as it grows: checked every few characters (rules) or every
+    few hundred (the openai endpoint), and once at the end."""
+
+    def __init__(self, call: PreparedCall, accumulator: Accumulator) -> None:
+        self.call = call
+        self.accumulator = accumulator
+        settings = call.moderator.settings if call.moderator else None
+        self.enabled = settings is not None and settings.output
+        self.step = 400 if settings is not None and settings.provider == "openai" else 1
+        self.checked = 0
+
+    async def check(self, *, final: bool) -> None:
+        if not self.enabled or self.call.moderator is None:
+            return
+        text = "".join(self.accumulator.text)
+        if len(text) == self.checked or (not final and len(text) - self.checked < self.step):
+            return
+        self.checked = len(text)
+        tripped = await self.call.moderator.trips(text)
+        if tripped is None:
+            return
+        if self.call.moderator.settings.action == "block":
+            raise ContentBlocked("output")
+        flag = f"output:{tripped}"
+        if flag not in self.call.flags:
+            self.call.flags.append(flag)
+        self.enabled = False  # flagged once is enough
 
 
 def failure_kind(error: UpstreamError) -> str | None:
@@ -513,6 +588,7 @@ def _log_values(
         "estimated": estimated,
         "latency_ms": int((time.perf_counter() - call.started) * 1000),
         "ttft_ms": int((first - call.started) * 1000) if first else None,
+        "flags": call.flags or None,
         "created_at": utcnow(),
     }
 

@@ -82,6 +82,8 @@ class RequestLog(Base):
     estimated: Mapped[bool] = mapped_column(default=False)
     latency_ms: Mapped[int] = mapped_column(default=0)
     ttft_ms: Mapped[int | None]
+    # Moderation results that did not block the call, e.g. ["input:keyword"].
+    flags: Mapped[list[str] | None] = mapped_column(default=None)
     created_at: Mapped[datetime]
 
     __table_args__ = (

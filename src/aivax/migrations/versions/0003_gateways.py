@@ -66,8 +66,13 @@ def upgrade() -> None:
             batch_op.f("ix_gateway_versions_gateway_id"), ["gateway_id"], unique=False
         )
 
+    with op.batch_alter_table("request_logs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("flags", sa.JSON(), nullable=True))
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("request_logs", schema=None) as batch_op:
+        batch_op.drop_column("flags")
     with op.batch_alter_table("gateway_versions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_gateway_versions_gateway_id"))
 

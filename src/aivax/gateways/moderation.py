@@ -1,0 +1,125 @@
+"""Gateway moderation: `rules` (keywords and regexes, case-insensitive, Unicode-normalised) and
+`openai` (the moderation endpoint, through an operator or the account's own credential)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from aivax.catalog import repository as catalog_repository
+from aivax.gateways.schemas import Moderation
+from aivax.providers.base import UpstreamError
+from aivax.services import AppServices
+
+OPENAI_MODERATION_MODEL = "omni-moderation-latest"
+
+
+def normalize(text: str) -> str:
+    """NFKC folds look-alike forms (full-width letters, ligatures); casefold ignores case."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+class ContentBlocked(UpstreamError):
+    """Raised like an upstream failure so streams end with an SSE error event."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"The {where} was blocked by this gateway's content policy.",
+            status=400,
+            provider="moderation",
+            code="content_policy_violation",
+        )
+
+
+@dataclass
+class Moderator:
+    settings: Moderation
+    services: AppServices
+    account_id: uuid.UUID
+
+    def __post_init__(self) -> None:
+        self.keywords = [normalize(word) for word in self.settings.keywords if word.strip()]
+        self.patterns = [re.compile(p, re.IGNORECASE) for p in self.settings.patterns]
+
+    async def trips(self, text: str) -> str | None:
+        """What tripped (e.g. 'keyword'), or None."""
+        if not text.strip():
+            return None
+        if self.settings.provider == "openai":
+            return await self._openai(text)
+        folded = normalize(text)
+        if any(word in folded for word in self.keywords):
+            return "keyword"
+        if any(pattern.search(folded) for pattern in self.patterns):
+            return "pattern"
+        return None
+
+    async def _openai(self, text: str) -> str | None:
+        base_url, api_key = await self._credential()
+        client = self.services.registry.client(base_url, guarded=False)
+        try:
+            response = await client.post(
+                base_url.rstrip("/") + "/moderations",
+                json={"model": OPENAI_MODERATION_MODEL, "input": text},
+                headers={"Authorization": f"Bearer {api_key}"},
+                timeout=30,
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                "the moderation service is unreachable",
+                status=502,
+                provider="moderation",
+                code="moderation_unavailable",
+            ) from exc
+        if response.status_code >= 400:
+            raise UpstreamError(
+                f"the moderation service answered HTTP {response.status_code}",
+                status=502,
+                provider="moderation",
+                code="moderation_unavailable",
+            )
+        results: list[dict[str, Any]] = response.json().get("results", [])
+        flagged = [
+            name
+            for result in results
+            if result.get("flagged")
+            for name, hit in (result.get("categories") or {}).items()
+            if hit
+        ]
+        if any(result.get("flagged") for result in results):
+            return "openai:" + ",".join(sorted(flagged)) if flagged else "openai"
+        return None
+
+    async def _credential(self) -> tuple[str, str]:
+        name = self.settings.credential or ""
+        async with self.services.database.sessions() as session:
+            credential = await catalog_repository.get_credential_by_name(
+                session, self.account_id, name
+            ) or await catalog_repository.get_credential_by_name(session, None, name)
+        if credential is None:
+            raise UpstreamError(
+                f"no credential {name!r} for moderation",
+                status=503,
+                provider="moderation",
+                code="moderation_unavailable",
+            )
+        return credential.base_url, self.services.secret_box.decrypt(credential.api_key_encrypted)
+
+
+def caller_text(messages: list[dict[str, Any]]) -> str:
+    """What the caller wrote: user and tool messages (not the gateway's own instructions)."""
+    parts: list[str] = []
+    for message in messages:
+        if message["role"] not in ("user", "tool"):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [part["text"] for part in content if part.get("type") == "text"]
+    return "\n".join(parts)
