@@ -73,8 +73,8 @@ def _banner_value(text: str, label: str) -> str:
     return match.group(1)
 
 
-def _quickstart_blocks() -> list[str]:
-    text = (REPO_ROOT / "docs" / "quickstart.md").read_text()
+def _doc_blocks(page: str) -> list[str]:
+    text = (REPO_ROOT / "docs" / page).read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
     return [block for block in blocks if "curl" in block]
 
@@ -91,17 +91,19 @@ def test_first_start_bootstraps_once_and_quickstart_works(tmp_path: Path) -> Non
             "AIVAX_URL": f"http://127.0.0.1:{port}",
             "AIVAX_KEY": private_key,
             "AIVAX_ADMIN_TOKEN": admin_token,
+            "AIVAX_PUBLIC_KEY": _banner_value(first, "public key"),
         }
-        blocks = _quickstart_blocks()
-        assert len(blocks) >= 4
+        blocks = _doc_blocks("quickstart.md") + _doc_blocks("gateways.md")
+        assert len(blocks) >= 9
         for block in blocks:
             result = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", block],
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=60,
+                timeout=120,
                 check=False,
+                cwd=tmp_path,
             )
             assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
         wallet = httpx.get(
