@@ -360,6 +360,10 @@ async def test_gateways_are_listed_as_models_by_uuid_and_slug(
     }
     assert ids["listed"]["aivax"]["gateway_id"] == created["id"]
     assert ids[created["id"]]["aivax"]["model"] == "test/fake-ok"
+    behind = ids["listed"]["aivax"]["capabilities"]
+    assert behind["context_window"] == 8_192
+    assert behind["modalities"] == ["text", "image"]
+    assert behind["supports_tools"] is True
 
 
 async def test_cors_preflight_is_answered(client: httpx.AsyncClient) -> None:
@@ -440,6 +444,25 @@ async def test_falls_back_when_the_primary_returns_500_and_bills_only_the_answer
     assert [row["cost_micros"] for row in logs] == [0, 0, 17]
     wallet = (await client.get("/v1/wallet", headers=account.headers)).json()
     assert (wallet["balance_micros"], wallet["held_micros"]) == (1_000_000 - 17, 0)
+
+
+async def test_falls_back_when_the_primary_keeps_returning_429(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    slug = await _routed(client, account, "test/fake-429")
+    response = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": slug, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.json()["aivax"]["model"] == "test/fake-ok"
+    logs = await _logs_for(services, client, account)
+    assert [(row["model"], row["status"]) for row in logs] == [
+        ("test/fake-429", 429),
+        ("test/fake-429", 429),
+        ("test/fake-ok", 200),
+    ]
 
 
 async def test_retries_a_429_on_the_same_model_first(

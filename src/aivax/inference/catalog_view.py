@@ -70,7 +70,24 @@ def _byok(credential: ProviderCredential, upstream: str) -> dict[str, Any]:
     }
 
 
-def _gateway(gateway: Gateway, model_id: str) -> dict[str, Any]:
+def _capabilities(model: CatalogModel | None) -> dict[str, Any] | None:
+    """What the model behind a gateway can do (None for a BYOK model: not known here)."""
+    if model is None:
+        return None
+    return {
+        "pricing": {
+            "input_micros_per_m": model.input_price_per_m,
+            "output_micros_per_m": model.output_price_per_m,
+        },
+        "context_window": model.context_window,
+        "max_output_tokens": model.max_output_tokens,
+        "modalities": model.modalities,
+        "supports_tools": model.supports_tools,
+        "supports_json_schema": model.supports_json_schema,
+    }
+
+
+def _gateway(gateway: Gateway, model_id: str, behind: CatalogModel | None) -> dict[str, Any]:
     config = GatewayConfig.model_validate(gateway.config)
     return {
         "id": model_id,
@@ -85,18 +102,24 @@ def _gateway(gateway: Gateway, model_id: str) -> dict[str, Any]:
             "model": config.model,
             "fallbacks": config.fallbacks,
             "public": config.public.enabled,
+            "capabilities": _capabilities(behind),
         },
     }
 
 
 async def _gateways(session: AsyncSession, principal: Principal) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
+    models = {m.id: m for m in await catalog.list_models(session, enabled_only=True)}
     for gateway in await gateway_service.list_gateways(session, principal.account_id):
+        behind = models.get(str(gateway.config.get("model")))
         if principal.key_kind is KeyKind.PUBLIC:
             if GatewayConfig.model_validate(gateway.config).public.enabled:
-                entries.append(_gateway(gateway, str(gateway.id)))  # UUID only
+                entries.append(_gateway(gateway, str(gateway.id), behind))  # UUID only
         else:
-            entries += [_gateway(gateway, str(gateway.id)), _gateway(gateway, gateway.slug)]
+            entries += [
+                _gateway(gateway, str(gateway.id), behind),
+                _gateway(gateway, gateway.slug, behind),
+            ]
     return entries
 
 
