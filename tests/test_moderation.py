@@ -154,3 +154,17 @@ async def test_openai_moderation_endpoint_through_a_credential(
     }
     clean, _ = await _ask(client, account, slug, "hello")
     assert clean.status_code == 200
+
+
+async def test_flagged_streamed_output_is_served_whole_and_flagged(
+    client: httpx.AsyncClient, services: AppServices, account: AccountWithKeys
+) -> None:
+    slug = await _gateway(
+        client,
+        account,
+        {"input": False, "output": True, "keywords": ["from fake"], "action": "flag"},
+    )
+    response, _ = await _ask(client, account, slug, "hi", stream=True)
+    assert '"content":" fake"' in response.text
+    assert '"error"' not in response.text
+    assert (await _last_log(services, client, account))["flags"] == ["output:keyword"]

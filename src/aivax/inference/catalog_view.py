@@ -26,25 +26,28 @@ def _allowed(model: CatalogModel, plan: Plan, limits: PlanLimits) -> bool:
     return matches and (not model.plans or plan.id in model.plans)
 
 
+def capabilities(model: CatalogModel) -> dict[str, Any]:
+    """Pricing and what an integrated model can do (also shown for the model behind a gateway)."""
+    return {
+        "pricing": {
+            "input_micros_per_m": model.input_price_per_m,
+            "output_micros_per_m": model.output_price_per_m,
+        },
+        "context_window": model.context_window,
+        "max_output_tokens": model.max_output_tokens,
+        "modalities": model.modalities,
+        "supports_tools": model.supports_tools,
+        "supports_json_schema": model.supports_json_schema,
+    }
+
+
 def _integrated(model: CatalogModel) -> dict[str, Any]:
     return {
         "id": model.id,
         "object": "model",
         "created": int(model.created_at.timestamp()),
         "owned_by": "aivax",
-        "aivax": {
-            "kind": "integrated",
-            "provider": model.provider,
-            "pricing": {
-                "input_micros_per_m": model.input_price_per_m,
-                "output_micros_per_m": model.output_price_per_m,
-            },
-            "context_window": model.context_window,
-            "max_output_tokens": model.max_output_tokens,
-            "modalities": model.modalities,
-            "supports_tools": model.supports_tools,
-            "supports_json_schema": model.supports_json_schema,
-        },
+        "aivax": {"kind": "integrated", "provider": model.provider, **capabilities(model)},
     }
 
 
@@ -70,23 +73,6 @@ def _byok(credential: ProviderCredential, upstream: str) -> dict[str, Any]:
     }
 
 
-def _capabilities(model: CatalogModel | None) -> dict[str, Any] | None:
-    """What the model behind a gateway can do (None for a BYOK model: not known here)."""
-    if model is None:
-        return None
-    return {
-        "pricing": {
-            "input_micros_per_m": model.input_price_per_m,
-            "output_micros_per_m": model.output_price_per_m,
-        },
-        "context_window": model.context_window,
-        "max_output_tokens": model.max_output_tokens,
-        "modalities": model.modalities,
-        "supports_tools": model.supports_tools,
-        "supports_json_schema": model.supports_json_schema,
-    }
-
-
 def _gateway(gateway: Gateway, model_id: str, behind: CatalogModel | None) -> dict[str, Any]:
     config = GatewayConfig.model_validate(gateway.config)
     return {
@@ -102,7 +88,7 @@ def _gateway(gateway: Gateway, model_id: str, behind: CatalogModel | None) -> di
             "model": config.model,
             "fallbacks": config.fallbacks,
             "public": config.public.enabled,
-            "capabilities": _capabilities(behind),
+            "capabilities": capabilities(behind) if behind else None,  # None for BYOK
         },
     }
 
