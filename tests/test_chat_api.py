@@ -517,7 +517,9 @@ async def test_40_parallel_requests_against_a_balance_for_10(
     statuses = await asyncio.gather(*(one() for _ in range(40)))
     assert set(statuses) <= {200, 402}
     assert statuses.count(200) >= 10
-    assert statuses.count(402) > 0
+    # Never more served than the money pays for (how many get a 402 depends on timing:
+    # each finished call returns most of its hold).
+    assert 17 * statuses.count(200) <= hold * 10
     await _wait_for_logs(services, account.id, statuses.count(200))
     balance = await _balance(services, account.id)  # also checks ledger sum == balance
     assert balance >= 0
