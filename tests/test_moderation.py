@@ -168,3 +168,28 @@ async def test_flagged_streamed_output_is_served_whole_and_flagged(
     assert '"content":" fake"' in response.text
     assert '"error"' not in response.text
     assert (await _last_log(services, client, account))["flags"] == ["output:keyword"]
+
+
+async def test_moderation_through_an_accounts_own_credential_is_ssrf_guarded(
+    client: httpx.AsyncClient,
+    services: AppServices,
+    account: AccountWithKeys,
+    fake_openai: FakeUpstream,
+) -> None:
+    created = await client.post(
+        "/v1/credentials",
+        headers=account.headers,
+        json={
+            "name": "my-moderation",
+            "provider": "openai",
+            "base_url": fake_openai.base_url,
+            "api_key": "sk-fake-upstream",
+        },
+    )
+    assert created.status_code == 201, created.text
+    slug = await _gateway(client, account, {"provider": "openai", "credential": "my-moderation"})
+    blocked, _ = await _ask(client, account, slug, "forbidden-topic again")
+    assert_error(blocked, 400, "content_policy_violation")
+    origin = fake_openai.server.url
+    # Reached through the guarded client (the test settings allow 127.0.0.1 explicitly).
+    assert (origin, True) in services.registry._clients

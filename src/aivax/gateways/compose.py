@@ -61,6 +61,8 @@ async def lookup(
     services: AppServices, principal: Principal, ref: str, origin: str | None
 ) -> GatewayTarget | None:
     """The gateway `ref` names for this caller, or None when `ref` is not a gateway."""
+    if "/" in ref:
+        return None  # model ids (`vendor/model`, `byok/…`) are never slugs
     public = principal.key_kind is KeyKind.PUBLIC
     if public and not _is_uuid(ref):
         if await _find(services, principal.account_id, ref) is not None:

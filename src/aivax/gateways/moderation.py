@@ -60,8 +60,10 @@ class Moderator:
         return None
 
     async def _openai(self, text: str) -> str | None:
-        base_url, api_key = await self._credential()
-        client = self.services.registry.client(base_url, guarded=False)
+        base_url, api_key, account_owned = await self._credential()
+        # An account's own credential has an account-supplied URL: it goes through the SSRF
+        # guard like every BYOK call.
+        client = self.services.registry.client(base_url, guarded=account_owned)
         try:
             response = await client.post(
                 base_url.rstrip("/") + "/moderations",
@@ -95,7 +97,7 @@ class Moderator:
             return "openai:" + ",".join(sorted(flagged)) if flagged else "openai"
         return None
 
-    async def _credential(self) -> tuple[str, str]:
+    async def _credential(self) -> tuple[str, str, bool]:
         name = self.settings.credential or ""
         async with self.services.database.sessions() as session:
             credential = await catalog_repository.get_credential_by_name(
@@ -108,7 +110,11 @@ class Moderator:
                 provider="moderation",
                 code="moderation_unavailable",
             )
-        return credential.base_url, self.services.secret_box.decrypt(credential.api_key_encrypted)
+        return (
+            credential.base_url,
+            self.services.secret_box.decrypt(credential.api_key_encrypted),
+            credential.account_id is not None,
+        )
 
 
 def caller_text(messages: list[dict[str, Any]]) -> str:
