@@ -1,0 +1,1 @@
+"""Structured output: schema checks on arrival and JSON Healing."""
