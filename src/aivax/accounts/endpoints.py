@@ -16,8 +16,11 @@ async def get_account(auth: PrivateKey, session: SessionDep) -> AccountRead:
 
 
 @router.patch("", response_model=AccountRead)
-async def update_account(data: AccountUpdate, auth: PrivateKey, session: SessionDep) -> AccountRead:
+async def update_account(
+    data: AccountUpdate, auth: PrivateKey, session: SessionDep, services: Services
+) -> AccountRead:
     account = await service.update_own(session, auth.account, data)
+    services.caches.clear()  # cached principals carry settings
     return await service.read(session, account)
 
 

@@ -164,6 +164,8 @@ def compose(
             **sampling,
             "reasoning_effort": request.reasoning_effort or config.reasoning_effort,
             "verbosity": request.verbosity or config.verbosity,
+            "response_schema": request.response_schema
+            or (config.json_schema.schema_ if config.json_schema else None),
         }
     )
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -10,13 +11,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from aivax.auth.dependencies import AnyKey, PrivateKey, Services
 from aivax.db import SessionDep
-from aivax.errors import error_envelope
+from aivax.errors import BadRequest, error_envelope
 from aivax.inference import catalog_view, repository, responses
 from aivax.inference.accumulate import Accumulator, delta_of
 from aivax.inference.pipeline import PreparedCall, client_error, finish, open_stream, prepare
 from aivax.inference.schemas import ChatCompletionRequest
+from aivax.keys.service import Principal
 from aivax.kit.pagination import ListPage, PageLimit, page_of
 from aivax.providers.base import StreamEvent, UpstreamError
+from aivax.services import AppServices
+from aivax.structured import pipeline as structured
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -25,15 +29,36 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 async def chat_completions(
     body: ChatCompletionRequest, principal: AnyKey, services: Services, request: Request
 ) -> JSONResponse | StreamingResponse:
-    call = await prepare(
-        services, principal, body, request.state.request_id, origin=request.headers.get("origin")
-    )
-    accumulator = Accumulator()
-    events = open_stream(call, accumulator)
+    origin = request.headers.get("origin")
+    request_id: str = request.state.request_id
+    if body.stream and body.json_only:
+        raise BadRequest(
+            "json_only returns one JSON document; it cannot be streamed.", param="json_only"
+        )
     if body.stream:
-        return await _stream(call, accumulator, events)
+        call = await prepare(services, principal, body, request_id, origin=origin)
+        accumulator = Accumulator()
+        return await _stream(call, accumulator, open_stream(call, accumulator))
+    call, accumulator = await _complete(services, principal, body, request_id, origin)
+    if call.structured is not None:
+        return await _structured(services, principal, body, origin, call, accumulator)
+    return JSONResponse(
+        responses.completion(call, accumulator), headers=responses.cost_headers(call)
+    )
+
+
+async def _complete(
+    services: AppServices,
+    principal: Principal,
+    body: ChatCompletionRequest,
+    request_id: str,
+    origin: str | None,
+) -> tuple[PreparedCall, Accumulator]:
+    """One whole non-streamed call: prepared, run, settled."""
+    call = await prepare(services, principal, body, request_id, origin=origin)
+    accumulator = Accumulator()
     try:
-        async for _ in events:
+        async for _ in open_stream(call, accumulator):
             pass
     except UpstreamError as exc:
         error = client_error(exc, call.model)
@@ -41,9 +66,54 @@ async def chat_completions(
         raise error from exc
     finally:
         await finish(call, accumulator, status=200, error_code=None)
-    return JSONResponse(
-        responses.completion(call, accumulator), headers=responses.cost_headers(call)
-    )
+    return call, accumulator
+
+
+async def _structured(
+    services: AppServices,
+    principal: Principal,
+    body: ChatCompletionRequest,
+    origin: str | None,
+    call: PreparedCall,
+    accumulator: Accumulator,
+) -> JSONResponse:
+    """Heal and validate; re-ask (each a full, billed call) until valid or out of attempts."""
+    plan = call.structured
+    assert plan is not None  # noqa: S101 - the caller checked
+    result = structured.check(plan, "".join(accumulator.text))
+    attempts, total_cost = 1, call.cost_micros or 0
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    while not result.valid and attempts <= plan.max_attempts:
+        messages = structured.reask(messages, result.raw, result.errors)
+        retry = ChatCompletionRequest.model_validate(
+            {**body.model_dump(exclude_none=True, by_alias=True), "messages": messages}
+        )
+        call, accumulator = await _complete(
+            services, principal, retry, f"{call.request_id}-retry{attempts}", origin
+        )
+        total_cost += call.cost_micros or 0
+        attempts += 1
+        result = structured.check(plan, "".join(accumulator.text))
+    if not result.valid:
+        raise structured.failure(result)
+    report = structured.healing_report(result, attempts)
+    headers = {
+        **responses.cost_headers(call),
+        "x-aivax-cost-micros": str(total_cost),
+        "x-aivax-json-healing": ",".join(result.steps) or "none",
+        "x-aivax-json-attempts": str(attempts),
+    }
+    if body.json_only:
+        usage = responses.usage_block(call, accumulator)
+        headers |= {
+            "x-aivax-usage-prompt-tokens": str(usage["prompt_tokens"]),
+            "x-aivax-usage-completion-tokens": str(usage["completion_tokens"]),
+        }
+        return JSONResponse(result.document, headers=headers)
+    payload = responses.completion(call, accumulator)
+    payload["choices"][0]["message"]["content"] = json.dumps(result.document)
+    payload["aivax"] |= {"json_healing": report, "cost_micros": total_cost}
+    return JSONResponse(payload, headers=headers)
 
 
 async def _stream(
@@ -90,6 +160,18 @@ async def _sse(
         yield responses.sse(
             responses.chunk(call, created, finish_reason=accumulator.final_finish_reason())
         )
+        if call.structured is not None:
+            # Streams are healed locally at the end (no re-ask): the validated document comes
+            # in a last chunk, or the stream ends with a json_validation_failed error event.
+            result = structured.check(call.structured, "".join(accumulator.text))
+            if not result.valid:
+                raise structured.failure(result)
+            final = {**responses.chunk(call, created), "choices": []}
+            final["aivax"] = {
+                "document": result.document,
+                "json_healing": structured.healing_report(result, 1),
+            }
+            yield responses.sse(final)
         status, code = 200, None
         await finish(call, accumulator, status=200, error_code=None)
         if call.request.include_usage:
@@ -100,6 +182,11 @@ async def _sse(
         status, code = error.status, error.instance_code
         await finish(call, accumulator, status=status, error_code=code)
         yield responses.sse(error_envelope(error.message, type_=error.type, code=code))
+        yield responses.DONE
+    except structured.JsonValidationFailed as failed:
+        status, code = 422, failed.code
+        await finish(call, accumulator, status=status, error_code=code)
+        yield responses.sse(failed.envelope())
         yield responses.DONE
     finally:
         await finish(call, accumulator, status=status, error_code=code)

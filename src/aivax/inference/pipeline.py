@@ -30,6 +30,7 @@ from aivax.models import Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
 from aivax.services import AppServices
+from aivax.structured import pipeline as structured
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
 
@@ -150,6 +151,7 @@ class PreparedCall:
     truncation: Truncation | None = None
     moderator: Moderator | None = None
     flags: list[str] = field(default_factory=list)
+    structured: structured.StructuredPlan | None = None
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
     cost_micros: int | None = None
@@ -177,6 +179,13 @@ async def prepare(
     )
     body = request.upstream_body()
     ignored = _drop_unsupported_hints(model, body)
+    plan = structured.plan_for(
+        request,
+        heal_response_format=principal.json_healing_for_response_format,
+        gateway_settings=gateway.config.json_schema if gateway is not None else None,
+    )
+    if plan is not None:
+        structured.apply(plan, model, body)
     try:
         truncated = await _fit_context(services, model, body, gateway)
         input_tokens = await count_input_tokens(services.registry, model, body)
@@ -257,6 +266,7 @@ async def prepare(
         truncation=truncated,
         moderator=moderator,
         flags=flags,
+        structured=plan,
     )
 
 

@@ -185,6 +185,9 @@ class ChatCompletionRequest(Strict):
     logprobs: bool | None = None
     store: bool | None = None
     aivax: AivaxOptions | None = None
+    # AIVAX structured output (see aivax.structured.pipeline).
+    response_schema: dict[str, Any] | None = None
+    json_only: bool = False
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -209,6 +212,8 @@ class ChatCompletionRequest(Strict):
                 "logprobs",
                 "store",
                 "aivax",
+                "response_schema",
+                "json_only",
             },
         )
         return body

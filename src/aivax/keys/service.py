@@ -38,6 +38,7 @@ class Principal:
     key_kind: KeyKind
     allowed_origins: tuple[str, ...]
     storage_bytes_used: int = 0
+    json_healing_for_response_format: bool = False
 
 
 async def create(
@@ -140,4 +141,7 @@ async def authenticate(
         key_kind=KeyKind(key.kind),
         allowed_origins=tuple(key.allowed_origins),
         storage_bytes_used=account.storage_bytes_used,
+        json_healing_for_response_format=bool(
+            (account.settings or {}).get("json_healing_for_response_format")
+        ),
     )

@@ -1,0 +1,148 @@
+"""Structured output in the chat pipeline.
+
+- `response_schema` (AIVAX field, or a gateway's `json_schema` section): the model is asked for
+  JSON natively where it can be (OpenAI-compatible models that support json_schema, and local
+  GGUF models, whose json_schema is grammar-constrained decoding), by instruction otherwise; the
+  answer is healed and validated, and re-asked up to `max_attempts` times (each attempt a full,
+  billed and logged call); final failure is 422 `json_validation_failed`.
+- `response_format` json_schema/json_object: passed to the provider; healed only when the
+  account's `json_healing_for_response_format` setting is on.
+- `json_only`: the response body is the document itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from aivax.catalog.service import ResolvedModel
+from aivax.errors import AppError, BadRequest
+from aivax.structured.healing import HealResult, heal
+from aivax.structured.schema import check_schema
+
+DEFAULT_ATTEMPTS = 2
+INSTRUCTION = (
+    "Reply with only a JSON document that matches this JSON Schema, with no prose and no code "
+    "fences:\n"
+)
+RAW_LIMIT = 2_000
+
+
+class JsonValidationFailed(AppError):
+    status = 422
+    code = "json_validation_failed"
+
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    schema: dict[str, Any]
+    validator: Draft202012Validator
+    source: str  # "response_schema" | "response_format"
+    heal: bool
+    max_attempts: int
+
+
+def plan_for(
+    request: Any, *, heal_response_format: bool, gateway_settings: Any | None
+) -> StructuredPlan | None:
+    response_format = request.response_format
+    wants_format = response_format is not None and response_format.type != "text"
+    if request.response_schema is not None:
+        if wants_format:
+            raise BadRequest(
+                "Give either response_schema or response_format, not both.", param="response_schema"
+            )
+        validator = check_schema(request.response_schema, param="response_schema")
+        attempts = gateway_settings.max_attempts if gateway_settings else DEFAULT_ATTEMPTS
+        healing = gateway_settings.healing if gateway_settings else True
+        return StructuredPlan(
+            request.response_schema, validator, "response_schema", healing, attempts
+        )
+    schema = None
+    if wants_format and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise BadRequest(
+                "response_format json_schema needs json_schema.schema.",
+                param="response_format.json_schema",
+            )
+        schema = response_format.json_schema.schema_
+        validator = check_schema(schema, param="response_format.json_schema.schema")
+    elif wants_format:  # json_object: any JSON object
+        schema = {"type": "object"}
+        validator = Draft202012Validator(schema)
+    if request.json_only and schema is None:
+        raise BadRequest(
+            "json_only needs response_schema or a JSON response_format.", param="json_only"
+        )
+    if schema is None or not (heal_response_format or request.json_only):
+        return None
+    return StructuredPlan(
+        schema,
+        validator,
+        "response_format",
+        heal_response_format,
+        DEFAULT_ATTEMPTS if heal_response_format else 0,
+    )
+
+
+def apply(plan: StructuredPlan, model: ResolvedModel, body: dict[str, Any]) -> None:
+    """Ask the model for JSON: natively when it can, by instruction otherwise."""
+    if plan.source != "response_schema":
+        return
+    native = model.provider == "local_gguf" or (
+        model.provider == "openai" and model.supports_json_schema
+    )
+    if native:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "response", "schema": plan.schema},
+        }
+    else:
+        instruction = {"role": "system", "content": INSTRUCTION + json.dumps(plan.schema)}
+        body["messages"] = [instruction, *body["messages"]]
+
+
+def check(plan: StructuredPlan, text: str) -> HealResult:
+    if plan.heal:
+        return heal(text, plan.validator)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return HealResult(None, False, [], ["the output is not JSON"], raw=text)
+    errors = sorted(error.message for error in plan.validator.iter_errors(document))
+    return HealResult(document, not errors, [], errors, raw=text)
+
+
+def reask(messages: list[Any], raw: str, errors: list[str]) -> list[dict[str, Any]]:
+    """The conversation for a re-ask: the bad answer and what was wrong with it."""
+    return [
+        *messages,
+        {"role": "assistant", "content": raw[:RAW_LIMIT] or "(empty)"},
+        {
+            "role": "user",
+            "content": "That answer is not valid JSON for the required schema: "
+            + "; ".join(errors[:10])
+            + ". Reply with only the corrected JSON document.",
+        },
+    ]
+
+
+def failure(result: HealResult) -> JsonValidationFailed:
+    return JsonValidationFailed(
+        "The model did not produce JSON matching the schema: "
+        + "; ".join(result.errors[:10])
+        + f". Last output: {result.raw[:RAW_LIMIT]!r}",
+        param="response_schema",
+    )
+
+
+def healing_report(result: HealResult, attempts: int) -> dict[str, Any]:
+    return {
+        "repaired": result.repaired,
+        "steps": result.steps,
+        "attempts": attempts,
+        "valid": result.valid,
+    }
