@@ -54,6 +54,10 @@ fmt: $(STAMP) ## Format and auto-fix
 bench: $(STAMP) ## Gateway overhead vs a mock upstream (and LiteLLM when bench-deps ran)
 	$(BIN)/python bench/gateway.py
 
+.PHONY: bench-json
+bench-json: $(STAMP) ## JSON Healing: 400-case corpus and the local model with/without grammar
+	$(BIN)/python bench/json_healing.py
+
 .PHONY: bench-foundation
 bench-foundation: $(STAMP) ## Auth, session and wallet costs
 	$(BIN)/python bench/foundation.py

@@ -93,8 +93,12 @@ def test_first_start_bootstraps_once_and_quickstart_works(tmp_path: Path) -> Non
             "AIVAX_ADMIN_TOKEN": admin_token,
             "AIVAX_PUBLIC_KEY": _banner_value(first, "public key"),
         }
-        blocks = _doc_blocks("quickstart.md") + _doc_blocks("gateways.md")
-        assert len(blocks) >= 9
+        blocks = [
+            *_doc_blocks("quickstart.md"),
+            *_doc_blocks("gateways.md"),
+            *_doc_blocks("structured-output.md"),
+        ]
+        assert len(blocks) >= 12
         for block in blocks:
             result = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", block],

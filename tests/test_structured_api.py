@@ -214,3 +214,133 @@ async def test_sdk_non_streamed_response_schema(sdk: openai.AsyncOpenAI) -> None
         extra_body={"response_schema": CITY},
     )
     assert json.loads(completion.choices[0].message.content or "") == PARIS
+
+
+HEALABLE = ["fenced", "prose", "trailing", "quotes", "comments", "scalars"]
+REASK = ["cut", "missing"]  # cut off or missing a field: only a re-ask can fix these
+
+
+@pytest.fixture
+async def healing_sdk(
+    live_server: ThreadedServer,
+    services: AppServices,
+    client: httpx.AsyncClient,
+    fake_models: list[str],
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    owner = await make_account(services, plan="starter", balance_micros=5_000_000)
+    # Switch response_format healing on before the live server ever sees this key.
+    await client.patch(
+        "/v1/account",
+        headers=owner.headers,
+        json={"settings": {"json_healing_for_response_format": True}},
+    )
+    sdk_client = openai.AsyncOpenAI(
+        base_url=live_server.url + "/v1", api_key=owner.private_key, max_retries=0
+    )
+    yield sdk_client
+    await sdk_client.close()
+
+
+def _path(path: str) -> dict[str, Any]:
+    if path == "response_schema":
+        return {"extra_body": {"response_schema": CITY}}
+    if path == "json_schema":
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": CITY},
+            }
+        }
+    return {"response_format": {"type": "json_object"}}
+
+
+async def _document(
+    sdk_client: openai.AsyncOpenAI, model: str, stream: bool, extra: dict[str, Any]
+) -> Any:
+    arguments: dict[str, Any] = {
+        "model": model,
+        "messages": ASK,
+        "user": f"u-{uuid.uuid4()}",
+        **extra,
+    }
+    if not stream:
+        completion = await sdk_client.chat.completions.create(**arguments)
+        return json.loads(completion.choices[0].message.content or "")
+    chunks = [c async for c in await sdk_client.chat.completions.create(stream=True, **arguments)]
+    finals = [c.model_extra["aivax"] for c in chunks if c.model_extra and "aivax" in c.model_extra]
+    return finals[-1]["document"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("path", ["response_schema", "json_schema", "json_object"])
+@pytest.mark.parametrize("corruption", HEALABLE)
+async def test_sdk_every_path_heals_every_local_corruption(
+    healing_sdk: openai.AsyncOpenAI, corruption: str, path: str, stream: bool
+) -> None:
+    document = await _document(healing_sdk, f"test/fake-json-{corruption}", stream, _path(path))
+    if path == "json_object" and corruption == "scalars":
+        # json_object has no schema types, so a number sent as a string stays a string.
+        assert document == {**PARIS, "population": "2100000"}
+    else:
+        assert document == PARIS
+
+
+@pytest.mark.parametrize("path", ["response_schema", "json_schema"])
+@pytest.mark.parametrize("corruption", REASK)
+async def test_sdk_re_asks_what_cannot_be_healed_locally(
+    healing_sdk: openai.AsyncOpenAI, corruption: str, path: str
+) -> None:
+    document = await _document(healing_sdk, f"test/fake-json-{corruption}", False, _path(path))
+    assert document == PARIS
+    # Streams are not re-asked: they end with a clear error instead of invalid JSON.
+    with pytest.raises(openai.APIError, match="did not produce JSON"):
+        await _document(healing_sdk, f"test/fake-json-{corruption}", True, _path(path))
+
+
+async def test_sdk_json_only(healing_sdk: openai.AsyncOpenAI) -> None:
+    raw = await healing_sdk.chat.completions.with_raw_response.create(
+        model="test/fake-json-quotes",
+        messages=ASK,  # type: ignore[arg-type]
+        extra_body={"response_schema": CITY, "json_only": True},
+    )
+    assert raw.http_response.json() == PARIS
+    assert raw.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_sdk_real_local_model_with_a_schema(
+    live_server: ThreadedServer, services: AppServices, stream: bool
+) -> None:
+    owner = await make_account(services, plan="free", balance_micros=1_000_000)
+    sdk_client = openai.AsyncOpenAI(
+        base_url=live_server.url + "/v1", api_key=owner.private_key, max_retries=0
+    )
+    try:
+        document = await _document(
+            sdk_client,
+            "aivax/smollm2-135m",
+            stream,
+            {"extra_body": {"response_schema": CITY}, "temperature": 0, "max_tokens": 40},
+        )
+    finally:
+        await sdk_client.close()
+    assert set(document) == {"city", "population"}
+    assert isinstance(document["population"], int)
+
+
+async def test_json_only_with_tools_and_an_enormous_schema_are_400(
+    client: httpx.AsyncClient, account: AccountWithKeys
+) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup"}}]
+    with_tools = await _post(
+        client, account, model="test/fake-ok", response_schema=CITY, json_only=True, tools=tools
+    )
+    assert assert_error(with_tools, 400)["param"] == "json_only"
+    enormous = {
+        "type": "object",
+        "properties": {
+            f"field_{i}": {"type": "string", "description": "x" * 100} for i in range(1_000)
+        },
+    }
+    huge = await _post(client, account, model="test/fake-ok", response_schema=enormous)
+    assert "limit" in str(assert_error(huge, 400, "invalid_schema")["message"])

@@ -50,6 +50,11 @@ def plan_for(
 ) -> StructuredPlan | None:
     response_format = request.response_format
     wants_format = response_format is not None and response_format.type != "text"
+    if request.json_only and request.tools:
+        raise BadRequest(
+            "json_only returns one JSON document; it cannot be combined with tools.",
+            param="json_only",
+        )
     if request.response_schema is not None:
         if wants_format:
             raise BadRequest(
