@@ -77,10 +77,6 @@ class UpstreamError(Exception):
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
-    @property
-    def retryable(self) -> bool:
-        return self.status == 429 or self.status >= 500
-
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
