@@ -118,3 +118,55 @@ def test_deep_schemas_are_refused() -> None:
         deep = {"type": "array", "items": deep}
     with pytest.raises(InvalidSchema, match="nests"):
         check_schema(deep, param="response_schema")
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "#/uniqueItems"),
+        ({"type": "object", "patternProperties": {"^x": {}}}, "#/patternProperties"),
+        ({"not": {"type": "string"}}, "#/not"),
+        ({"type": "object", "if": {}, "then": {}}, "#/if"),
+        (
+            {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
+            "#/properties/a/$ref",
+        ),
+        (
+            {"type": "object", "properties": {"mail": {"type": "string", "format": "email"}}},
+            "#/properties/mail/format",
+        ),
+        ({"type": "number", "minimum": 0}, "#/minimum"),
+        ({"type": "string", "pattern": "[a-z]+"}, "#/pattern"),
+        ({"type": "object", "properties": {}, "anyOf": [{}]}, "#:"),
+        ({"type": "array", "prefixItems": [{"type": "string"}]}, "#/prefixItems"),
+    ],
+)
+def test_keywords_the_local_grammar_would_skip_are_named(schema: Any, where: str) -> None:
+    from aivax.structured.grammar_support import problems
+
+    found = problems(schema)
+    assert any(problem.startswith(where) for problem in found), found
+
+
+def test_schemas_the_local_grammar_supports_pass() -> None:
+    from aivax.structured.grammar_support import problems
+
+    supported = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "age", "tags"],
+        "properties": {
+            "name": {
+                "type": "string",
+                "pattern": "^[A-Z].*$",
+                "maxLength": 40,
+                "description": "not: a keyword here, just text",
+            },
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+            "kind": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "ref": {"$ref": "#/$defs/thing"},
+        },
+        "$defs": {"thing": {"type": "string", "format": "date"}},
+    }
+    assert problems(supported) == []

@@ -344,3 +344,30 @@ async def test_json_only_with_tools_and_an_enormous_schema_are_400(
     }
     huge = await _post(client, account, model="test/fake-ok", response_schema=enormous)
     assert "limit" in str(assert_error(huge, 400, "invalid_schema")["message"])
+
+
+@pytest.mark.parametrize("field", ["response_schema", "response_format"])
+async def test_local_model_refuses_keywords_its_grammar_cannot_enforce(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str], field: str
+) -> None:
+    owner = await make_account(services, plan="free", balance_micros=1_000_000)
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    extra: dict[str, Any] = (
+        {"response_schema": schema}
+        if field == "response_schema"
+        else {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": schema},
+            }
+        }
+    )
+    response = await _post(client, owner, model="aivax/smollm2-135m", **extra)
+    error = assert_error(response, 400, "unsupported_schema_keyword")
+    assert "#/properties/tags/uniqueItems" in str(error["message"])
+    wallet = (await client.get("/v1/wallet", headers=owner.headers)).json()
+    assert wallet["held_micros"] == 0
+    # The same schema is fine for a model that is not grammar-constrained.
+    starter = await make_account(services, plan="starter", balance_micros=1_000_000)
+    elsewhere = await _post(client, starter, model="test/fake-json-fenced", **extra)
+    assert elsewhere.status_code == 200, elsewhere.text

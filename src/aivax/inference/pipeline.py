@@ -30,6 +30,7 @@ from aivax.models import Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
 from aivax.services import AppServices
+from aivax.structured import grammar_support
 from aivax.structured import pipeline as structured
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
@@ -184,6 +185,9 @@ async def prepare(
         heal_response_format=principal.json_healing_for_response_format,
         gateway_settings=gateway.config.json_schema if gateway is not None else None,
     )
+    if model.provider == "local_gguf":  # grammar-constrained: refuse what it cannot enforce
+        for param, schema in structured.requested_schemas(request):
+            grammar_support.check(schema, param=param)
     if plan is not None:
         structured.apply(plan, model, body)
     try:

@@ -93,6 +93,21 @@ def plan_for(
     )
 
 
+def requested_schemas(request: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The schemas a request asks the model to follow, with the parameter each came in."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if request.response_schema is not None:
+        found.append(("response_schema", request.response_schema))
+    response_format = request.response_format
+    if (
+        response_format is not None
+        and response_format.json_schema is not None
+        and response_format.json_schema.schema_ is not None
+    ):
+        found.append(("response_format.json_schema.schema", response_format.json_schema.schema_))
+    return found
+
+
 def apply(plan: StructuredPlan, model: ResolvedModel, body: dict[str, Any]) -> None:
     """Ask the model for JSON: natively when it can, by instruction otherwise."""
     if plan.source != "response_schema":
