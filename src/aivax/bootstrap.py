@@ -58,7 +58,9 @@ async def bootstrap(services: AppServices) -> BootstrapCredentials | None:
     """Create the first credentials, or return None when this database was bootstrapped."""
     async with services.database.sessions() as session:
         claimed = await session.execute(
-            insert_ignoring_conflicts(session, SystemState.__table__, conflict_on=["key"])
+            insert_ignoring_conflicts(
+                session.get_bind().dialect.name, SystemState.__table__, conflict_on=["key"]
+            )
             .values(key=BOOTSTRAP_KEY, value={}, created_at=utcnow())
             .returning(SystemState.__table__.c.key)
         )

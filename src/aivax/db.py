@@ -118,20 +118,9 @@ async def _request_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(_request_session, scope="function")]
 
 
-def insert_ignoring_conflicts(session: AsyncSession, table: Any, *, conflict_on: list[str]) -> Any:
-    """`INSERT … ON CONFLICT (cols) DO NOTHING` for the session's dialect (SQLite or PostgreSQL)."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing(index_elements=conflict_on)
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing(index_elements=conflict_on)
-
-
-def insert_ignoring_conflicts_sync(conn: Connection, table: Any, *, conflict_on: list[str]) -> Any:
-    """`insert_ignoring_conflicts` for a synchronous connection."""
-    if conn.dialect.name == "postgresql":
+def insert_ignoring_conflicts(dialect: str, table: Any, *, conflict_on: list[str]) -> Any:
+    """`INSERT … ON CONFLICT (cols) DO NOTHING` for `dialect` ("sqlite" or "postgresql")."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
         return pg_insert(table).on_conflict_do_nothing(index_elements=conflict_on)

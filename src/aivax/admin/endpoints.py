@@ -15,7 +15,7 @@ from aivax.db import SessionDep
 from aivax.keys import service as key_service
 from aivax.keys.schemas import KeyCreate, KeyCreated, KeyRead
 from aivax.kit.crypto import random_secret
-from aivax.kit.pagination import ListPage, PageLimit, page_of
+from aivax.kit.pagination import ListPage, PageLimit, page_of, whole
 from aivax.models import EntryKind
 from aivax.plans import service as plan_service
 from aivax.plans.schemas import PlanCreate, PlanRead, PlanUpdate
@@ -142,7 +142,7 @@ async def list_ledger(
 async def list_keys(account_id: uuid.UUID, _: Operator, session: SessionDep) -> ListPage[KeyRead]:
     await account_service.get(session, account_id)
     data = [KeyRead.model_validate(key) for key in await key_service.list_keys(session, account_id)]
-    return page_of(data, [str(key.id) for key in data], limit=len(data) or 1)
+    return whole(data, [str(key.id) for key in data])
 
 
 @router.post("/accounts/{account_id}/keys", response_model=KeyCreated, status_code=201)
@@ -176,7 +176,7 @@ async def revoke_key(
 @router.get("/plans", response_model=ListPage[PlanRead])
 async def list_plans(_: Operator, session: SessionDep) -> ListPage[PlanRead]:
     data = [PlanRead.model_validate(plan) for plan in await plan_service.list_plans(session)]
-    return page_of(data, [plan.id for plan in data], limit=len(data) or 1)
+    return whole(data, [plan.id for plan in data])
 
 
 @router.post("/plans", response_model=PlanRead, status_code=201)

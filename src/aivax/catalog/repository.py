@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,14 +21,17 @@ async def list_models(session: AsyncSession, *, enabled_only: bool) -> Sequence[
     return (await session.scalars(query)).all()
 
 
+def _owned_by(account_id: uuid.UUID | None) -> Any:
+    """Credentials of an account, or the operator's (account_id NULL)."""
+    if account_id is None:
+        return ProviderCredential.account_id.is_(None)
+    return ProviderCredential.account_id == account_id
+
+
 async def get_credential_by_name(
     session: AsyncSession, account_id: uuid.UUID | None, name: str
 ) -> ProviderCredential | None:
-    owner = (
-        ProviderCredential.account_id.is_(None)
-        if account_id is None
-        else ProviderCredential.account_id == account_id
-    )
+    owner = _owned_by(account_id)
     query = select(ProviderCredential).where(owner, ProviderCredential.name == name)
     return (await session.scalars(query)).first()
 
@@ -35,11 +39,7 @@ async def get_credential_by_name(
 async def get_credential(
     session: AsyncSession, account_id: uuid.UUID | None, credential_id: uuid.UUID
 ) -> ProviderCredential | None:
-    owner = (
-        ProviderCredential.account_id.is_(None)
-        if account_id is None
-        else ProviderCredential.account_id == account_id
-    )
+    owner = _owned_by(account_id)
     query = select(ProviderCredential).where(owner, ProviderCredential.id == credential_id)
     return (await session.scalars(query)).first()
 
@@ -47,11 +47,7 @@ async def get_credential(
 async def list_credentials(
     session: AsyncSession, account_id: uuid.UUID | None
 ) -> Sequence[ProviderCredential]:
-    owner = (
-        ProviderCredential.account_id.is_(None)
-        if account_id is None
-        else ProviderCredential.account_id == account_id
-    )
+    owner = _owned_by(account_id)
     query = select(ProviderCredential).where(owner).order_by(ProviderCredential.name)
     return (await session.scalars(query)).all()
 

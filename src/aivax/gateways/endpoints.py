@@ -12,7 +12,7 @@ from aivax.gateways.schemas import (
     GatewayUpdate,
     GatewayVersionRead,
 )
-from aivax.kit.pagination import ListPage
+from aivax.kit.pagination import ListPage, whole
 from aivax.models import Gateway
 
 router = APIRouter(prefix="/v1/gateways", tags=["gateways"])
@@ -43,11 +43,7 @@ async def create_gateway(
 @router.get("", response_model=ListPage[GatewayRead])
 async def list_gateways(auth: PrivateKey, session: SessionDep) -> ListPage[GatewayRead]:
     data = [to_read(g) for g in await service.list_gateways(session, auth.account.id)]
-    return ListPage[GatewayRead](
-        data=data,
-        first_id=str(data[0].id) if data else None,
-        last_id=str(data[-1].id) if data else None,
-    )
+    return whole(data, [str(gateway.id) for gateway in data])
 
 
 @router.get("/{ref}", response_model=GatewayRead)
@@ -86,7 +82,7 @@ async def list_versions(
         )
         for v in rows
     ]
-    return ListPage[GatewayVersionRead](data=data)
+    return whole(data, [str(version.version) for version in data])
 
 
 @router.post("/{ref}/versions/{version}/restore", response_model=GatewayRead)

@@ -71,7 +71,6 @@ def cost_micros(model: ResolvedModel, input_tokens: int, output_tokens: int) -> 
 class Admission:
     input_tokens: int
     max_tokens: int
-    send_max_tokens: bool
     hold_micros: int
     headers: dict[str, str] = field(default_factory=dict)
 

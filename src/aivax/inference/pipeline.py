@@ -236,7 +236,6 @@ async def prepare(
     admitted = admission.Admission(
         input_tokens=input_tokens,
         max_tokens=max_tokens,
-        send_max_tokens=send_max,
         hold_micros=hold_amount,
         headers={
             **headers,

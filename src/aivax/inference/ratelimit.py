@@ -36,7 +36,6 @@ def _storage(redis_url: str | None) -> Storage:
 class RateLimiter:
     def __init__(self, redis_url: str | None) -> None:
         self.storage = _storage(redis_url)
-        self.shared = redis_url is not None
         self._strategy = SlidingWindowCounterRateLimiter(self.storage)
 
     async def hit_requests(self, scope: str, per_minute: int) -> Decision:

@@ -11,11 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aivax.models import RequestLog
 
 
-async def add_log(session: AsyncSession, log: RequestLog) -> None:
-    session.add(log)
-    await session.flush()
-
-
 async def list_logs(
     session: AsyncSession, account_id: uuid.UUID, *, limit: int, after: int | None
 ) -> Sequence[RequestLog]:

@@ -8,7 +8,7 @@ from aivax.auth.dependencies import PrivateKey, Services
 from aivax.db import SessionDep
 from aivax.keys import service
 from aivax.keys.schemas import KeyCreate, KeyCreated, KeyRead
-from aivax.kit.pagination import ListPage
+from aivax.kit.pagination import ListPage, whole
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -17,11 +17,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 async def list_keys(auth: PrivateKey, session: SessionDep) -> ListPage[KeyRead]:
     keys = await service.list_keys(session, auth.account.id)
     data = [KeyRead.model_validate(key) for key in keys]
-    return ListPage[KeyRead](
-        data=data,
-        first_id=str(data[0].id) if data else None,
-        last_id=str(data[-1].id) if data else None,
-    )
+    return whole(data, [str(key.id) for key in data])
 
 
 @router.post("", response_model=KeyCreated, status_code=201)

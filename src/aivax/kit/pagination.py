@@ -34,3 +34,11 @@ def page_of(items: list[T], ids: list[str], *, limit: int) -> ListPage[T]:
         first_id=ids[0] if ids else None,
         last_id=ids[-1] if ids else None,
     )
+
+
+def whole(items: list[T], ids: list[str]) -> ListPage[T]:
+    """A list that is never paginated (it is small by construction: an account's keys, the
+    plans, a gateway's versions)."""
+    return ListPage[T](
+        data=items, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None
+    )

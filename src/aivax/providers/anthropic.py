@@ -30,7 +30,7 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
-from aivax.providers.openai_compat import _error_message
+from aivax.providers.openai_compat import error_message
 
 ANTHROPIC_VERSION = "2023-06-01"
 STOP_REASONS = {
@@ -306,7 +306,7 @@ class AnthropicProvider:
                 if response.status_code >= 400:
                     raw = (await response.aread()).decode("utf-8", "replace")[:4000]
                     raise UpstreamError(
-                        _error_message(response.status_code, raw),
+                        error_message(response.status_code, raw),
                         status=response.status_code,
                         provider=self.name,
                         body=raw,

@@ -81,7 +81,7 @@ def _retry_delay(attempt: int, headers: httpx.Headers | None) -> float:
     return float(min(0.25 * 2**attempt, MAX_RETRY_AFTER_SECONDS))
 
 
-def _error_message(status: int, body: str) -> str:
+def error_message(status: int, body: str) -> str:
     try:
         parsed = json.loads(body)
         error = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
@@ -140,7 +140,7 @@ class OpenAICompatProvider:
     async def _status_error(self, response: httpx.Response) -> UpstreamError:
         raw = (await response.aread()).decode("utf-8", "replace")[:4000]
         return UpstreamError(
-            _error_message(response.status_code, raw),
+            error_message(response.status_code, raw),
             status=response.status_code,
             provider=self.name,
             body=raw,

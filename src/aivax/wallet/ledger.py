@@ -15,7 +15,7 @@ from typing import Any, cast
 from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from aivax.db import insert_ignoring_conflicts_sync
+from aivax.db import insert_ignoring_conflicts
 from aivax.errors import BadRequest, Conflict, NotFound, PaymentRequired
 from aivax.kit.clock import utcnow
 from aivax.kit.money import micros_to_usd
@@ -131,8 +131,8 @@ def insert_entry(conn: Connection, values: dict[str, Any]) -> int | None:
     dialect = conn.dialect.name
     statement = _INSERT_ENTRY.get(dialect)
     if statement is None:
-        statement = insert_ignoring_conflicts_sync(
-            conn, ENTRIES, conflict_on=["account_id", "idempotency_key"]
+        statement = insert_ignoring_conflicts(
+            dialect, ENTRIES, conflict_on=["account_id", "idempotency_key"]
         ).returning(ENTRIES.c.id)
         _INSERT_ENTRY[dialect] = statement
     return conn.execute(statement, values).scalar_one_or_none()
