@@ -10,7 +10,7 @@ import pytest
 from aivax.catalog import service as catalog
 from aivax.catalog.schemas import CredentialCreate
 from aivax.kit.ssrf import GuardedTransport, SSRFBlocked, vetted_address
-from aivax.models import ProviderCredential, RequestLog
+from aivax.models import ProviderCredential
 from aivax.services import AppServices
 from tests.conftest import FakeUpstream
 from tests.fixtures.assertions import assert_error
@@ -214,7 +214,11 @@ async def test_request_log_is_scoped_to_the_account(
         "/v1/chat/completions", headers=owner.headers, json={"model": "byok/mine/fake-ok", **CHAT}
     )
     await services.settler.drain()
+    owned = (await client.get("/v1/requests", headers=owner.headers)).json()["data"]
+    assert [row["model"] for row in owned] == ["byok/mine/fake-ok"]
     assert (await client.get("/v1/requests", headers=stranger.headers)).json()["data"] == []
+    stranger_usage = await client.get("/v1/usage", headers=stranger.headers)
+    assert stranger_usage.json()["data"] == []
     usage = (
         await client.get("/v1/usage", headers=owner.headers, params={"group_by": "model"})
     ).json()
@@ -231,4 +235,39 @@ async def test_request_log_is_scoped_to_the_account(
         await client.get("/v1/usage", headers=owner.headers, params={"group_by": "key"})
     ).json()["data"]
     assert by_key[0]["key"] == str(owner.private_key_id)
-    assert RequestLog.__tablename__ == "request_logs"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "param"),
+    [
+        ("/v1/usage", {"group_by": "planet"}, "group_by"),
+        ("/v1/usage", {"since": "yesterday"}, "since"),
+        ("/v1/requests", {"after": "abc"}, "after"),
+        ("/v1/requests", {"limit": 0}, "limit"),
+    ],
+)
+async def test_usage_and_request_log_refuse_bad_parameters(
+    client: httpx.AsyncClient,
+    account: AccountWithKeys,
+    path: str,
+    params: dict[str, object],
+    param: str,
+) -> None:
+    response = await client.get(path, headers=account.headers, params=params)
+    assert assert_error(response, 400)["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": "x", "provider": "cohere", "api_key": "k"}, "provider"),
+        ({"name": "x", "provider": "openai"}, "api_key"),
+        ({"name": "has spaces", "provider": "openai", "api_key": "k"}, "name"),
+        ({"name": "x", "provider": "openai", "api_key": "k", "secret": 1}, "secret"),
+    ],
+)
+async def test_credential_validation_names_the_field(
+    client: httpx.AsyncClient, account: AccountWithKeys, body: dict[str, object], param: str
+) -> None:
+    response = await client.post("/v1/credentials", headers=account.headers, json=body)
+    assert assert_error(response, 400)["param"] == param

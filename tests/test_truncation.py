@@ -52,10 +52,14 @@ def test_turns_keep_a_tool_call_with_its_results() -> None:
 
 async def test_exactly_at_the_limit_is_untouched_and_one_over_truncates() -> None:
     at_limit = PER_MESSAGE * len(CONVERSATION)
-    kept, report = await fit(CONVERSATION, limit=at_limit, mode="drop_oldest", count=count)
+    kept, report, tokens = await fit(CONVERSATION, limit=at_limit, mode="drop_oldest", count=count)
     assert kept == CONVERSATION
     assert report is None
-    kept, report = await fit(CONVERSATION, limit=at_limit - 1, mode="drop_oldest", count=count)
+    assert tokens == at_limit
+    kept, report, tokens = await fit(
+        CONVERSATION, limit=at_limit - 1, mode="drop_oldest", count=count
+    )
+    assert tokens == 70
     assert names(kept) == ["sys", "a1", "t1", "t1b", "u2", "a2", "u3"]
     assert report is not None
     assert (report.dropped_messages, report.input_tokens_before, report.input_tokens_after) == (
@@ -66,13 +70,13 @@ async def test_exactly_at_the_limit_is_untouched_and_one_over_truncates() -> Non
 
 
 async def test_drop_oldest_never_splits_a_tool_call_from_its_results() -> None:
-    kept, _ = await fit(CONVERSATION, limit=50, mode="drop_oldest", count=count)
+    kept, _, _ = await fit(CONVERSATION, limit=50, mode="drop_oldest", count=count)
     assert names(kept) == ["sys", "u2", "a2", "u3"]  # the tool turn went as a whole
     assert all(message["role"] != "tool" for message in kept)
 
 
 async def test_middle_out_keeps_the_first_and_newest_turns() -> None:
-    kept, report = await fit(CONVERSATION, limit=40, mode="middle_out", count=count)
+    kept, report, _ = await fit(CONVERSATION, limit=40, mode="middle_out", count=count)
     assert names(kept) == ["sys", "u1", "a2", "u3"]
     assert report is not None
     assert report.mode == "middle_out"

@@ -191,8 +191,8 @@ async def prepare(
     if plan is not None:
         structured.apply(plan, model, body)
     try:
-        truncated = await _fit_context(services, model, body, gateway)
-        input_tokens = await count_input_tokens(services.registry, model, body)
+        truncated, counted = await _fit_context(services, model, body, gateway)
+        input_tokens = counted or await count_input_tokens(services.registry, model, body)
         provider = services.registry.provider(model, retries=0 if gateway else None)
     except UpstreamError as exc:  # e.g. a local model that is missing or will not load
         raise client_error(exc, model) from exc
@@ -320,19 +320,20 @@ async def _fit_context(
     model: ResolvedModel,
     body: dict[str, Any],
     gateway: gateway_compose.GatewayTarget | None,
-) -> Truncation | None:
-    """Apply the gateway's context limit to `body["messages"]` (in place)."""
+) -> tuple[Truncation | None, int | None]:
+    """Apply the gateway's context limit to `body["messages"]` (in place); also returns the
+    input-token count it had to make anyway, so admission does not count twice."""
     settings = gateway.config.context if gateway is not None else None
     if settings is None or settings.limit_tokens is None:
-        return None
+        return None, None
 
     async def count(messages: list[dict[str, Any]]) -> int:
         return await count_input_tokens(services.registry, model, {**body, "messages": messages})
 
-    body["messages"], report = await truncation.fit(
+    body["messages"], report, tokens = await truncation.fit(
         body["messages"], limit=settings.limit_tokens, mode=settings.truncation, count=count
     )
-    return report
+    return report, tokens
 
 
 async def _fallbacks(

@@ -63,10 +63,11 @@ def _refuse(count: int, limit: int, mode: str) -> ContextLimitExceeded:
 
 async def fit(
     messages: list[dict[str, Any]], *, limit: int, mode: str, count: Count
-) -> tuple[list[dict[str, Any]], Truncation | None]:
+) -> tuple[list[dict[str, Any]], Truncation | None, int]:
+    """(messages that fit, what was dropped or None, their input-token count)."""
     before = await count(messages)
     if before <= limit:
-        return messages, None
+        return messages, None, before
     if mode == "error":
         raise _refuse(before, limit, mode)
     system, turns = split(messages)
@@ -87,4 +88,5 @@ async def fit(
     if best is None:
         raise _refuse(before, limit, mode)
     fitted = candidate(best)
-    return fitted, Truncation(mode, len(messages) - len(fitted), before, await count(fitted))
+    after = await count(fitted)
+    return fitted, Truncation(mode, len(messages) - len(fitted), before, after), after

@@ -20,6 +20,8 @@ from jsonschema import Draft202012Validator
 
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError, BadRequest
+from aivax.gateways.schemas import JsonSchemaSettings
+from aivax.inference.schemas import ChatCompletionRequest
 from aivax.structured.healing import HealResult, heal
 from aivax.structured.schema import check_schema
 
@@ -46,7 +48,10 @@ class StructuredPlan:
 
 
 def plan_for(
-    request: Any, *, heal_response_format: bool, gateway_settings: Any | None
+    request: ChatCompletionRequest,
+    *,
+    heal_response_format: bool,
+    gateway_settings: JsonSchemaSettings | None,
 ) -> StructuredPlan | None:
     response_format = request.response_format
     wants_format = response_format is not None and response_format.type != "text"
@@ -66,8 +71,8 @@ def plan_for(
         return StructuredPlan(
             request.response_schema, validator, "response_schema", healing, attempts
         )
-    schema = None
-    if wants_format and response_format.type == "json_schema":
+    schema: dict[str, Any] | None = None
+    if response_format is not None and response_format.type == "json_schema":
         if response_format.json_schema is None or response_format.json_schema.schema_ is None:
             raise BadRequest(
                 "response_format json_schema needs json_schema.schema.",
@@ -75,7 +80,7 @@ def plan_for(
             )
         schema = response_format.json_schema.schema_
         validator = check_schema(schema, param="response_format.json_schema.schema")
-    elif wants_format:  # json_object: any JSON object
+    elif response_format is not None and response_format.type == "json_object":
         schema = {"type": "object"}
         validator = Draft202012Validator(schema)
     if request.json_only and schema is None:
@@ -93,7 +98,7 @@ def plan_for(
     )
 
 
-def requested_schemas(request: Any) -> list[tuple[str, dict[str, Any]]]:
+def requested_schemas(request: ChatCompletionRequest) -> list[tuple[str, dict[str, Any]]]:
     """The schemas a request asks the model to follow, with the parameter each came in."""
     found: list[tuple[str, dict[str, Any]]] = []
     if request.response_schema is not None:
@@ -136,7 +141,7 @@ def check(plan: StructuredPlan, text: str) -> HealResult:
     return HealResult(document, not errors, [], errors, raw=text)
 
 
-def reask(messages: list[Any], raw: str, errors: list[str]) -> list[dict[str, Any]]:
+def reask(messages: list[dict[str, Any]], raw: str, errors: list[str]) -> list[dict[str, Any]]:
     """The conversation for a re-ask: the bad answer and what was wrong with it."""
     return [
         *messages,
