@@ -1,6 +1,7 @@
 """Short-lived in-process caches for the request hot path.
 
-Authentication, plan limits and model resolution are read on every call but change rarely; each
+Authentication, plan limits, model resolution and gateway lookups are read on every call but
+change rarely; each
 is cached for `AIVAX_CACHE_SECONDS` (default 5). Every change made through this process clears
 them at once; other replicas (and `aivax` CLI changes) take effect within that many seconds. Set
 AIVAX_CACHE_SECONDS=0 to read the database on every request.
