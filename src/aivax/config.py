@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
     max_keys_per_account: int = Field(default=100, ge=1, description="API keys per account.")
     cache_seconds: float = Field(
-        default=5.0, ge=0, description="How long keys, plans, models and gateways are cached per process."
+        default=5.0,
+        ge=0,
+        description="How long keys, plans, models and gateways are cached per process.",
     )
 
     models_file: Path | None = Field(
