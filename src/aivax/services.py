@@ -15,6 +15,8 @@ from aivax.inference.ratelimit import RateLimiter
 from aivax.inference.settlement import Settler
 from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
+from aivax.rag.jobs import JobRunner
+from aivax.rag.vectors import VectorIndex
 
 logger = logging.getLogger("aivax")
 
@@ -31,6 +33,8 @@ class AppServices:
     limiter: RateLimiter
     caches: HotPathCaches
     settler: Settler
+    vectors: VectorIndex
+    jobs: JobRunner
 
     @classmethod
     def build(cls, settings: Settings) -> AppServices:
@@ -45,9 +49,16 @@ class AppServices:
             limiter=RateLimiter(settings.redis_url),
             caches=HotPathCaches(settings.cache_seconds),
             settler=Settler(database),
+            vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
+            jobs=JobRunner(
+                database,
+                poll_seconds=settings.jobs_poll_seconds,
+                lease_seconds=settings.jobs_lease_seconds,
+            ),
         )
 
     async def close(self) -> None:
+        await self.jobs.stop()
         await self.settler.close()
         await self.registry.close()
         await self.limiter.close()

@@ -117,15 +117,26 @@ class RequestBodyTooLarge(HTTPException):
         )
 
 
+# The JSONL import streams its body and enforces the plan's import size itself; document
+# uploads have their own limit (AIVAX_RAG_UPLOAD_MAX_BYTES) instead of AIVAX_MAX_BODY_BYTES.
+OWN_BODY_LIMIT = re.compile(r"^/v1/collections/[^/]+/import$")
+UPLOAD_PATH = re.compile(r"^/v1/collections/[^/]+/documents/upload$")
+
+
 class BodySizeLimitMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or OWN_BODY_LIMIT.match(scope["path"]):
             await self.app(scope, receive, send)
             return
-        limit: int = scope["app"].state.services.settings.max_body_bytes
+        settings = scope["app"].state.services.settings
+        limit: int = (
+            settings.rag_upload_max_bytes
+            if UPLOAD_PATH.match(scope["path"])
+            else settings.max_body_bytes
+        )
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _send_413(send, limit)

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ProviderKind = Literal["openai", "anthropic", "local_gguf"]
+ProviderKind = Literal["openai", "anthropic", "local_gguf", "local_embedding"]
+ModelKind = Literal["chat", "embedding"]
 Modality = Literal["text", "image", "audio", "file", "video"]
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -22,6 +23,11 @@ class Prices(BaseModel):
 class CatalogModelBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    kind: ModelKind = Field(
+        default="chat",
+        description="'embedding' models serve /v1/embeddings and collections; set "
+        "options.dimensions for them.",
+    )
     provider: ProviderKind
     upstream_model: str = Field(min_length=1, max_length=200)
     credential: str | None = Field(
@@ -74,6 +80,7 @@ class CatalogModelUpdate(BaseModel):
 class CatalogModelRead(BaseModel):
     object: Literal["catalog_model"] = "catalog_model"
     id: str
+    kind: str
     provider: str
     upstream_model: str
     credential: str | None

@@ -53,6 +53,7 @@ class ResolvedModel:
     id: str
     provider: str
     upstream_model: str
+    kind: str = "chat"
     base_url: str = ""
     api_key: str = field(default="", repr=False)
     byok: bool = False
@@ -100,7 +101,34 @@ async def _credential_id(session: AsyncSession, name: str | None) -> uuid.UUID |
     return credential.id
 
 
-def _check_model_shape(provider: str, credential: uuid.UUID | None) -> None:
+def _check_model_shape(
+    provider: str, credential: uuid.UUID | None, kind: str, upstream: str, options: dict[str, Any]
+) -> None:
+    if (kind == "embedding") != (provider in ("local_embedding", "openai")) or (
+        provider == "local_embedding" and kind != "embedding"
+    ):
+        raise BadRequest(
+            f"A {provider!r} model cannot be of kind {kind!r}: embedding models use the "
+            "'local_embedding' or 'openai' provider.",
+            param="kind",
+        )
+    if kind == "embedding":
+        dimensions = options.get("dimensions")
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
+            raise BadRequest(
+                "An embedding model needs options.dimensions (a positive integer).",
+                param="options.dimensions",
+            )
+    if provider == "local_embedding":
+        from aivax.rag.embedders import LOCAL_MODELS
+
+        if upstream not in LOCAL_MODELS:
+            raise BadRequest(
+                f"Unknown local embedding model {upstream!r}; available: "
+                f"{', '.join(sorted(LOCAL_MODELS))}.",
+                param="upstream_model",
+            )
+        return
     if provider == "local_gguf":
         return
     if credential is None:
@@ -113,7 +141,9 @@ async def create_model(session: AsyncSession, data: CatalogModelCreate) -> Catal
     if await repository.get_model(session, data.id) is not None:
         raise Conflict(f"Model {data.id!r} already exists.", param="id", code="model_exists")
     credential_id = await _credential_id(session, data.credential)
-    _check_model_shape(data.provider, credential_id)
+    _check_model_shape(
+        data.provider, credential_id, data.kind, data.upstream_model, dict(data.options)
+    )
     values = data.model_dump(exclude={"credential"})
     model = CatalogModel(**values, credential_id=credential_id)
     session.add(model)
@@ -137,7 +167,9 @@ async def update_model(
         model.credential_id = await _credential_id(session, changes.pop("credential"))
     for name, value in changes.items():
         setattr(model, name, value)
-    _check_model_shape(model.provider, model.credential_id)
+    _check_model_shape(
+        model.provider, model.credential_id, model.kind, model.upstream_model, model.options
+    )
     await session.flush()
     return model
 
@@ -166,6 +198,7 @@ async def read_models(
 def to_read(model: CatalogModel, credential_name: str | None) -> CatalogModelRead:
     return CatalogModelRead(
         id=model.id,
+        kind=model.kind,
         provider=model.provider,
         upstream_model=model.upstream_model,
         credential=credential_name,
@@ -287,6 +320,7 @@ async def resolve(
             )
     return ResolvedModel(
         id=row.id,
+        kind=row.kind,
         provider=row.provider,
         upstream_model=row.upstream_model,
         base_url=base_url,

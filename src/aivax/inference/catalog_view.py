@@ -28,7 +28,10 @@ def _allowed(model: CatalogModel, plan: Plan, limits: PlanLimits) -> bool:
 
 def capabilities(model: CatalogModel) -> dict[str, Any]:
     """Pricing and what an integrated model can do (also shown for the model behind a gateway)."""
+    extra = {"dimensions": model.options.get("dimensions")} if model.kind == "embedding" else {}
     return {
+        "type": model.kind,
+        **extra,
         "pricing": {
             "input_micros_per_m": model.input_price_per_m,
             "output_micros_per_m": model.output_price_per_m,

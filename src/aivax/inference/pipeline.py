@@ -14,7 +14,7 @@ from typing import Any
 
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
-from aivax.errors import AppError
+from aivax.errors import AppError, BadRequest
 from aivax.gateways import compose as gateway_compose
 from aivax.gateways.moderation import ContentBlocked, Moderator, caller_text
 from aivax.gateways.schemas import Routing
@@ -174,7 +174,13 @@ async def prepare(
     gateway = await gateway_compose.lookup(services, principal, request.model, origin)
     if gateway is not None:
         request = gateway_compose.compose(gateway, request, principal)
-    limits, model = await _plan_and_model(services, principal, request.model)
+    limits, model = await plan_and_model(services, principal, request.model)
+    if model.kind == "embedding":
+        raise BadRequest(
+            f"{model.id!r} is an embedding model; call POST /v1/embeddings with it.",
+            param="model",
+            code="not_a_chat_model",
+        )
     admission.check_plan(
         principal, principal.plan_id, limits, model, via_gateway=gateway is not None
     )
@@ -354,7 +360,7 @@ async def _fallbacks(
     attempts: list[Attempt] = []
     for name in gateway.config.fallbacks:
         try:
-            _, model = await _plan_and_model(services, principal, name)
+            _, model = await plan_and_model(services, principal, name)
             admission.check_plan(principal, principal.plan_id, limits, model, via_gateway=True)
             admission.check_context(limits, model, input_tokens)
             admission.check_capabilities(request, model, media)
@@ -378,7 +384,7 @@ async def _fallbacks(
     return attempts
 
 
-async def _plan_and_model(
+async def plan_and_model(
     services: AppServices, principal: Principal, model_name: str
 ) -> tuple[PlanLimits, ResolvedModel]:
     """Plan limits and the resolved model, from the hot-path caches when fresh."""

@@ -6,6 +6,7 @@ from aivax.models.catalog import CatalogModel, ProviderCredential, RequestLog
 from aivax.models.gateway import Gateway, GatewayVersion
 from aivax.models.operator import OperatorToken, SystemState
 from aivax.models.plan import Plan
+from aivax.models.rag import Chunk, Collection, Document, Job
 from aivax.models.wallet import EntryKind, HoldStatus, LedgerEntry, WalletHold
 
 __all__ = [
@@ -14,10 +15,14 @@ __all__ = [
     "ApiKey",
     "Base",
     "CatalogModel",
+    "Chunk",
+    "Collection",
+    "Document",
     "EntryKind",
     "Gateway",
     "GatewayVersion",
     "HoldStatus",
+    "Job",
     "LedgerEntry",
     "OperatorToken",
     "Plan",

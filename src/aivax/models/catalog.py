@@ -41,6 +41,8 @@ class CatalogModel(Timestamped, Base):
     __tablename__ = "catalog_models"
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # "chat" (/v1/chat/completions) or "embedding" (/v1/embeddings, RAG collections).
+    kind: Mapped[str] = mapped_column(String(20), default="chat")
     provider: Mapped[str] = mapped_column(String(40))
     upstream_model: Mapped[str] = mapped_column(String(200))
     credential_id: Mapped[uuid.UUID | None] = mapped_column(

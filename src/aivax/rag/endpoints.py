@@ -1,0 +1,349 @@
+"""`/v1/collections`: collections, documents, search, JSONL import/export and jobs. Private keys
+only: a public key (in a browser) never manages or reads an account's collections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from aivax.auth.dependencies import PrivateKey, Services
+from aivax.db import SessionDep
+from aivax.errors import BadRequest
+from aivax.kit.pagination import ListPage, PageLimit, page_of, whole
+from aivax.models import Document
+from aivax.rag import chunking, importer, retrieval, service
+from aivax.rag.schemas import (
+    CollectionCreate,
+    CollectionRead,
+    CollectionUpdate,
+    DocumentCreate,
+    DocumentRead,
+    DocumentUpdate,
+    JobRead,
+    MultiSearchRequest,
+    SearchRequest,
+    SearchResponse,
+)
+from aivax.services import AppServices
+
+router = APIRouter(prefix="/v1/collections", tags=["collections"])
+jobs_router = APIRouter(prefix="/v1/jobs", tags=["collections"])
+
+WAIT_SECONDS_MAX = 120.0
+Wait = Annotated[
+    bool,
+    Query(description="Wait (up to 120 s) until the document is indexed before answering."),
+]
+
+
+async def _wait_for(services: AppServices, document: Document, wait: bool) -> None:
+    """Poll the document's status until it settles (the job runs in the background)."""
+    if not wait:
+        return
+    services.jobs.wake()
+    deadline = time.monotonic() + WAIT_SECONDS_MAX
+    while time.monotonic() < deadline:
+        async with services.database.sessions() as session:
+            status = await session.scalar(select(Document.status).where(Document.id == document.id))
+        if status in (None, "ready", "failed"):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _fresh(services: AppServices, document: Document) -> DocumentRead:
+    async with services.database.sessions() as session:
+        current = await session.get(Document, document.id)
+        return service.document_read(current or document)
+
+
+# --- collections ---------------------------------------------------------------------------
+
+
+@router.post("", response_model=CollectionRead, status_code=201)
+async def create_collection(
+    data: CollectionCreate, auth: PrivateKey, session: SessionDep, services: Services
+) -> CollectionRead:
+    collection = await service.create_collection(services, session, auth.principal, data)
+    return await service.collection_read(session, collection)
+
+
+@router.get("", response_model=ListPage[CollectionRead])
+async def list_collections(auth: PrivateKey, session: SessionDep) -> ListPage[CollectionRead]:
+    data = await service.list_collections(session, auth.account.id)
+    return whole(data, [str(c.id) for c in data])
+
+
+@router.post("/search", response_model=SearchResponse)
+async def search_many(
+    data: MultiSearchRequest,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+    request: Request,
+) -> SearchResponse:
+    collections = await retrieval.owned_collections(session, auth.account.id, data.collection_ids)
+    return await retrieval.run(
+        services, session, auth.principal, collections, data, request_id=request.state.request_id
+    )
+
+
+@router.get("/{collection_id}", response_model=CollectionRead)
+async def get_collection(
+    collection_id: str, auth: PrivateKey, session: SessionDep
+) -> CollectionRead:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    return await service.collection_read(session, collection)
+
+
+@router.patch("/{collection_id}", response_model=CollectionRead)
+async def update_collection(
+    collection_id: str,
+    data: CollectionUpdate,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+) -> CollectionRead:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    await service.update_collection(services, session, auth.principal, collection, data)
+    return await service.collection_read(session, collection)
+
+
+@router.delete("/{collection_id}", status_code=204)
+async def delete_collection(
+    collection_id: str, auth: PrivateKey, session: SessionDep, services: Services
+) -> Response:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    await service.delete_collection(session, collection)
+    services.vectors.forget(collection.id)
+    return Response(status_code=204)
+
+
+@router.post("/{collection_id}/search", response_model=SearchResponse)
+async def search_one(
+    collection_id: str,
+    data: SearchRequest,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+    request: Request,
+) -> SearchResponse:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    return await retrieval.run(
+        services, session, auth.principal, [collection], data, request_id=request.state.request_id
+    )
+
+
+# --- documents -----------------------------------------------------------------------------
+
+
+@router.post("/{collection_id}/documents", response_model=DocumentRead, status_code=201)
+async def create_document(
+    collection_id: str,
+    data: DocumentCreate,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+    wait: Wait = False,
+) -> DocumentRead:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    document, _ = await service.create_document(
+        services, session, auth.principal, collection, service.input_of(data)
+    )
+    await session.commit()
+    await _wait_for(services, document, wait)
+    services.jobs.wake()
+    return await _fresh(services, document)
+
+
+UPLOAD_TYPES = {
+    "application/pdf": "pdf",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "text/x-markdown": "markdown",
+    "text/plain": "text",
+}
+UPLOAD_SUFFIXES = {
+    ".pdf": "pdf",
+    ".html": "html",
+    ".htm": "html",
+    ".md": "markdown",
+    ".txt": "text",
+}
+
+
+def _upload_kind(file: UploadFile) -> str:
+    name = (file.filename or "").lower()
+    for suffix, kind in UPLOAD_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    by_type = UPLOAD_TYPES.get((file.content_type or "").split(";")[0].strip())
+    if by_type is None:
+        raise BadRequest(
+            "Upload plain text (.txt), Markdown (.md), HTML (.html) or PDF (.pdf).",
+            param="file",
+            code="unsupported_file_type",
+        )
+    return by_type
+
+
+@router.post("/{collection_id}/documents/upload", response_model=DocumentRead, status_code=201)
+async def upload_document(
+    collection_id: str,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+    file: Annotated[UploadFile, File(description="A .txt, .md, .html or .pdf file.")],
+    id: Annotated[str | None, Form(max_length=256)] = None,
+    title: Annotated[str, Form(max_length=500)] = "",
+    metadata: Annotated[str, Form(description="JSON object")] = "{}",
+    wait: Wait = False,
+) -> DocumentRead:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    kind = _upload_kind(file)
+    raw = await file.read()
+    try:
+        meta = json.loads(metadata)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"'metadata' is not JSON: {exc.msg}", param="metadata") from exc
+    if not isinstance(meta, dict):
+        raise BadRequest("'metadata' must be a JSON object.", param="metadata")
+    try:
+        extracted_title, text = chunking.extract(kind, raw)
+    except chunking.ExtractionError as exc:
+        raise BadRequest(str(exc), param="file", code="unreadable_file") from exc
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            "The file is not UTF-8 text.", param="file", code="unreadable_file"
+        ) from exc
+    if not text.strip():
+        raise BadRequest("The file has no text.", param="file")
+    DocumentCreate(text=text[:1] or " ", metadata=meta)  # validates the metadata's size
+    item = service.DocumentInput(
+        text,
+        "text" if kind == "text" else "markdown",
+        title or extracted_title or (file.filename or ""),
+        id,
+        meta,
+    )
+    document, _ = await service.create_document(services, session, auth.principal, collection, item)
+    await session.commit()
+    await _wait_for(services, document, wait)
+    return await _fresh(services, document)
+
+
+@router.get("/{collection_id}/documents", response_model=ListPage[DocumentRead])
+async def list_documents(
+    collection_id: str,
+    auth: PrivateKey,
+    session: SessionDep,
+    limit: PageLimit = 20,
+    after: Annotated[str | None, Query(description="A document id from the previous page.")] = None,
+    status: Literal["queued", "indexing", "ready", "failed"] | None = None,
+) -> ListPage[DocumentRead]:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    statement = select(Document).where(Document.collection_id == collection.id)
+    if status is not None:
+        statement = statement.where(Document.status == status)
+    if after is not None:
+        anchor = await service.get_document(session, collection, after)
+        statement = statement.where(
+            (Document.created_at > anchor.created_at)
+            | ((Document.created_at == anchor.created_at) & (Document.id > anchor.id))
+        )
+    rows = (
+        await session.scalars(statement.order_by(Document.created_at, Document.id).limit(limit + 1))
+    ).all()
+    data = [service.document_read(d) for d in rows]
+    return page_of(data, [str(d.id) for d in data], limit=limit)
+
+
+@router.get("/{collection_id}/documents/{document_id}", response_model=DocumentRead)
+async def get_document(
+    collection_id: str,
+    document_id: str,
+    auth: PrivateKey,
+    session: SessionDep,
+    include_text: Annotated[bool, Query(description="Include the stored text.")] = False,
+) -> DocumentRead:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    document = await service.get_document(session, collection, document_id)
+    chunks = await service.document_chunks(session, document)
+    return service.document_read(document, chunks, with_text=include_text)
+
+
+@router.patch("/{collection_id}/documents/{document_id}", response_model=DocumentRead)
+async def update_document(
+    collection_id: str,
+    document_id: str,
+    data: DocumentUpdate,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+    wait: Wait = False,
+) -> DocumentRead:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    document = await service.get_document(session, collection, document_id)
+    await service.update_document(services, session, auth.principal, collection, document, data)
+    await session.commit()
+    await _wait_for(services, document, wait)
+    services.jobs.wake()
+    return await _fresh(services, document)
+
+
+@router.delete("/{collection_id}/documents/{document_id}", status_code=204)
+async def delete_document(
+    collection_id: str, document_id: str, auth: PrivateKey, session: SessionDep
+) -> Response:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    document = await service.get_document(session, collection, document_id)
+    await service.delete_document(session, collection, document)
+    return Response(status_code=204)
+
+
+# --- JSONL import / export -----------------------------------------------------------------
+
+
+@router.post("/{collection_id}/import", status_code=202)
+async def import_jsonl(
+    collection_id: str,
+    auth: PrivateKey,
+    session: SessionDep,
+    services: Services,
+    request: Request,
+) -> dict[str, Any]:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+    report = await importer.import_jsonl(services, session, auth.principal, collection, request)
+    services.jobs.wake()
+    return report
+
+
+@router.get("/{collection_id}/export")
+async def export_jsonl(
+    collection_id: str, auth: PrivateKey, session: SessionDep, services: Services
+) -> StreamingResponse:
+    collection = await service.get_collection(session, auth.account.id, collection_id)
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for line in importer.export_lines(services, collection.id):
+            yield line
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"content-disposition": f'attachment; filename="{collection.id}.jsonl"'},
+    )
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+@jobs_router.get("/{job_id}", response_model=JobRead)
+async def get_job(job_id: str, auth: PrivateKey, session: SessionDep) -> JobRead:
+    return service.job_read(await service.get_job(session, auth.account.id, job_id))

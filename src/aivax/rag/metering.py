@@ -1,0 +1,150 @@
+"""Every embedding call — `/v1/embeddings`, indexing a document, embedding a search query — is
+billed like chat: hold the input cost before the call, settle what the model reports after,
+one request-log row per call. `/v1/embeddings` also passes the chat rate limits (requests and
+input tokens per minute per account and model; BYOK: requests per minute)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aivax.catalog.service import ResolvedModel
+from aivax.errors import BadRequest
+from aivax.inference import admission
+from aivax.inference.settlement import Settlement
+from aivax.inference.tokens import count_text
+from aivax.keys.service import Principal
+from aivax.kit.clock import utcnow
+from aivax.plans.schemas import PlanLimits
+from aivax.providers.base import UpstreamError
+from aivax.rag.embedders import Embedder, EmbedderUnavailable, Matrix, local_embedder
+from aivax.rag.remote import RemoteEmbedder
+from aivax.services import AppServices
+from aivax.wallet import ledger
+
+
+class NotAnEmbeddingModel(BadRequest):
+    code = "not_an_embedding_model"
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    vectors: Matrix
+    tokens: int
+    cost_micros: int | None
+    headers: dict[str, str]
+
+
+def embedder_for(services: AppServices, model: ResolvedModel) -> Embedder:
+    if model.kind != "embedding" and not model.byok:
+        raise NotAnEmbeddingModel(
+            f"{model.id!r} is a chat model; pick an embedding model (GET /v1/models lists "
+            "them with aivax.type = 'embedding').",
+            param="model",
+        )
+    if model.provider == "local_embedding":
+        try:
+            return local_embedder(model.upstream_model)
+        except EmbedderUnavailable as exc:
+            raise UpstreamError(
+                f"the local embedding model {model.id!r} is not installed: {exc}",
+                status=503,
+                provider="local_embedding",
+                code="model_unavailable",
+            ) from exc
+    if model.provider != "openai":
+        raise NotAnEmbeddingModel(
+            f"Provider {model.provider!r} has no embeddings endpoint; use an OpenAI-compatible "
+            "credential.",
+            param="model",
+        )
+    dimensions = model.options.get("dimensions")
+    return RemoteEmbedder(
+        services.registry.client(model.base_url, guarded=model.byok),
+        base_url=model.base_url,
+        api_key=model.api_key,
+        model=model.upstream_model,
+        dimensions=int(dimensions) if isinstance(dimensions, int) else None,
+        max_input_tokens=model.context_window or 8191,
+    )
+
+
+async def embed(
+    services: AppServices,
+    account_id: uuid.UUID,
+    limits: PlanLimits,
+    model: ResolvedModel,
+    texts: Sequence[str],
+    *,
+    request_id: str,
+    key_id: uuid.UUID | None = None,
+    rate_limit_for: Principal | None = None,
+) -> Embedded:
+    """Embed `texts` for the account, billed (and rate-limited when `rate_limit_for` is given);
+    raises AppError/UpstreamError on refusal."""
+    embedder = embedder_for(services, model)
+    estimate = sum(min(count_text(text), embedder.max_input_tokens) for text in texts)
+    headers: dict[str, str] = {}
+    if rate_limit_for is not None:
+        headers = await admission.check_rate_limits(
+            services.limiter, rate_limit_for, limits, model, estimate
+        )
+    # Hold the estimate with a margin (tokenizers differ); settle what the model counted.
+    worst = admission.cost_micros(model, estimate * 2 + 16, 0) or 0
+    hold_id: uuid.UUID | None = None
+    if worst:
+        hold_id = await services.database.run_write(
+            lambda conn: ledger.hold(
+                conn,
+                account_id=account_id,
+                amount_micros=worst,
+                ref=request_id,
+                minimum_balance=limits.min_balance_micros,
+            )
+        )
+    started = time.perf_counter()
+    status, error_code, tokens = 200, None, 0
+    vectors: Matrix | None = None
+    try:
+        vectors, tokens = await embedder.embed(texts)
+    except UpstreamError as exc:
+        status, error_code = exc.status, exc.code
+        raise
+    except BaseException:
+        status, error_code = 499, "cancelled"
+        raise
+    finally:
+        cost = admission.cost_micros(model, tokens, 0) if tokens else 0
+        charge = min(cost or 0, worst) if hold_id is not None else 0
+        services.settler.submit(
+            Settlement(
+                hold_id=hold_id,
+                cost_micros=charge,
+                log={
+                    "request_id": request_id,
+                    "account_id": account_id,
+                    "key_id": key_id,
+                    "gateway_id": None,
+                    "model": model.id,
+                    "provider": model.provider,
+                    "upstream_model": model.upstream_model,
+                    "byok": model.byok,
+                    "stream": False,
+                    "status": status,
+                    "error_code": error_code,
+                    "input_tokens": tokens,
+                    "output_tokens": 0,
+                    "cached_input_tokens": 0,
+                    "cost_micros": charge if model.priced else None,
+                    "estimated": False,
+                    "latency_ms": int((time.perf_counter() - started) * 1000),
+                    "ttft_ms": None,
+                    "flags": None,
+                    "created_at": utcnow(),
+                },
+            )
+        )
+    assert vectors is not None  # noqa: S101 - set when embed() returned
+    return Embedded(vectors, tokens, charge if model.priced else None, headers)

@@ -1,0 +1,221 @@
+"""One search over one or more collections, shared by the API, gateways and the MCP server."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aivax.catalog import service as catalog
+from aivax.catalog.repository import get_credential_by_name
+from aivax.errors import BadRequest, NotFound
+from aivax.inference.pipeline import client_error
+from aivax.keys.service import Principal
+from aivax.models import Collection
+from aivax.plans.schemas import PlanLimits
+from aivax.providers.base import UpstreamError
+from aivax.rag import metering, search
+from aivax.rag.remote import RemoteReranker
+from aivax.rag.schemas import RerankSpec, SearchRequest, SearchResponse, SearchResult
+from aivax.rag.service import hit_rate, plan_limits
+from aivax.services import AppServices
+
+
+async def run(
+    services: AppServices,
+    session: AsyncSession,
+    principal: Principal,
+    collections: Sequence[Collection],
+    request: SearchRequest,
+    *,
+    request_id: str,
+    rate_limited: bool = True,
+) -> SearchResponse:
+    limits = await plan_limits(session, principal.plan_id)
+    if rate_limited:
+        await hit_rate(services.limiter, "search", principal.account_id, limits.search_rpm)
+    pool = search.candidate_count(
+        max(request.top_k, request.rerank.candidates if request.rerank else 0)
+    )
+    conditions = search.metadata_conditions(request.filter)
+    vector_hits: list[tuple[int, float]] = []
+    keyword_hits: list[tuple[int, float]] = []
+    tokens = 0
+    query_vectors: dict[str, object] = {}
+    for collection in collections:
+        if request.mode in ("hybrid", "vector"):
+            if collection.embedding_model not in query_vectors:
+                vector, used = await _embed_query(
+                    services, session, principal, limits, collection, request.query, request_id
+                )
+                query_vectors[collection.embedding_model] = vector
+                tokens += used
+            query = query_vectors[collection.embedding_model]
+            allowed = (
+                await search.allowed_chunks(session, collection.id, conditions)
+                if conditions
+                else None
+            )
+            vector_hits += await services.vectors.nearest(
+                collection.id,
+                collection.vectors_version,
+                collection.dimensions,
+                query,  # type: ignore[arg-type]
+                pool,
+                allowed,
+            )
+        if request.mode in ("hybrid", "keyword"):
+            keyword_hits += await search.keyword(
+                session, collection.id, request.query, pool, conditions
+            )
+    vector_hits.sort(key=lambda hit: -hit[1])
+    keyword_hits.sort(key=lambda hit: -hit[1])
+    candidates = search.fuse(
+        vector_hits[:pool] if request.mode != "keyword" else None,
+        keyword_hits[:pool] if request.mode != "vector" else None,
+        request.mode,
+    )
+    owned = {c.id: c for c in collections}
+    if request.rerank is not None and request.rerank.type != "none":
+        top = candidates[: request.rerank.candidates]
+        hydrated = await search.hydrate(session, top, owned)
+        scores = await _rerank(
+            services, session, principal, request.rerank, request.query, hydrated
+        )
+        for result, score in zip(hydrated, scores, strict=True):
+            result.rerank_score = round(score, 6)
+            result.score = round(score, 6)
+        hydrated.sort(key=lambda r: -r.score)
+        results = [r for r in hydrated if r.score >= request.min_score][: request.top_k]
+    else:
+        kept = [c for c in candidates if c.score >= request.min_score][: request.top_k]
+        results = await search.hydrate(session, kept, owned)
+    return SearchResponse(data=results, mode=request.mode, usage={"embedding_tokens": tokens})
+
+
+async def _embed_query(
+    services: AppServices,
+    session: AsyncSession,
+    principal: Principal,
+    limits: PlanLimits,
+    collection: Collection,
+    query: str,
+    request_id: str,
+) -> tuple[object, int]:
+    model = await catalog.resolve(
+        session, principal.account_id, collection.embedding_model, services.secret_box
+    )
+    try:
+        embedded = await metering.embed(
+            services,
+            principal.account_id,
+            limits,
+            model,
+            [query],
+            request_id=f"{request_id}:query",
+            key_id=principal.key_id,
+        )
+    except UpstreamError as exc:
+        raise client_error(exc, model) from exc
+    return search.as_query_vector(embedded.vectors), embedded.tokens
+
+
+async def _rerank(
+    services: AppServices,
+    session: AsyncSession,
+    principal: Principal,
+    spec: RerankSpec,
+    query: str,
+    results: list[SearchResult],
+) -> list[float]:
+    if not results:
+        return []
+    if spec.type == "endpoint":
+        credential = await get_credential_by_name(
+            session, principal.account_id, spec.credential or ""
+        )
+        if credential is None:
+            raise NotFound(
+                f"No credential {spec.credential!r} on this account.", param="rerank.credential"
+            )
+        reranker = RemoteReranker(
+            services.registry.client(credential.base_url, guarded=True),
+            url=credential.base_url.rstrip("/") + "/rerank",
+            api_key=services.secret_box.decrypt(credential.api_key_encrypted),
+            model=spec.model or "",
+        )
+        try:
+            return await reranker.rerank(query, [r.text for r in results])
+        except UpstreamError as exc:
+            raise BadRequest(
+                f"The reranker failed: {exc.message}", param="rerank", code="rerank_failed"
+            ) from exc
+    return await _judge(services, principal, spec.model or "", query, results)
+
+
+JUDGE_PROMPT = (
+    "Rate how well each passage answers the query, from 0 (irrelevant) to 10 (fully answers "
+    'it). Reply with JSON only: {"scores": [one integer per passage, in order]}.'
+)
+
+
+async def _judge(
+    services: AppServices,
+    principal: Principal,
+    model: str,
+    query: str,
+    results: list[SearchResult],
+) -> list[float]:
+    """A chat model as the judge: one billed call that scores every passage 0-10."""
+    from aivax.inference.accumulate import Accumulator
+    from aivax.inference.pipeline import finish, open_stream, prepare
+    from aivax.inference.schemas import ChatCompletionRequest
+
+    passages = "\n\n".join(
+        f"[{index}] {result.text[:1500]}" for index, result in enumerate(results, start=1)
+    )
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": model,
+            "temperature": 0,
+            "max_tokens": 8 * len(results) + 32,
+            "messages": [
+                {"role": "system", "content": JUDGE_PROMPT},
+                {"role": "user", "content": f"Query: {query}\n\nPassages:\n{passages}"},
+            ],
+        }
+    )
+    call = await prepare(services, principal, request, f"rerank:{uuid.uuid4()}")
+    accumulator = Accumulator()
+    status, code = 200, None
+    try:
+        async for _ in open_stream(call, accumulator):
+            pass
+    except UpstreamError as exc:
+        status, code = exc.status, exc.code
+        raise client_error(exc, call.model) from exc
+    finally:
+        await finish(call, accumulator, status=status, error_code=code)
+    return _parse_scores(accumulator.generated_text(), len(results))
+
+
+def _parse_scores(text: str, count: int) -> list[float]:
+    scores: list[float] = []
+    try:
+        parsed = json.loads(text[text.index("{") : text.rindex("}") + 1])
+        scores = [float(value) for value in parsed.get("scores", [])]
+    except (ValueError, TypeError, AttributeError):
+        scores = [float(value) for value in re.findall(r"\d+(?:\.\d+)?", text)]
+    scores = (scores + [0.0] * count)[:count]
+    return [min(max(score / 10.0, 0.0), 1.0) for score in scores]
+
+
+async def owned_collections(
+    session: AsyncSession, account_id: uuid.UUID, ids: Sequence[uuid.UUID | str]
+) -> list[Collection]:
+    from aivax.rag.service import get_collection
+
+    return [await get_collection(session, account_id, value) for value in dict.fromkeys(ids)]

@@ -1,0 +1,250 @@
+"""Search: keyword, vector and hybrid, with exact `min_score`.
+
+Scores are in [0, 1]:
+- vector_score: cosine similarity of the query and chunk embeddings, clamped at 0.
+- keyword_score: r / (r + 1), r the engine's full-text rank (SQLite FTS5 BM25, PostgreSQL
+  `ts_rank_cd`); comparable within one database, not across the two.
+- hybrid score: reciprocal rank fusion (k = 60) of the two ranked lists, divided by its maximum
+  2 / (k + 1): 1.0 = ranked first by both, 0.5 = first by one and absent from the other.
+- with a reranker, the score is the reranker's relevance in [0, 1].
+`min_score` applies to `score` and is exact: no result below it is ever returned.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Text,
+    and_,
+    cast,
+    column,
+    func,
+    literal,
+    literal_column,
+    not_,
+    or_,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aivax.models import Chunk, Document
+from aivax.rag.schemas import SearchResult
+
+RRF_K = 60
+CANDIDATES_MIN = 50
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class Candidate:
+    chunk_id: int
+    vector_score: float | None = None
+    keyword_score: float | None = None
+    vector_rank: int | None = None
+    keyword_rank: int | None = None
+    rerank_score: float | None = None
+    score: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def candidate_count(top_k: int) -> int:
+    return max(CANDIDATES_MIN, top_k * 4)
+
+
+def metadata_conditions(filter_: dict[str, Any] | None) -> list[ColumnElement[bool]]:
+    """SQL conditions on `documents.metadata` for a validated filter."""
+    if not filter_:
+        return []
+    conditions: list[ColumnElement[bool]] = []
+    for key, condition in filter_.items():
+        operations = condition if isinstance(condition, dict) else {"$eq": condition}
+        for operator, operand in operations.items():
+            conditions.append(_condition(key, operator, operand))
+    return conditions
+
+
+def _typed(key: str, sample: Any) -> Any:
+    field_ = Document.metadata_[key]
+    if isinstance(sample, bool):
+        return field_.as_boolean()
+    if isinstance(sample, int):
+        return field_.as_integer()
+    if isinstance(sample, float):
+        return field_.as_float()
+    return field_.as_string()
+
+
+def _condition(key: str, operator: str, operand: Any) -> ColumnElement[bool]:
+    if operator in ("$in", "$nin"):
+        values = list(operand)
+        if not values:
+            return text("1 = 0") if operator == "$in" else text("1 = 1")  # type: ignore[return-value]
+        column = _typed(key, values[0])
+        clause = column.in_(values)
+        return clause if operator == "$in" else or_(not_(clause), column.is_(None))
+    column = _typed(key, operand)
+    match operator:
+        case "$eq":
+            return column == operand  # type: ignore[no-any-return]
+        case "$ne":
+            return or_(column != operand, column.is_(None))
+        case "$gt":
+            return column > operand  # type: ignore[no-any-return]
+        case "$gte":
+            return column >= operand  # type: ignore[no-any-return]
+        case "$lt":
+            return column < operand  # type: ignore[no-any-return]
+        case _:
+            return column <= operand  # type: ignore[no-any-return]
+
+
+async def allowed_chunks(
+    session: AsyncSession, collection_id: uuid.UUID, conditions: list[ColumnElement[bool]]
+) -> set[int]:
+    rows = await session.execute(
+        select(Chunk.id)
+        .join(Document, Document.id == Chunk.document_id)
+        .where(Chunk.collection_id == collection_id, and_(*conditions))
+    )
+    return {int(row[0]) for row in rows}
+
+
+def fts_query(query: str) -> str:
+    """The words of `query`, OR-ed, each quoted: FTS5 syntax characters in the query are inert."""
+    words = WORD.findall(query.lower())[:64]
+    return " OR ".join('"' + word.replace('"', "") + '"' for word in words)
+
+
+async def keyword(
+    session: AsyncSession,
+    collection_id: uuid.UUID,
+    query: str,
+    limit: int,
+    conditions: list[ColumnElement[bool]],
+) -> list[tuple[int, float]]:
+    """(chunk id, keyword score), best first."""
+    dialect = session.get_bind().dialect.name
+    words = WORD.findall(query.lower())[:64]
+    if not words:
+        return []
+    filtered = bool(conditions)
+    if dialect == "postgresql":
+        tsv = literal_column("chunks.tsv")
+        tsquery = func.to_tsquery(
+            literal_column("'english'::regconfig"), cast(literal(" | ".join(words)), Text)
+        )
+        rank = func.ts_rank_cd(tsv, tsquery).label("rank")
+        statement = (
+            select(Chunk.id, rank)
+            .where(Chunk.collection_id == collection_id, tsv.op("@@")(tsquery))
+            .order_by(rank.desc())
+            .limit(limit)
+        )
+    else:
+        fts = table("chunks_fts", column("rowid"))
+        rank = (-func.bm25(literal_column("chunks_fts"))).label("rank")
+        statement = (
+            select(Chunk.id, rank)
+            .join(fts, fts.c.rowid == Chunk.id)
+            .where(
+                Chunk.collection_id == collection_id,
+                literal_column("chunks_fts").op("MATCH")(literal(fts_query(query), String())),
+            )
+            .order_by(rank.desc())
+            .limit(limit)
+        )
+    if filtered:
+        statement = statement.join(Document, Document.id == Chunk.document_id).where(
+            and_(*conditions)
+        )
+    rows = (await session.execute(statement)).all()
+    return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
+
+
+def _saturate(rank: float) -> float:
+    rank = max(rank, 0.0)
+    return rank / (rank + 1.0)
+
+
+def fuse(
+    vector_hits: Sequence[tuple[int, float]] | None,
+    keyword_hits: Sequence[tuple[int, float]] | None,
+    mode: str,
+) -> list[Candidate]:
+    candidates: dict[int, Candidate] = {}
+    for rank, (chunk_id, score) in enumerate(vector_hits or [], start=1):
+        item = candidates.setdefault(chunk_id, Candidate(chunk_id))
+        item.vector_score, item.vector_rank = max(score, 0.0), rank
+    for rank, (chunk_id, score) in enumerate(keyword_hits or [], start=1):
+        item = candidates.setdefault(chunk_id, Candidate(chunk_id))
+        item.keyword_score, item.keyword_rank = score, rank
+    best = 2.0 / (RRF_K + 1)
+    for item in candidates.values():
+        if mode == "vector":
+            item.score = item.vector_score or 0.0
+        elif mode == "keyword":
+            item.score = item.keyword_score or 0.0
+        else:
+            fused = sum(1.0 / (RRF_K + r) for r in (item.vector_rank, item.keyword_rank) if r)
+            item.score = min(fused / best, 1.0)
+    return sorted(candidates.values(), key=lambda c: (-c.score, c.chunk_id))
+
+
+async def hydrate(
+    session: AsyncSession, candidates: Sequence[Candidate], collections: dict[uuid.UUID, Any]
+) -> list[SearchResult]:
+    """Chunk text, document and metadata for each candidate, in the candidates' order."""
+    if not candidates:
+        return []
+    ids = [c.chunk_id for c in candidates]
+    rows = (
+        await session.execute(
+            select(Chunk, Document.external_id, Document.title, Document.metadata_)
+            .join(Document, Document.id == Chunk.document_id)
+            .where(Chunk.id.in_(ids))
+        )
+    ).all()
+    by_id = {row[0].id: row for row in rows}
+    results = []
+    for candidate in candidates:
+        row = by_id.get(candidate.chunk_id)
+        if row is None or row[0].collection_id not in collections:
+            continue  # deleted between ranking and now
+        chunk = row[0]
+        results.append(
+            SearchResult(
+                chunk_id=chunk.id,
+                collection_id=chunk.collection_id,
+                document_id=chunk.document_id,
+                document_external_id=row[1],
+                document_title=row[2],
+                position=chunk.position,
+                heading_path=list(chunk.heading_path),
+                text=chunk.text,
+                metadata=row[3],
+                score=round(candidate.score, 6),
+                vector_score=_rounded(candidate.vector_score),
+                keyword_score=_rounded(candidate.keyword_score),
+                rerank_score=_rounded(candidate.rerank_score),
+            )
+        )
+    return results
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 6) if value is not None else None
+
+
+def as_query_vector(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.ascontiguousarray(matrix[0], dtype=np.float32)
