@@ -140,7 +140,7 @@ async def keyword(
         return []
     filtered = bool(conditions)
     if dialect == "postgresql":
-        tsv = literal_column("chunks.tsv")
+        tsv: ColumnElement[Any] = literal_column("chunks.tsv")
         tsquery = func.to_tsquery(
             literal_column("'english'::regconfig"), cast(literal(" | ".join(words)), Text)
         )
