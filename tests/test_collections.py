@@ -128,7 +128,10 @@ async def test_each_mode_finds_the_relevant_document(
     if mode == "hybrid":
         assert top["vector_score"] is not None
         assert top["keyword_score"] is not None
-        assert top["score"] == 1.0  # first in both lists
+        # First in both lists: the mean of its component scores.
+        assert top["score"] == pytest.approx(
+            (top["vector_score"] + top["keyword_score"]) / 2, abs=1e-5
+        )
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True)
 

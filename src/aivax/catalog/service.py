@@ -104,12 +104,12 @@ async def _credential_id(session: AsyncSession, name: str | None) -> uuid.UUID |
 def _check_model_shape(
     provider: str, credential: uuid.UUID | None, kind: str, upstream: str, options: dict[str, Any]
 ) -> None:
-    if (kind == "embedding") != (provider in ("local_embedding", "openai")) or (
+    if (kind == "embedding" and provider not in ("local_embedding", "openai")) or (
         provider == "local_embedding" and kind != "embedding"
     ):
         raise BadRequest(
             f"A {provider!r} model cannot be of kind {kind!r}: embedding models use the "
-            "'local_embedding' or 'openai' provider.",
+            "'local_embedding' or 'openai' provider, and 'local_embedding' serves only them.",
             param="kind",
         )
     if kind == "embedding":

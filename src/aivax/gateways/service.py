@@ -68,6 +68,17 @@ async def validate(
             f"models ({min(windows)}).",
             param="config.context.limit_tokens",
         )
+    if config.collections is not None:
+        from aivax.models import Collection
+
+        for index, collection_id in enumerate(config.collections.ids):
+            owned = await session.get(Collection, collection_id)
+            if owned is None or owned.account_id != account_id:
+                raise NotFound(
+                    f"No collection {str(collection_id)!r} on this account.",
+                    param=f"config.collections.ids.{index}",
+                    code="collection_not_found",
+                )
     templates.zone(config.timezone)
     templates.check_template(config.system_instruction, param="config.system_instruction")
     for index, template in enumerate(config.prompt_templates):

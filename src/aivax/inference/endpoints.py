@@ -149,9 +149,10 @@ async def _sse(
     status = 499  # unless the loop below completes
     code: str | None = "client_disconnected"
     try:
-        yield responses.sse(
-            responses.chunk(call, created, delta={"role": "assistant", "content": ""})
-        )
+        opening = responses.chunk(call, created, delta={"role": "assistant", "content": ""})
+        if retrieved := responses.retrieval_block(call):
+            opening["aivax"] = retrieved
+        yield responses.sse(opening)
         pending = [first] if first is not None else []
         async for event in _chain(pending, events):
             delta = delta_of(event)

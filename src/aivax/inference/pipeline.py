@@ -29,6 +29,7 @@ from aivax.kit.clock import utcnow
 from aivax.models import Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
+from aivax.rag import augment
 from aivax.services import AppServices
 from aivax.structured import grammar_support
 from aivax.structured import pipeline as structured
@@ -153,6 +154,7 @@ class PreparedCall:
     moderator: Moderator | None = None
     flags: list[str] = field(default_factory=list)
     structured: structured.StructuredPlan | None = None
+    retrieval: dict[str, Any] | None = None
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
     cost_micros: int | None = None
@@ -168,10 +170,17 @@ async def prepare(
     request_id: str,
     *,
     origin: str | None = None,
+    internal: bool = False,
 ) -> PreparedCall:
+    """`internal`: a call AIVAX makes itself for a gateway (query rewriting, retrieval
+    decisions): `request.model` is a model, never a gateway, and public keys may make it."""
     admission.check_parameters(request)
     requested_model = request.model
-    gateway = await gateway_compose.lookup(services, principal, request.model, origin)
+    gateway = (
+        None
+        if internal
+        else await gateway_compose.lookup(services, principal, request.model, origin)
+    )
     if gateway is not None:
         request = gateway_compose.compose(gateway, request, principal)
     limits, model = await plan_and_model(services, principal, request.model)
@@ -182,8 +191,18 @@ async def prepare(
             code="not_a_chat_model",
         )
     admission.check_plan(
-        principal, principal.plan_id, limits, model, via_gateway=gateway is not None
+        principal, principal.plan_id, limits, model, via_gateway=gateway is not None or internal
     )
+    retrieved = None
+    if gateway is not None:
+        request, retrieved = await augment.augment(
+            services,
+            principal,
+            gateway_compose.effective_config(gateway.config, principal).collections,
+            request,
+            request_id,
+            supports_tools=model.supports_tools or model.byok,
+        )
     body = request.upstream_body()
     ignored = _drop_unsupported_hints(model, body)
     plan = structured.plan_for(
@@ -276,6 +295,7 @@ async def prepare(
         moderator=moderator,
         flags=flags,
         structured=plan,
+        retrieval=retrieved,
     )
 
 

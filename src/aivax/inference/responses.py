@@ -27,8 +27,16 @@ def usage_block(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
     }
 
 
+def retrieval_block(call: PreparedCall) -> dict[str, Any]:
+    options = call.request.aivax
+    if options is None or not options.include_retrieval:
+        return {}
+    return {"retrieval": call.retrieval}
+
+
 def aivax_block(call: PreparedCall) -> dict[str, Any]:
     return {
+        **retrieval_block(call),
         "request_id": call.request_id,
         "model": call.model.id,
         "gateway_id": str(call.gateway_id) if call.gateway_id else None,

@@ -157,6 +157,10 @@ class AivaxOptions(Strict):
     variables: dict[str, str | int | float | bool | None] | None = Field(
         default=None, max_length=100, description="Values for the gateway's templates."
     )
+    include_retrieval: bool = Field(
+        default=False,
+        description="Add what the gateway's collections retrieved (with scores) to the response.",
+    )
 
 
 class ChatCompletionRequest(Strict):

@@ -12,12 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aivax.catalog import service as catalog
 from aivax.catalog.repository import get_credential_by_name
 from aivax.errors import BadRequest, NotFound
-from aivax.inference.pipeline import client_error
+from aivax.inference import pipeline as inference
 from aivax.keys.service import Principal
 from aivax.models import Collection
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import UpstreamError
-from aivax.rag import metering, search
+from aivax.rag import internal, metering, search
 from aivax.rag.remote import RemoteReranker
 from aivax.rag.schemas import RerankSpec, SearchRequest, SearchResponse, SearchResult
 from aivax.rag.service import hit_rate, plan_limits
@@ -119,7 +119,7 @@ async def _embed_query(
             key_id=principal.key_id,
         )
     except UpstreamError as exc:
-        raise client_error(exc, model) from exc
+        raise inference.client_error(exc, model) from exc
     return search.as_query_vector(embedded.vectors), embedded.tokens
 
 
@@ -170,36 +170,25 @@ async def _judge(
     results: list[SearchResult],
 ) -> list[float]:
     """A chat model as the judge: one billed call that scores every passage 0-10."""
-    from aivax.inference.accumulate import Accumulator
-    from aivax.inference.pipeline import finish, open_stream, prepare
-    from aivax.inference.schemas import ChatCompletionRequest
-
     passages = "\n\n".join(
         f"[{index}] {result.text[:1500]}" for index, result in enumerate(results, start=1)
     )
-    request = ChatCompletionRequest.model_validate(
-        {
-            "model": model,
-            "temperature": 0,
-            "max_tokens": 8 * len(results) + 32,
-            "messages": [
+    try:
+        answer = await internal.call(
+            services,
+            principal,
+            model,
+            [
                 {"role": "system", "content": JUDGE_PROMPT},
                 {"role": "user", "content": f"Query: {query}\n\nPassages:\n{passages}"},
             ],
-        }
-    )
-    call = await prepare(services, principal, request, f"rerank:{uuid.uuid4()}")
-    accumulator = Accumulator()
-    status, code = 200, None
-    try:
-        async for _ in open_stream(call, accumulator):
-            pass
+            max_tokens=8 * len(results) + 32,
+        )
     except UpstreamError as exc:
-        status, code = exc.status, exc.code
-        raise client_error(exc, call.model) from exc
-    finally:
-        await finish(call, accumulator, status=status, error_code=code)
-    return _parse_scores(accumulator.generated_text(), len(results))
+        raise BadRequest(
+            f"The reranking model failed: {exc.message}", param="rerank", code="rerank_failed"
+        ) from exc
+    return _parse_scores(answer.generated_text(), len(results))
 
 
 def _parse_scores(text: str, count: int) -> list[float]:

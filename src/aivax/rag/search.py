@@ -4,8 +4,12 @@ Scores are in [0, 1]:
 - vector_score: cosine similarity of the query and chunk embeddings, clamped at 0.
 - keyword_score: r / (r + 1), r the engine's full-text rank (SQLite FTS5 BM25, PostgreSQL
   `ts_rank_cd`); comparable within one database, not across the two.
-- hybrid score: reciprocal rank fusion (k = 60) of the two ranked lists, divided by its maximum
-  2 / (k + 1): 1.0 = ranked first by both, 0.5 = first by one and absent from the other.
+- hybrid score: score-weighted reciprocal rank fusion (k = 60) of the two ranked lists:
+  the mean over the two methods of  component score x (k + 1) / (k + rank)  (0 where a method
+  did not return the chunk). The rank discount is RRF's; weighting it by the component's own
+  score keeps the fused score an absolute measure of relevance, so `min_score` still removes
+  irrelevant chunks that merely happen to rank first. 1.0 = a perfect match ranked first by
+  both methods.
 - with a reranker, the score is the reranker's relevance in [0, 1].
 `min_score` applies to `score` and is exact: no result below it is ever returned.
 """
@@ -120,9 +124,81 @@ async def allowed_chunks(
     return {int(row[0]) for row in rows}
 
 
+# English function words: matching them says nothing about relevance (PostgreSQL's 'english'
+# configuration drops the same kind of words).
+STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "but",
+        "by",
+        "do",
+        "does",
+        "did",
+        "for",
+        "from",
+        "had",
+        "has",
+        "have",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "no",
+        "not",
+        "of",
+        "on",
+        "or",
+        "our",
+        "so",
+        "than",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "to",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+    ]
+)
+
+
+def query_words(query: str) -> list[str]:
+    words = [w for w in WORD.findall(query.lower()) if w not in STOPWORDS]
+    return words[:64]
+
+
 def fts_query(query: str) -> str:
     """The words of `query`, OR-ed, each quoted: FTS5 syntax characters in the query are inert."""
-    words = WORD.findall(query.lower())[:64]
+    words = query_words(query)
     return " OR ".join('"' + word.replace('"', "") + '"' for word in words)
 
 
@@ -135,7 +211,7 @@ async def keyword(
 ) -> list[tuple[int, float]]:
     """(chunk id, keyword score), best first."""
     dialect = session.get_bind().dialect.name
-    words = WORD.findall(query.lower())[:64]
+    words = query_words(query)
     if not words:
         return []
     filtered = bool(conditions)
@@ -189,15 +265,21 @@ def fuse(
     for rank, (chunk_id, score) in enumerate(keyword_hits or [], start=1):
         item = candidates.setdefault(chunk_id, Candidate(chunk_id))
         item.keyword_score, item.keyword_rank = score, rank
-    best = 2.0 / (RRF_K + 1)
     for item in candidates.values():
         if mode == "vector":
             item.score = item.vector_score or 0.0
         elif mode == "keyword":
             item.score = item.keyword_score or 0.0
         else:
-            fused = sum(1.0 / (RRF_K + r) for r in (item.vector_rank, item.keyword_rank) if r)
-            item.score = min(fused / best, 1.0)
+            fused = sum(
+                (score or 0.0) * (RRF_K + 1) / (RRF_K + rank)
+                for score, rank in (
+                    (item.vector_score, item.vector_rank),
+                    (item.keyword_score, item.keyword_rank),
+                )
+                if rank
+            )
+            item.score = min(fused / 2.0, 1.0)
     return sorted(candidates.values(), key=lambda c: (-c.score, c.chunk_id))
 
 

@@ -441,10 +441,11 @@ async def create_document(
     limits = await plan_limits(session, principal.plan_id)
     await hit_rate(services.limiter, "insert", principal.account_id, limits.insert_rpm)
     await check_storage(session, principal.account_id, limits, text_bytes(item.text))
+    # No SAVEPOINT here: on SQLite a transaction that reads before it writes fails at once
+    # ("database is locked") when another writer committed in between.
     try:
-        async with session.begin_nested():
-            document, needs_index = await upsert_document(session, collection, item)
-            await session.flush()
+        document, needs_index = await upsert_document(session, collection, item)
+        await session.flush()
     except IntegrityError:  # a concurrent create with the same external id won
         raise BadRequest(
             f"Document {item.external_id!r} is being created by another request; retry.",
