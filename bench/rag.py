@@ -1,0 +1,358 @@
+"""RAG quality and speed: `make bench-rag` (add `--postgres URL` for PostgreSQL too).
+
+Quality. The evaluation set is generated offline and reproducibly from the docstrings of this
+Python's standard library (the modules in MODULES): each public function or class whose
+docstring has a one-line summary and a body of 25+ words becomes one document (its name and
+body, *without* the summary line); its summary line, with the function's own name removed, is
+the query, and that document is its one relevant answer. The summary and body describe the
+same thing in different words, so the set rewards both exact terms and meaning. For keyword,
+vector and hybrid search with each packaged embedding model it prints nDCG@10 and recall@10.
+
+Speed. Indexing throughput (chunks/s, the real job: chunking, embedding, writing) with each
+model; then search latency p50/p99 through the same code the API runs (query embedding,
+vector + keyword search, fusion, hydration, billing) at 10k and 100k chunks. The large
+collections are filled with the corpus' real chunk texts (repeated) and random unit vectors,
+since embedding 100k chunks would only measure the embedding model again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import insert, update
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from aivax.accounts import service as account_service  # noqa: E402
+from aivax.config import Settings  # noqa: E402
+from aivax.keys import service as key_service  # noqa: E402
+from aivax.keys.schemas import KeyCreate  # noqa: E402
+from aivax.keys.service import Principal  # noqa: E402
+from aivax.migrate import upgrade_to_head  # noqa: E402
+from aivax.models import Chunk, Collection, Document, EntryKind, Plan  # noqa: E402
+from aivax.rag import chunking, indexer, retrieval, service  # noqa: E402
+from aivax.rag.schemas import CollectionCreate, SearchRequest  # noqa: E402
+from aivax.services import AppServices  # noqa: E402
+from aivax.wallet import service as wallet_service  # noqa: E402
+
+MODULES = [
+    "os", "os.path", "shutil", "pathlib", "json", "re", "string", "textwrap", "datetime",
+    "calendar", "collections", "heapq", "bisect", "itertools", "functools", "operator",
+    "random", "statistics", "math", "decimal", "fractions", "hashlib", "hmac", "secrets",
+    "base64", "binascii", "zlib", "gzip", "bz2", "lzma", "zipfile", "tarfile", "csv",
+    "configparser", "logging", "argparse", "getpass", "time", "threading", "queue",
+    "subprocess", "socket", "ssl", "select", "selectors", "asyncio", "email", "mailbox",
+    "mimetypes", "urllib.parse", "urllib.request", "http.client", "http.cookies", "html",
+    "xml.dom.minidom", "xml.etree.ElementTree", "sqlite3", "pickle", "copy", "pprint",
+    "inspect", "dis", "ast", "tokenize", "traceback", "warnings", "contextlib", "abc",
+    "typing", "enum", "dataclasses", "uuid", "ipaddress", "difflib", "unicodedata",
+    "locale", "gettext", "struct", "codecs", "io", "tempfile", "glob", "fnmatch", "filecmp",
+    "stat", "platform", "sysconfig", "importlib", "pkgutil", "zipimport", "unittest",
+    "doctest", "timeit", "cProfile", "pstats", "tracemalloc", "gc", "weakref", "array",
+    "shelve", "dbm", "sched", "signal", "mmap", "webbrowser", "wsgiref.util", "smtplib",
+    "imaplib", "ftplib", "poplib", "cmd", "shlex", "colorsys", "wave", "turtle",
+]  # fmt: skip
+LOCAL_MODELS = ["aivax/paraphrase-minilm-l3", "aivax/minilm-l6-int8", "aivax/wordllama-l2-256"]
+K = 10
+
+
+@dataclass
+class Case:
+    doc_id: str
+    document: str
+    query: str
+
+
+def build_corpus(limit: int) -> list[Case]:
+    import importlib
+
+    cases: dict[str, Case] = {}
+    seen: set[int] = set()  # an object re-exported by several modules counts once
+    for module_name in MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001, S112 - e.g. turtle without Tk: skip the module
+            continue
+        for name, value in sorted(vars(module).items()):
+            if name.startswith("_") or not (inspect.isfunction(value) or inspect.isclass(value)):
+                continue
+            doc = inspect.getdoc(value) or ""
+            summary, _, body = doc.partition("\n")
+            body = " ".join(body.split())
+            summary = summary.strip()
+            if len(body.split()) < 25 or len(summary.split()) < 4 or id(value) in seen:
+                continue
+            if not summary[0].isalpha():
+                continue
+            seen.add(id(value))
+            key = f"{module_name}.{name}"
+            query = re.sub(rf"\b{re.escape(name)}\b", "", summary, flags=re.IGNORECASE)
+            query = " ".join(query.replace("()", "").split())
+            if len(query.split()) < 3 or key in cases:
+                continue
+            cases[key] = Case(key, f"{module_name}.{name}\n\n{body}", query)
+    ordered = sorted(cases.values(), key=lambda c: c.doc_id)
+    random.Random(7).shuffle(ordered)
+    return ordered[:limit]
+
+
+def ndcg_recall(ranked: list[str], relevant: str) -> tuple[float, float]:
+    for position, doc in enumerate(ranked[:K], start=1):
+        if doc == relevant:
+            return 1.0 / math.log2(position + 1), 1.0
+    return 0.0, 0.0
+
+
+async def setup(url: str) -> tuple[AppServices, Principal]:
+    await asyncio.to_thread(upgrade_to_head, url)
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=url,
+        data_dir=Path(tempfile.mkdtemp()),
+        secret_key="bench-secret-bench-secret-bench-secret-00",  # type: ignore[arg-type]
+        jobs_poll_seconds=0.2,
+    )
+    services = AppServices.build(settings)
+    indexer.register(services)
+    async with services.database.sessions() as session:
+        plan = await session.get(Plan, "free")
+        assert plan is not None  # noqa: S101 - seeded by the migration
+        plan.limits = {
+            **plan.limits,
+            "max_collections": 1000,
+            "search_rpm": 10**9,
+            "insert_rpm": 10**9,
+            "storage_quota_bytes": 10**12,
+            "jsonl_import_max_bytes": 10**10,
+            "models_allowed": ["*"],
+            "integrated_rpm": 10**9,
+            "integrated_input_tpm": 10**12,
+        }
+        account = await account_service.create(
+            session, name="bench", plan_id="free", secret_box=services.secret_box
+        )
+        _, token = await key_service.create(
+            session, account_id=account.id, data=KeyCreate(name="bench"),
+            secret=services.secret, max_keys=10,
+        )  # fmt: skip
+        await wallet_service.post_credit(
+            session, account_id=account.id, kind=EntryKind.TOPUP,
+            amount_micros=10**12, idempotency_key=f"bench-{uuid.uuid4()}",
+        )  # fmt: skip
+        await session.commit()
+        from datetime import timedelta
+
+        principal = await key_service.authenticate(
+            session, token, secret=services.secret, touch_interval=timedelta(hours=1)
+        )
+        await session.commit()
+    services.jobs.start()
+    return services, principal
+
+
+async def make_collection(
+    services: AppServices, principal: Principal, model: str, cases: list[Case]
+) -> tuple[Collection, float, int]:
+    """A collection holding `cases`, indexed by the real job; (collection, seconds, chunks)."""
+    async with services.database.sessions() as session:
+        collection = await service.create_collection(
+            services, session, principal, CollectionCreate(name=model, embedding_model=model)
+        )
+        ids = []
+        for case in cases:
+            document, _ = await service.upsert_document(
+                session,
+                collection,
+                service.DocumentInput(case.document, "text", case.doc_id, case.doc_id, {}),
+            )
+            await session.flush()
+            ids.append(str(document.id))
+        service.enqueue(session, principal.account_id, service.INDEX_JOB, {"document_ids": ids})
+        await session.commit()
+    started = time.perf_counter()
+    services.jobs.wake()
+    await services.jobs.wait_idle(timeout=3600)
+    seconds = time.perf_counter() - started
+    async with services.database.sessions() as session:
+        stats = await service.collection_stats(session, [collection.id])
+        fresh = await session.get(Collection, collection.id)
+        assert fresh is not None  # noqa: S101
+    return fresh, seconds, stats[collection.id][1]
+
+
+async def search(
+    services: AppServices, principal: Principal, collection: Collection, request: SearchRequest
+) -> list[Any]:
+    async with services.database.sessions() as session:
+        current = await session.get(Collection, collection.id)
+        assert current is not None  # noqa: S101
+        response = await retrieval.run(
+            services, session, principal, [current], request, request_id="bench", rate_limited=False
+        )
+    return response.data
+
+
+async def quality(services: AppServices, principal: Principal, cases: list[Case]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for model in LOCAL_MODELS:
+        collection, seconds, chunks = await make_collection(services, principal, model, cases)
+        row: dict[str, Any] = {"chunks": chunks, "chunks_per_s": round(chunks / seconds, 1)}
+        for mode in ("keyword", "vector", "hybrid"):
+            ndcgs, recalls = [], []
+            for case in cases:
+                results = await search(
+                    services, principal, collection,
+                    SearchRequest(query=case.query, top_k=30, mode=mode),  # type: ignore[arg-type]
+                )  # fmt: skip
+                ranked = list(dict.fromkeys(r.document_external_id for r in results))
+                ndcg, recall = ndcg_recall(ranked, case.doc_id)
+                ndcgs.append(ndcg)
+                recalls.append(recall)
+            row[mode] = {
+                "ndcg@10": round(statistics.fmean(ndcgs), 4),
+                "recall@10": round(statistics.fmean(recalls), 4),
+            }
+        table[model] = row
+        print(f"  {model}: {json.dumps(row)}", flush=True)
+    return table
+
+
+async def fill(
+    services: AppServices, collection: Collection, texts: list[str], total: int
+) -> None:
+    """Grow `collection` to `total` chunks: real texts, random unit vectors."""
+    rng = np.random.default_rng(11)
+    async with services.database.sessions() as session:
+        current = await service.collection_stats(session, [collection.id])
+    have = current[collection.id][1]
+    batch = 2_000
+    while have < total:
+        count = min(batch, total - have)
+        document_id = uuid.uuid4()
+        vectors = rng.standard_normal((count, collection.dimensions)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        rows = [
+            {
+                "collection_id": collection.id,
+                "document_id": document_id,
+                "position": i,
+                "heading_path": [],
+                "text": texts[(have + i) % len(texts)],
+                "content_hash": f"{have + i}",
+                "token_count": 64,
+                "dimensions": collection.dimensions,
+                "embedding": vectors[i],
+            }
+            for i in range(count)
+        ]
+
+        def write(conn: Any, rows: list[dict[str, Any]] = rows, document_id: uuid.UUID = document_id) -> None:
+            conn.execute(
+                insert(Document.__table__),  # type: ignore[arg-type]
+                {
+                    "id": document_id, "collection_id": collection.id,
+                    "account_id": collection.account_id, "external_id": None, "title": "filler",
+                    "content_type": "text", "text": "filler", "content_hash": "filler",
+                    "metadata": {}, "status": "ready", "error": None, "chunks_total": count,
+                    "chunks_done": count, "bytes": 0, "created_at": collection.created_at,
+                    "updated_at": collection.created_at,
+                },
+            )  # fmt: skip
+            conn.execute(insert(Chunk.__table__), rows)  # type: ignore[arg-type]
+            conn.execute(
+                update(Collection)
+                .where(Collection.id == collection.id)
+                .values(vectors_version=Collection.vectors_version + 1)
+            )
+
+        await services.database.run_write(write)
+        have += count
+    if services.vectors.is_postgres:
+        async with services.database.engine.begin() as conn:
+            from sqlalchemy import text
+
+            await conn.execute(text("ANALYZE chunks"))
+
+
+async def latency(
+    services: AppServices, principal: Principal, cases: list[Case], sizes: list[int]
+) -> dict[str, Any]:
+    model = LOCAL_MODELS[0]
+    collection, _, _ = await make_collection(services, principal, model, cases[:200])
+    texts = [d.text for d in chunking.blocks_of("\n\n".join(c.document for c in cases), markdown=False)]
+    queries = [c.query for c in cases[:200]]
+    out: dict[str, Any] = {}
+    for size in sizes:
+        started = time.perf_counter()
+        await fill(services, collection, texts, size)
+        print(f"  filled to {size} chunks in {time.perf_counter() - started:.1f} s", flush=True)
+        async with services.database.sessions() as session:
+            collection = await session.get(Collection, collection.id)  # type: ignore[assignment]
+        for mode in ("hybrid", "vector", "keyword"):
+            await search(services, principal, collection, SearchRequest(query="warm up", mode=mode))  # type: ignore[arg-type]
+            timings = []
+            for query in queries:
+                begin = time.perf_counter()
+                await search(services, principal, collection, SearchRequest(query=query, mode=mode))  # type: ignore[arg-type]
+                timings.append((time.perf_counter() - begin) * 1000)
+            timings.sort()
+            out[f"{size}:{mode}"] = {
+                "p50_ms": round(timings[len(timings) // 2], 2),
+                "p99_ms": round(timings[int(len(timings) * 0.99) - 1], 2),
+            }
+            print(f"  {size} chunks, {mode}: {out[f'{size}:{mode}']}", flush=True)
+    return out
+
+
+async def run(url: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"\n== {label} ({url.split('://')[0]}) ==", flush=True)
+    services, principal = await setup(url)
+    cases = build_corpus(args.documents)
+    print(f"corpus: {len(cases)} documents/queries from {len(MODULES)} stdlib modules", flush=True)
+    result: dict[str, Any] = {"documents": len(cases)}
+    try:
+        if not args.skip_quality:
+            result["quality"] = await quality(services, principal, cases)
+        result["latency"] = await latency(services, principal, cases, args.sizes)
+    finally:
+        await services.jobs.stop()
+        await services.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=1500)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--postgres", help="also run on this postgresql+asyncpg:// URL")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    work = Path(tempfile.mkdtemp(prefix="aivax-bench-rag-"))
+    results = {"sqlite": asyncio.run(run(f"sqlite+aiosqlite:///{work}/rag.db", "SQLite", args))}
+    if args.postgres:
+        results["postgresql"] = asyncio.run(run(args.postgres, "PostgreSQL", args))
+    print("\n" + json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
