@@ -39,17 +39,17 @@ from sqlalchemy import insert, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from aivax.accounts import service as account_service  # noqa: E402
-from aivax.config import Settings  # noqa: E402
-from aivax.keys import service as key_service  # noqa: E402
-from aivax.keys.schemas import KeyCreate  # noqa: E402
-from aivax.keys.service import Principal  # noqa: E402
-from aivax.migrate import upgrade_to_head  # noqa: E402
-from aivax.models import Chunk, Collection, Document, EntryKind, Plan  # noqa: E402
-from aivax.rag import chunking, indexer, retrieval, service  # noqa: E402
-from aivax.rag.schemas import CollectionCreate, SearchRequest  # noqa: E402
-from aivax.services import AppServices  # noqa: E402
-from aivax.wallet import service as wallet_service  # noqa: E402
+from aivax.accounts import service as account_service
+from aivax.config import Settings
+from aivax.keys import service as key_service
+from aivax.keys.schemas import KeyCreate
+from aivax.keys.service import Principal
+from aivax.migrate import upgrade_to_head
+from aivax.models import Chunk, Collection, Document, EntryKind, Plan
+from aivax.rag import indexer, retrieval, service
+from aivax.rag.schemas import CollectionCreate, SearchRequest
+from aivax.services import AppServices
+from aivax.wallet import service as wallet_service
 
 MODULES = [
     "os", "os.path", "shutil", "pathlib", "json", "re", "string", "textwrap", "datetime",
@@ -87,7 +87,7 @@ def build_corpus(limit: int) -> list[Case]:
     for module_name in MODULES:
         try:
             module = importlib.import_module(module_name)
-        except Exception:  # noqa: BLE001, S112 - e.g. turtle without Tk: skip the module
+        except Exception:  # noqa: S112 - e.g. turtle without Tk: skip the module
             continue
         for name, value in sorted(vars(module).items()):
             if name.startswith("_") or not (inspect.isfunction(value) or inspect.isclass(value)):
@@ -125,14 +125,14 @@ async def setup(url: str) -> tuple[AppServices, Principal]:
         _env_file=None,  # type: ignore[call-arg]
         database_url=url,
         data_dir=Path(tempfile.mkdtemp()),
-        secret_key="bench-secret-bench-secret-bench-secret-00",  # type: ignore[arg-type]
+        secret_key="bench-secret-bench-secret-bench-secret-00",  # type: ignore[arg-type]  # noqa: S106
         jobs_poll_seconds=0.2,
     )
     services = AppServices.build(settings)
     indexer.register(services)
     async with services.database.sessions() as session:
         plan = await session.get(Plan, "free")
-        assert plan is not None  # noqa: S101 - seeded by the migration
+        assert plan is not None
         plan.limits = {
             **plan.limits,
             "max_collections": 1000,
@@ -192,7 +192,7 @@ async def make_collection(
     async with services.database.sessions() as session:
         stats = await service.collection_stats(session, [collection.id])
         fresh = await session.get(Collection, collection.id)
-        assert fresh is not None  # noqa: S101
+        assert fresh is not None
     return fresh, seconds, stats[collection.id][1]
 
 
@@ -201,7 +201,7 @@ async def search(
 ) -> list[Any]:
     async with services.database.sessions() as session:
         current = await session.get(Collection, collection.id)
-        assert current is not None  # noqa: S101
+        assert current is not None
         response = await retrieval.run(
             services, session, principal, [current], request, request_id="bench", rate_limited=False
         )
@@ -233,9 +233,28 @@ async def quality(services: AppServices, principal: Principal, cases: list[Case]
     return table
 
 
-async def fill(
-    services: AppServices, collection: Collection, texts: list[str], total: int
-) -> None:
+def filler_texts(count: int) -> list[str]:
+    """`count` distinct chunk texts: four random sentences each, drawn from every docstring of
+    MODULES, so word frequencies are those of real technical prose (not one text repeated)."""
+    import importlib
+
+    sentences: list[str] = []
+    for module_name in MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # noqa: S112
+            continue
+        for value in vars(module).values():
+            doc = inspect.getdoc(value) if callable(value) else None
+            if doc:
+                sentences += [
+                    s for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())) if len(s) > 20
+                ]
+    rng = random.Random(5)
+    return [" ".join(rng.sample(sentences, 4)) for _ in range(count)]
+
+
+async def fill(services: AppServices, collection: Collection, texts: list[str], total: int) -> None:
     """Grow `collection` to `total` chunks: real texts, random unit vectors."""
     rng = np.random.default_rng(11)
     async with services.database.sessions() as session:
@@ -253,7 +272,7 @@ async def fill(
                 "document_id": document_id,
                 "position": i,
                 "heading_path": [],
-                "text": texts[(have + i) % len(texts)],
+                "text": texts[have + i],
                 "content_hash": f"{have + i}",
                 "token_count": 64,
                 "dimensions": collection.dimensions,
@@ -262,7 +281,12 @@ async def fill(
             for i in range(count)
         ]
 
-        def write(conn: Any, rows: list[dict[str, Any]] = rows, document_id: uuid.UUID = document_id) -> None:
+        def write(
+            conn: Any,
+            rows: list[dict[str, Any]] = rows,
+            document_id: uuid.UUID = document_id,
+            count: int = count,
+        ) -> None:
             conn.execute(
                 insert(Document.__table__),  # type: ignore[arg-type]
                 {
@@ -295,7 +319,7 @@ async def latency(
 ) -> dict[str, Any]:
     model = LOCAL_MODELS[0]
     collection, _, _ = await make_collection(services, principal, model, cases[:200])
-    texts = [d.text for d in chunking.blocks_of("\n\n".join(c.document for c in cases), markdown=False)]
+    texts = filler_texts(max(sizes))
     queries = [c.query for c in cases[:200]]
     out: dict[str, Any] = {}
     for size in sizes:

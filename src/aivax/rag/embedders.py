@@ -105,6 +105,10 @@ class OnnxEmbedder:
 
                 options = onnxruntime.SessionOptions()
                 options.log_severity_level = 3
+                # Idle worker threads must not spin: they would take the CPU the event loop
+                # (and the search that follows the query embedding) needs.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                options.add_session_config_entry("session.inter_op.allow_spinning", "0")
                 self._session = onnxruntime.InferenceSession(
                     str(self.model_path), options, providers=["CPUExecutionProvider"]
                 )

@@ -70,6 +70,19 @@ async def plan_limits(session: AsyncSession, plan_id: str) -> PlanLimits:
     return PlanLimits.model_validate(plan.limits)
 
 
+async def cached_plan_limits(
+    services: AppServices, session: AsyncSession, plan_id: str
+) -> PlanLimits:
+    """Plan limits from the hot-path cache (searches read them on every call)."""
+    caches = services.caches
+    limits = caches.plans.get(plan_id) if caches.enabled else None
+    if limits is None:
+        limits = await plan_limits(session, plan_id)
+        if caches.enabled:
+            caches.plans[plan_id] = limits
+    return limits
+
+
 async def hit_rate(limiter: RateLimiter, kind: str, account_id: uuid.UUID, per_minute: int) -> None:
     """Plan limits `search_rpm` / `insert_rpm` (429 with Retry-After)."""
     decision = await limiter.hit_requests(f"{kind}:{account_id}", per_minute)

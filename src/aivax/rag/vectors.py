@@ -27,7 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aivax.db import Database
 
-HNSW_MAX_DIMENSIONS = 2000  # pgvector's limit for an HNSW index on `vector`
+HNSW_MAX_DIMENSIONS = 2000
+THREAD_THRESHOLD_ROWS = 20_000  # pgvector's limit for an HNSW index on `vector`
 
 
 @dataclass
@@ -77,14 +78,11 @@ class VectorIndex:
         entry = await self._entry(collection_id, version, dimensions)
         if entry.ids.size == 0:
             return []
-        scores = entry.matrix @ query
-        if allowed is not None:
-            mask = np.isin(entry.ids, np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
-            scores = np.where(mask, scores, -np.inf)
-        count = min(limit, scores.size)
-        top = np.argpartition(-scores, count - 1)[:count]
-        top = top[np.argsort(-scores[top])]
-        return [(int(entry.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
+        if entry.ids.size < THREAD_THRESHOLD_ROWS:
+            return _rank(entry, query, limit, allowed)
+        # Large scans run in a worker thread (NumPy releases the GIL), so they overlap the
+        # keyword search and other requests instead of blocking the event loop.
+        return await asyncio.to_thread(_rank, entry, query, limit, allowed)
 
     async def _entry(self, collection_id: uuid.UUID, version: int, dimensions: int) -> _Entry:
         with self._lock:
@@ -155,6 +153,19 @@ class VectorIndex:
             rows = (await conn.execute(sql, params)).all()
         ranked = sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda item: -item[1])
         return ranked
+
+
+def _rank(
+    entry: _Entry, query: npt.NDArray[np.float32], limit: int, allowed: set[int] | None
+) -> list[tuple[int, float]]:
+    scores = entry.matrix @ query
+    if allowed is not None:
+        mask = np.isin(entry.ids, np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
+        scores = np.where(mask, scores, -np.inf)
+    count = min(limit, scores.size)
+    top = np.argpartition(-scores, count - 1)[:count]
+    top = top[np.argsort(-scores[top])]
+    return [(int(entry.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
 
 
 def _uuid_param(value: uuid.UUID) -> str:
