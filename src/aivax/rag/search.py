@@ -197,9 +197,9 @@ def query_words(query: str) -> list[str]:
     return words[:64]
 
 
-def fts_query(words: list[str]) -> str:
-    """`words` OR-ed, each quoted: FTS5 syntax characters in the query are inert."""
-    return " OR ".join('"' + word.replace('"', "") + '"' for word in words)
+def fts_query(words: list[str], operator: str = "OR") -> str:
+    """`words` joined by `operator`, each quoted: FTS5 syntax characters in them are inert."""
+    return f" {operator} ".join('"' + word.replace('"', "") + '"' for word in words)
 
 
 async def keyword(
@@ -216,18 +216,13 @@ async def keyword(
         return []
     filtered = bool(conditions)
     if dialect == "postgresql":
-        tsv: ColumnElement[Any] = literal_column("chunks.tsv")
-        tsquery = func.to_tsquery(
-            literal_column("'english'::regconfig"), cast(literal(" | ".join(words)), Text)
-        )
-        rank = func.ts_rank_cd(tsv, tsquery).label("rank")
-        statement = (
-            select(Chunk.id, rank)
-            .where(Chunk.collection_id == collection_id, tsv.op("@@")(tsquery))
-            .order_by(rank.desc())
-            .limit(limit)
-        )
-    else:
+        return await _pg_keyword(session, collection_id, words, limit, conditions)
+
+    async def ranked(expression: str) -> list[tuple[int, float]]:
+        if not filtered:
+            fast = await _global_then_filter(session, collection_id, expression, limit)
+            if fast is not None:
+                return fast
         fts = table("chunks_fts", column("rowid"))
         rank = (-func.bm25(literal_column("chunks_fts"))).label("rank")
         statement = (
@@ -235,34 +230,38 @@ async def keyword(
             .join(fts, fts.c.rowid == Chunk.id)
             .where(
                 Chunk.collection_id == collection_id,
-                literal_column("chunks_fts").op("MATCH")(literal(fts_query(words), String())),
+                literal_column("chunks_fts").op("MATCH")(literal(expression, String())),
             )
             .order_by(rank.desc())
             .limit(limit)
         )
-    if filtered:
-        statement = statement.join(Document, Document.id == Chunk.document_id).where(
-            and_(*conditions)
-        )
-    elif dialect != "postgresql":
-        fast = await _global_then_filter(session, collection_id, words, limit)
-        if fast is not None:
-            return fast
-    rows = (await session.execute(statement)).all()
-    return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
+        if filtered:
+            statement = statement.join(Document, Document.id == Chunk.document_id).where(
+                and_(*conditions)
+            )
+        rows = (await session.execute(statement)).all()
+        return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
+
+    found = await ranked(fts_query(words, "AND"))
+    if len(found) >= limit or len(words) == 1:
+        return found
+    seen = {chunk_id for chunk_id, _ in found}
+    broader = await ranked(fts_query(await _within_budget(session, words)))
+    more = [hit for hit in broader if hit[0] not in seen]
+    return sorted([*found, *more], key=lambda hit: -hit[1])[:limit]
 
 
 GLOBAL_CANDIDATES = 4
 
 
 async def _global_then_filter(
-    session: AsyncSession, collection_id: uuid.UUID, words: list[str], limit: int
+    session: AsyncSession, collection_id: uuid.UUID, expression: str, limit: int
 ) -> list[tuple[int, float]] | None:
     """SQLite: rank on the FTS index alone (no join: about 3x cheaper), then keep this
     collection's rows. Exact whenever at least `limit` of the global top rows belong to the
     collection (any other row of it ranks below all of them); otherwise None, and the caller
     runs the joined query."""
-    match = literal_column("chunks_fts").op("MATCH")(literal(fts_query(words), String()))
+    match = literal_column("chunks_fts").op("MATCH")(literal(expression, String()))
     score = func.bm25(literal_column("chunks_fts"))
     top = (
         select(literal_column("rowid").label("id"), (-score).label("rank"))
@@ -293,6 +292,7 @@ async def _global_then_filter(
 # it barely moves BM25) is left out of the query when rarer words remain. Document frequencies
 # are estimates, cached per database for a few minutes.
 COMMON_SHARE = 0.05
+OR_BUDGET = 3_000
 _document_frequency: TTLCache[tuple[str, str], int] = TTLCache(100_000, 300)
 
 
@@ -334,8 +334,65 @@ async def selective_words(session: AsyncSession, words: list[str]) -> list[str]:
     if total < 1_000:
         return words
     frequencies = {word: await _frequency(session, word) for word in dict.fromkeys(words)}
-    rare = [w for w, df in frequencies.items() if df <= total * COMMON_SHARE]
-    return rare if rare else list(frequencies)
+    by_rarity = sorted(frequencies, key=lambda word: frequencies[word])
+    rare = [w for w in by_rarity if frequencies[w] <= total * COMMON_SHARE]
+    return rare if rare else by_rarity
+
+
+async def _pg_keyword(
+    session: AsyncSession,
+    collection_id: uuid.UUID,
+    words: list[str],
+    limit: int,
+    conditions: list[ColumnElement[bool]],
+) -> list[tuple[int, float]]:
+    """PostgreSQL ranks each matching row by reading its tsvector, so the cost grows with the
+    matches. Chunks holding every query word are ranked first; only when fewer than `limit` do,
+    chunks holding any of the rarest words (up to OR_BUDGET estimated matches) are added.
+    Every chunk is scored against all the query words, so scores stay comparable."""
+    tsv: ColumnElement[Any] = literal_column("chunks.tsv")
+
+    def tsquery(operator: str, chosen: list[str]) -> Any:
+        return func.to_tsquery(
+            literal_column("'english'::regconfig"), cast(literal(operator.join(chosen)), Text)
+        )
+
+    rank = func.ts_rank_cd(tsv, tsquery(" | ", words)).label("rank")
+
+    async def ranked(match: Any) -> list[tuple[int, float]]:
+        statement = (
+            select(Chunk.id, rank)
+            .where(Chunk.collection_id == collection_id, tsv.op("@@")(match))
+            .order_by(rank.desc())
+            .limit(limit)
+        )
+        if conditions:
+            statement = statement.join(Document, Document.id == Chunk.document_id).where(
+                and_(*conditions)
+            )
+        rows = (await session.execute(statement)).all()
+        return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
+
+    found = await ranked(tsquery(" & ", words))
+    if len(found) >= limit or len(words) == 1:
+        return found
+    seen = {chunk_id for chunk_id, _ in found}
+    chosen = await _within_budget(session, words)
+    more = [hit for hit in await ranked(tsquery(" | ", chosen)) if hit[0] not in seen]
+    return sorted([*found, *more], key=lambda hit: -hit[1])[:limit]
+
+
+async def _within_budget(session: AsyncSession, words: list[str]) -> list[str]:
+    """The rarest of `words` (they come rarest first) whose estimated matches fit OR_BUDGET."""
+    chosen: list[str] = []
+    budget = 0
+    for word in words:
+        frequency = await _frequency(session, word)
+        if chosen and budget + frequency > OR_BUDGET:
+            break
+        chosen.append(word)
+        budget += frequency
+    return chosen
 
 
 def _saturate(rank: float) -> float:

@@ -26,9 +26,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aivax.db import Database
+from aivax.rag import int8scan
 
-HNSW_MAX_DIMENSIONS = 2000
-THREAD_THRESHOLD_ROWS = 20_000  # pgvector's limit for an HNSW index on `vector`
+HNSW_MAX_DIMENSIONS = 2000  # pgvector's limit for an HNSW index on `vector`
+THREAD_THRESHOLD_ROWS = 20_000
+# Above this many chunks, an int8 scan picks RESCORE_FACTOR x limit candidates (at least
+# RESCORE_MIN) and only those are scored exactly in float32 (aivax.rag.int8scan).
+QUANTIZED_THRESHOLD_ROWS = 20_000
+RESCORE_FACTOR = 10
+RESCORE_MIN = 500
 
 
 @dataclass
@@ -36,10 +42,12 @@ class _Entry:
     version: int
     ids: npt.NDArray[np.int64]
     matrix: npt.NDArray[np.float32]
+    quantized: int8scan.Quantized | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.matrix.nbytes + self.ids.nbytes)
+        extra = self.quantized.nbytes if self.quantized is not None else 0
+        return int(self.matrix.nbytes + self.ids.nbytes + extra)
 
 
 class VectorIndex:
@@ -118,8 +126,12 @@ class VectorIndex:
                 )
             ).all()
         ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
-        return _Entry(version, ids, matrix.reshape(len(rows), dimensions))
+        raw = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
+        matrix = raw.reshape(len(rows), dimensions)
+        quantized = None
+        if len(rows) >= QUANTIZED_THRESHOLD_ROWS:
+            quantized = await asyncio.to_thread(int8scan.quantize, matrix)
+        return _Entry(version, ids, matrix, quantized)
 
     def forget(self, collection_id: uuid.UUID) -> None:
         with self._lock:
@@ -158,9 +170,27 @@ class VectorIndex:
 def _rank(
     entry: _Entry, query: npt.NDArray[np.float32], limit: int, allowed: set[int] | None
 ) -> list[tuple[int, float]]:
+    mask = (
+        np.isin(entry.ids, np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
+        if allowed is not None
+        else None
+    )
+    if entry.quantized is not None:
+        rough = int8scan.approximate_scores(entry.quantized, query)
+        if mask is not None:
+            rough = np.where(mask, rough, -np.inf)
+        wanted = min(max(limit * RESCORE_FACTOR, RESCORE_MIN), rough.size)
+        rows = np.argpartition(-rough, wanted - 1)[:wanted]
+        rows = rows[np.isfinite(rough[rows])]
+        exact = entry.matrix[rows] @ query
+        count = min(limit, exact.size)
+        if count == 0:
+            return []
+        best = np.argpartition(-exact, count - 1)[:count]
+        best = best[np.argsort(-exact[best])]
+        return [(int(entry.ids[rows[i]]), float(exact[i])) for i in best]
     scores = entry.matrix @ query
-    if allowed is not None:
-        mask = np.isin(entry.ids, np.fromiter(allowed, dtype=np.int64, count=len(allowed)))
+    if mask is not None:
         scores = np.where(mask, scores, -np.inf)
     count = min(limit, scores.size)
     top = np.argpartition(-scores, count - 1)[:count]
