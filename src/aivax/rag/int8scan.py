@@ -74,7 +74,7 @@ def approximate_scores(
     product: npt.NDArray[np.int32] = _scan_session().run(
         None, {"query": codes.astype(np.uint8)[None, :], "matrix": quantized.columns}
     )[0][0]
-    scores: npt.NDArray[np.float32] = (
-        (product - 128 * quantized.sums) * quantized.scales
-    ).astype(np.float32)
+    scores: npt.NDArray[np.float32] = ((product - 128 * quantized.sums) * quantized.scales).astype(
+        np.float32
+    )
     return scores
