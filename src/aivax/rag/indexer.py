@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from aivax.services import AppServices
 logger = logging.getLogger("aivax.rag")
 
 EMBED_BATCH = 64
+GROUP_DOCUMENTS = 32  # documents chunked, embedded and written together
 _INSERT_CHUNK = insert(Chunk.__table__)  # type: ignore[arg-type]
 
 
@@ -35,75 +37,172 @@ class DocumentChanged(Exception):
     """The document changed or vanished while it was being indexed; a newer job indexes it."""
 
 
-async def index_document(services: AppServices, document_id: uuid.UUID, *, force: bool) -> str:
-    """Index one document; returns its final status ("ready", "failed" or "skipped")."""
+@dataclass
+class Plan:
+    """One document's indexing work: its chunks, which keep a stored vector, which need one."""
+
+    document_id: uuid.UUID
+    account_id: uuid.UUID
+    model_name: str
+    snapshot: tuple[str, str, int]  # content hash, embedding model, dimensions
+    drafts: list[chunking.ChunkDraft]
+    reusable: dict[str, tuple[int, Any]]
+    fresh: list[chunking.ChunkDraft]
+    vectors: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+async def _load(
+    services: AppServices, document_ids: list[uuid.UUID], *, force: bool
+) -> tuple[list[Plan], int]:
+    """Plans for the documents that still exist (marked `indexing`), and how many vanished."""
     async with services.database.sessions() as session:
-        document = await session.get(Document, document_id)
-        if document is None:
-            return "skipped"
-        collection = await session.get(Collection, document.collection_id)
-        if collection is None:
-            return "skipped"
-        document.status, document.updated_at = "indexing", utcnow()
-        await session.commit()
-        existing = (
+        rows = (
             await session.execute(
-                select(Chunk.id, Chunk.content_hash, Chunk.dimensions, Chunk.embedding).where(
-                    Chunk.document_id == document_id
-                )
+                select(Document, Collection)
+                .join(Collection, Collection.id == Document.collection_id)
+                .where(Document.id.in_(document_ids))
             )
         ).all()
-        account = await session.get(Account, document.account_id)
-        limits = await plan_limits(session, account.plan_id) if account else None
-        model = await catalog.resolve(
-            session, document.account_id, collection.embedding_model, services.secret_box
-        )
-        snapshot = (document.content_hash, collection.embedding_model, collection.dimensions)
-        text, content_type = document.text, document.content_type
-        size, overlap = collection.chunk_size, collection.chunk_overlap
-    drafts = chunking.chunk_document(text, content_type, chunk_size=size, overlap=overlap)
-    reusable: dict[str, tuple[int, Any]] = {}
-    if not force:
-        for chunk_id, digest, dimensions, vector in existing:
+        found = [row[0].id for row in rows]
+        if found:
+            await session.execute(
+                update(Document)
+                .where(Document.id.in_(found))
+                .values(status="indexing", updated_at=utcnow())
+            )
+        existing: dict[uuid.UUID, list[Any]] = {}
+        if found and not force:
+            for row in await session.execute(
+                select(
+                    Chunk.document_id, Chunk.id, Chunk.content_hash, Chunk.dimensions,
+                    Chunk.embedding,
+                ).where(Chunk.document_id.in_(found))
+            ):  # fmt: skip
+                existing.setdefault(row[0], []).append(row[1:])
+        work = [
+            (
+                document.id,
+                document.account_id,
+                (document.content_hash, collection.embedding_model, collection.dimensions),
+                document.text,
+                document.content_type,
+                collection.chunk_size,
+                collection.chunk_overlap,
+            )
+            for document, collection in rows
+        ]
+        await session.commit()
+    plans: list[Plan] = []
+    for document_id, account_id, snapshot, text, content_type, size, overlap in work:
+        try:
+            drafts = chunking.chunk_document(text, content_type, chunk_size=size, overlap=overlap)
+        except Exception:  # one unreadable document fails alone
+            logger.exception("chunking document %s failed", document_id)
+            failed = Plan(document_id, account_id, snapshot[1], snapshot, [], {}, [])
+            failed.error = "indexing failed while chunking"
+            plans.append(failed)
+            continue
+        reusable: dict[str, tuple[int, Any]] = {}
+        for chunk_id, digest, dimensions, vector in existing.get(document_id, []):
             if dimensions == snapshot[2]:
                 reusable.setdefault(digest, (chunk_id, vector))
-    fresh = [d for d in drafts if d.content_hash not in reusable]
-    await _set_progress(services, document_id, len(drafts) - len(fresh), len(drafts))
-    vectors: dict[str, Any] = {}
-    try:
-        if limits is None:
-            raise AppError("the account no longer exists")
-        for start in range(0, len(fresh), EMBED_BATCH):
-            batch = fresh[start : start + EMBED_BATCH]
+        fresh = list({d.content_hash: d for d in drafts if d.content_hash not in reusable}.values())
+        plans.append(Plan(document_id, account_id, snapshot[1], snapshot, drafts, reusable, fresh))
+    return plans, len(document_ids) - len(plans)
+
+
+async def _embed(services: AppServices, plans: list[Plan], label: str) -> None:
+    """Embed the fresh chunks of `plans` (one model, one account) in shared batches; a failed
+    batch fails the documents it carried."""
+    account_id, model_name, dimensions = (
+        plans[0].account_id,
+        plans[0].model_name,
+        plans[0].snapshot[2],
+    )
+    async with services.database.sessions() as session:
+        account = await session.get(Account, account_id)
+        try:
+            if account is None:
+                raise AppError("the account no longer exists")
+            limits = await plan_limits(session, account.plan_id)
+            model = await catalog.resolve(session, account_id, model_name, services.secret_box)
+        except AppError as exc:
+            for plan in plans:
+                plan.error = exc.message
+            return
+    work = [(plan, draft) for plan in plans for draft in plan.fresh]
+    for start in range(0, len(work), EMBED_BATCH):
+        batch = [item for item in work[start : start + EMBED_BATCH] if item[0].error is None]
+        if not batch:
+            continue
+        try:
             embedded = await metering.embed(
                 services,
-                document.account_id,
+                account_id,
                 limits,
                 model,
-                [d.text for d in batch],
-                request_id=f"index:{document_id}:{start // EMBED_BATCH}",
+                [draft.text for _, draft in batch],
+                request_id=f"index:{label}:{start // EMBED_BATCH}",
             )
-            if embedded.vectors.shape[1] != snapshot[2]:
+            if embedded.vectors.shape[1] != dimensions:
                 raise AppError(
                     f"the embedding model returned {embedded.vectors.shape[1]} dimensions, the "
-                    f"collection expects {snapshot[2]}"
+                    f"collection expects {dimensions}"
                 )
-            for draft, row in zip(batch, embedded.vectors, strict=True):
-                vectors[draft.content_hash] = np.asarray(row, dtype=np.float32)
-            await _set_progress(
-                services, document_id, len(drafts) - len(fresh) + start + len(batch), len(drafts)
-            )
-    except (AppError, UpstreamError) as exc:
-        message = exc.message if hasattr(exc, "message") else str(exc)
-        await _fail(services, document_id, f"embedding failed: {message}")
-        return "failed"
-    try:
-        await services.database.run_write(
-            lambda conn: _write_chunks(conn, document_id, snapshot, drafts, reusable, vectors)
+        except (AppError, UpstreamError) as exc:
+            for plan, _ in batch:
+                plan.error = f"embedding failed: {exc.message}"
+            continue
+        for (plan, draft), row in zip(batch, embedded.vectors, strict=True):
+            plan.vectors[draft.content_hash] = np.asarray(row, dtype=np.float32)
+        # Progress on each document: chunks kept plus chunks embedded so far.
+        touched = {id(plan): plan for plan, _ in batch}.values()
+        await _set_progress(
+            services,
+            [
+                (p.document_id, len(p.drafts) - len(p.fresh) + len(p.vectors), len(p.drafts))
+                for p in touched
+            ],
         )
-    except DocumentChanged:
-        return "skipped"
-    return "ready"
+
+
+async def index_documents(
+    services: AppServices, document_ids: list[uuid.UUID], *, force: bool, label: str
+) -> dict[str, int]:
+    """Index a group of documents: chunked one by one, embedded in shared batches (much
+    faster than a call per document), written in one transaction. Returns status counts."""
+    plans, vanished = await _load(services, document_ids, force=force)
+    outcome = {"ready": 0, "failed": 0, "skipped": vanished}
+    groups: dict[tuple[uuid.UUID, str], list[Plan]] = {}
+    for plan in plans:
+        groups.setdefault((plan.account_id, plan.model_name), []).append(plan)
+    for group in groups.values():
+        await _embed(services, group, label)
+    for plan in plans:
+        if plan.error is not None:
+            await _fail(services, plan.document_id, plan.error)
+            outcome["failed"] += 1
+    written = [plan for plan in plans if plan.error is None]
+
+    def write(conn: Connection) -> list[str]:
+        statuses = []
+        for plan in written:
+            try:
+                with conn.begin_nested():
+                    _write_chunks(
+                        conn, plan.document_id, plan.snapshot, plan.drafts, plan.reusable,
+                        plan.vectors,
+                    )  # fmt: skip
+                statuses.append("ready")
+            except DocumentChanged:
+                statuses.append("skipped")
+        return statuses
+
+    if written:
+        for status in await services.database.run_write(write):
+            outcome[status] += 1
+    return outcome
 
 
 def _write_chunks(
@@ -173,16 +272,16 @@ def _write_chunks(
     )
 
 
-async def _set_progress(
-    services: AppServices, document_id: uuid.UUID, done: int, total: int
-) -> None:
-    await services.database.run_write(
-        lambda conn: conn.execute(
-            update(Document)
-            .where(Document.id == document_id)
-            .values(chunks_done=done, chunks_total=total)
-        )
-    )
+async def _set_progress(services: AppServices, progress: list[tuple[uuid.UUID, int, int]]) -> None:
+    def write(conn: Connection) -> None:
+        for document_id, done, total in progress:
+            conn.execute(
+                update(Document)
+                .where(Document.id == document_id)
+                .values(chunks_done=done, chunks_total=total)
+            )
+
+    await services.database.run_write(write)
 
 
 async def _fail(services: AppServices, document_id: uuid.UUID, message: str) -> None:
@@ -195,25 +294,10 @@ async def _fail(services: AppServices, document_id: uuid.UUID, message: str) -> 
     )
 
 
-async def index_safely(services: AppServices, document_id: uuid.UUID, *, force: bool) -> str:
-    """One document's failure (a bug, a database error) fails that document, not the job."""
-    try:
-        return await index_document(services, document_id, force=force)
-    except Exception as exc:
-        logger.exception("indexing document %s failed", document_id)
-        await _fail(services, document_id, f"indexing failed: {type(exc).__name__}")
-        return "failed"
-
-
 def register(services: AppServices) -> None:
-    async def index_documents(context: JobContext) -> dict[str, Any]:
+    async def index_job(context: JobContext) -> dict[str, Any]:
         ids = [uuid.UUID(value) for value in context.payload.get("document_ids", [])]
-        outcome: dict[str, int] = {"ready": 0, "failed": 0, "skipped": 0}
-        await context.progress(0, len(ids))
-        for done, document_id in enumerate(ids, start=1):
-            outcome[await index_safely(services, document_id, force=False)] += 1
-            await context.progress(done)
-        return outcome
+        return await _in_groups(context, ids, force=False)
 
     async def reembed_collection(context: JobContext) -> dict[str, Any]:
         collection_id = uuid.UUID(context.payload["collection_id"])
@@ -227,12 +311,22 @@ def register(services: AppServices) -> None:
                     )
                 ).all()
             )
-        outcome: dict[str, int] = {"ready": 0, "failed": 0, "skipped": 0}
+        return await _in_groups(context, ids, force=True)
+
+    async def _in_groups(
+        context: JobContext, ids: list[uuid.UUID], *, force: bool
+    ) -> dict[str, Any]:
+        outcome = {"ready": 0, "failed": 0, "skipped": 0}
         await context.progress(0, len(ids))
-        for done, document_id in enumerate(ids, start=1):
-            outcome[await index_safely(services, document_id, force=True)] += 1
-            await context.progress(done)
+        for start in range(0, len(ids), GROUP_DOCUMENTS):
+            group = ids[start : start + GROUP_DOCUMENTS]
+            counts = await index_documents(
+                services, group, force=force, label=f"{context.id}:{start}"
+            )
+            for status, count in counts.items():
+                outcome[status] += count
+            await context.progress(start + len(group))
         return outcome
 
-    services.jobs.register(INDEX_JOB, index_documents)
+    services.jobs.register(INDEX_JOB, index_job)
     services.jobs.register(REEMBED_JOB, reembed_collection)

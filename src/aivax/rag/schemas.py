@@ -41,16 +41,25 @@ class CollectionCreate(BaseModel):
         max_length=300,
         description="An embedding model from GET /v1/models, or byok/<credential>/<model>.",
     )
-    chunk_size: int = Field(default=200, ge=32, le=2048, description="Tokens per chunk.")
-    chunk_overlap: int = Field(default=30, ge=0, le=512, description="Tokens of overlap.")
+    chunk_size: int | None = Field(
+        default=None,
+        ge=32,
+        le=2048,
+        description="Tokens per chunk (default: 80% of what the embedding model reads, at "
+        "most 256 — longer chunks would be cut off by the model).",
+    )
+    chunk_overlap: int | None = Field(
+        default=None, ge=0, le=512, description="Tokens of overlap (default: chunk_size / 8)."
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     _metadata = field_validator("metadata")(_check_metadata)
 
     @field_validator("chunk_overlap")
     @classmethod
-    def _overlap_below_size(cls, value: int, info: ValidationInfo) -> int:
-        if value * 2 > info.data.get("chunk_size", 200):
+    def _overlap_below_size(cls, value: int | None, info: ValidationInfo) -> int | None:
+        size = info.data.get("chunk_size")
+        if value is not None and size is not None and value * 2 > size:
             raise ValueError("chunk_overlap must be at most half of chunk_size")
         return value
 

@@ -172,6 +172,15 @@ async def embedding_model(
 
 # --- collections ---------------------------------------------------------------------------
 
+MAX_DEFAULT_CHUNK_TOKENS = 256
+
+
+def default_chunk_size(model: ResolvedModel) -> int:
+    """80% of the tokens the embedding model reads (its tokenizer counts a little more than
+    cl100k does), at most 256: paraphrase-MiniLM-L3 (128) gets 102, MiniLM-L6 (256) 204."""
+    window = model.context_window or 8_191
+    return max(32, min(MAX_DEFAULT_CHUNK_TOKENS, int(window * 0.8)))
+
 
 async def get_collection(
     session: AsyncSession, account_id: uuid.UUID, collection_id: uuid.UUID | str
@@ -199,9 +208,15 @@ async def create_collection(
         raise CollectionLimitReached(
             f"The plan allows {limits.max_collections} collections; delete one or upgrade.",
         )
-    _, dimensions = await embedding_model(
+    model, dimensions = await embedding_model(
         services, session, principal, data.embedding_model, limits
     )
+    size = data.chunk_size or default_chunk_size(model)
+    overlap = data.chunk_overlap if data.chunk_overlap is not None else size // 8
+    if overlap * 2 > size:
+        raise BadRequest(
+            f"chunk_overlap must be at most half of chunk_size ({size}).", param="chunk_overlap"
+        )
     await services.vectors.ensure_index(dimensions)
     collection = Collection(
         account_id=principal.account_id,
@@ -209,8 +224,8 @@ async def create_collection(
         description=data.description,
         embedding_model=data.embedding_model,
         dimensions=dimensions,
-        chunk_size=data.chunk_size,
-        chunk_overlap=data.chunk_overlap,
+        chunk_size=size,
+        chunk_overlap=overlap,
         metadata_=data.metadata,
     )
     session.add(collection)
