@@ -58,6 +58,10 @@ bench: $(STAMP) ## Gateway overhead vs a mock upstream (and LiteLLM when bench-d
 bench-json: $(STAMP) ## JSON Healing: 400-case corpus and the local model with/without grammar
 	$(BIN)/python bench/json_healing.py
 
+.PHONY: bench-rag
+bench-rag: $(STAMP) ## RAG quality (nDCG/recall), indexing chunks/s, search latency (RAG_BENCH_ARGS=--postgres URL)
+	$(BIN)/python bench/rag.py $(RAG_BENCH_ARGS)
+
 .PHONY: bench-foundation
 bench-foundation: $(STAMP) ## Auth, session and wallet costs
 	$(BIN)/python bench/foundation.py

@@ -190,6 +190,9 @@ async def test_deleting_a_document_removes_it_from_search_at_once(
         assert "kitchen" not in {r["document_external_id"] for r in after}
     missing = await client.get(f"/v1/collections/{filled}/documents/kitchen", headers=owner.headers)
     assert_error(missing, 404, "document_not_found")
+    account = (await client.get("/v1/account", headers=owner.headers)).json()
+    kept = sum(len(text.encode()) for name, text, _ in DOCS if name != "kitchen")
+    assert account["storage_bytes_used"] == kept  # the deleted document's bytes are freed
 
 
 async def test_update_reembeds_only_changed_chunks(

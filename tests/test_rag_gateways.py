@@ -249,6 +249,70 @@ async def test_remote_embeddings_and_endpoint_reranker(
     assert_error(missing, 404)
 
 
+async def test_a_chat_model_as_reranking_judge(
+    client: httpx.AsyncClient, owner: AccountWithKeys, fake_openai: FakeUpstream
+) -> None:
+    collection = await _kb(client, owner)
+    plain = await client.post(
+        f"/v1/collections/{collection}/search",
+        headers=owner.headers,
+        json={"query": "sourdough bread", "top_k": 2, "mode": "vector"},
+    )
+    first, second = (r["document_external_id"] for r in plain.json()["data"])
+    judged = await client.post(
+        f"/v1/collections/{collection}/search",
+        headers=owner.headers,
+        json={
+            "query": "sourdough bread",
+            "top_k": 2,
+            "mode": "vector",
+            "rerank": {"type": "model", "model": "test/fake-judge", "candidates": 2},
+        },
+    )
+    assert judged.status_code == 200, judged.text
+    results = judged.json()["data"]
+    # The judge gave the second passage 9/10 and the first 1/10: the order flips.
+    assert [r["document_external_id"] for r in results] == [second, first]
+    assert [r["rerank_score"] for r in results] == [0.9, 0.1]
+    prompt = fake_openai.recorder.last()["messages"][1]["content"]
+    assert "Query: sourdough bread" in prompt
+    assert "[1]" in prompt
+    assert "[2]" in prompt
+
+
+async def test_search_across_collections_and_the_search_rate_limit(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    from tests.fixtures.factories import make_plan
+
+    plan = await make_plan(services, search_rpm=2)
+    account = await make_account(services, plan=plan, balance_micros=1_000_000)
+    first = await _kb(client, account)
+    second = (
+        await client.post("/v1/collections", headers=account.headers, json={"name": "two"})
+    ).json()["id"]
+    await client.post(
+        f"/v1/collections/{second}/documents?wait=true",
+        headers=account.headers,
+        json={"id": "volcano", "text": "Volcanoes erupt molten rock called lava."},
+    )
+    both = await client.post(
+        "/v1/collections/search",
+        headers=account.headers,
+        json={"query": "lava from volcanoes", "collection_ids": [first, second], "top_k": 1},
+    )
+    assert both.status_code == 200, both.text
+    assert both.json()["data"][0]["collection_id"] == second
+    again = await client.post(
+        f"/v1/collections/{first}/search", headers=account.headers, json={"query": "bread"}
+    )
+    assert again.status_code == 200
+    limited = await client.post(
+        f"/v1/collections/{first}/search", headers=account.headers, json={"query": "bread"}
+    )
+    assert_error(limited, 429, "rate_limit_search")
+
+
 async def test_changing_the_embedding_model_reembeds_with_progress(
     client: httpx.AsyncClient, services: AppServices, owner: AccountWithKeys
 ) -> None:

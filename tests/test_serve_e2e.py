@@ -97,6 +97,7 @@ def test_first_start_bootstraps_once_and_quickstart_works(tmp_path: Path) -> Non
             *_doc_blocks("quickstart.md"),
             *_doc_blocks("gateways.md"),
             *_doc_blocks("structured-output.md"),
+            *_doc_blocks("rag.md"),
         ]
         assert len(blocks) >= 12
         for block in blocks:

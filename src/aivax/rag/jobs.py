@@ -82,14 +82,17 @@ class JobRunner:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before looking: a wake() during the claim is never lost.
+            self._wake.clear()
             try:
                 job = await self.database.run_write(self._claim)
             except Exception:
                 logger.exception("claiming a job failed; retrying")
                 job = None
             if job is None:
+                if self._wake.is_set():
+                    continue  # a job was queued while we looked: look again
                 self._idle.set()
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
                 continue

@@ -16,6 +16,7 @@ Scores are in [0, 1]:
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -322,19 +323,42 @@ async def _frequency(session: AsyncSession, word: str) -> int:
     return count
 
 
-async def selective_words(session: AsyncSession, words: list[str]) -> list[str]:
-    if len(words) < 2:
-        return words
-    bind = session.get_bind()
-    total_key = (str(bind.engine.url), "\0total")
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+async def _average_length(session: AsyncSession) -> float:
+    """PostgreSQL: the mean number of distinct lexemes per chunk (cached with the counts)."""
+    key = (str(session.get_bind().engine.url), "\0average")
+    cached = _document_frequency.get(key)
+    if cached is None:
+        value = await session.scalar(
+            select(func.avg(func.length(literal_column("chunks.tsv")))).select_from(Chunk)
+        )
+        cached = max(int(float(value or 1.0) * 1000), 1000)
+        _document_frequency[key] = cached
+    return cached / 1000
+
+
+async def _total_chunks(session: AsyncSession) -> int:
+    total_key = (str(session.get_bind().engine.url), "\0total")
     total = _document_frequency.get(total_key)
     if total is None:
         total = int(await session.scalar(select(func.count()).select_from(Chunk)) or 0)
         _document_frequency[total_key] = total
-    if total < 1_000:
+    return total
+
+
+async def selective_words(session: AsyncSession, words: list[str]) -> list[str]:
+    """The query words, rarest first, without those found in over COMMON_SHARE of all chunks
+    (when rarer ones remain)."""
+    if len(words) < 2:
         return words
+    total = await _total_chunks(session)
     frequencies = {word: await _frequency(session, word) for word in dict.fromkeys(words)}
     by_rarity = sorted(frequencies, key=lambda word: frequencies[word])
+    if total < 1_000:
+        return by_rarity
     rare = [w for w in by_rarity if frequencies[w] <= total * COMMON_SHARE]
     return rare if rare else by_rarity
 
@@ -349,7 +373,12 @@ async def _pg_keyword(
     """PostgreSQL ranks each matching row by reading its tsvector, so the cost grows with the
     matches. Chunks holding every query word are ranked first; only when fewer than `limit` do,
     chunks holding any of the rarest words (up to OR_BUDGET estimated matches) are added.
-    Every chunk is scored against all the query words, so scores stay comparable."""
+
+    `ts_rank_cd` alone knows no inverse document frequency: a common word counts as much as a
+    rare one (measured: nDCG@10 0.36 against FTS5 BM25's 0.60 on the bench set). So the rank is
+    BM25-shaped: the sum over query words of  idf(word) x ts_rank_cd(chunk, word)  (length-
+    normalised), with idf from the cached document frequencies. Every chunk is scored against
+    all the query words, so scores stay comparable."""
     tsv: ColumnElement[Any] = literal_column("chunks.tsv")
 
     def tsquery(operator: str, chosen: list[str]) -> Any:
@@ -357,7 +386,20 @@ async def _pg_keyword(
             literal_column("'english'::regconfig"), cast(literal(operator.join(chosen)), Text)
         )
 
-    rank = func.ts_rank_cd(tsv, tsquery(" | ", words)).label("rank")
+    total = await _total_chunks(session)
+    average = await _average_length(session)
+    # BM25 (k1 = 1.2, b = 0.75): a word's frequency in the chunk is ts_rank_cd's raw rank for
+    # that word alone (0.1 per occurrence), the chunk's length its number of distinct lexemes.
+    norm = literal(BM25_K1) * (
+        literal(1 - BM25_B) + literal(BM25_B) * func.length(tsv) / literal(average)
+    )
+    weights = []
+    for word in words:
+        frequency = await _frequency(session, word)
+        idf = math.log(1 + (total - frequency + 0.5) / (frequency + 0.5))
+        tf = func.ts_rank_cd(tsv, tsquery("", [word]), 0) * literal(10.0)
+        weights.append(literal(idf) * tf * literal(BM25_K1 + 1) / (tf + norm))
+    rank = sum(weights[1:], weights[0]).label("rank")
 
     async def ranked(match: Any) -> list[tuple[int, float]]:
         statement = (

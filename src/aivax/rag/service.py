@@ -524,7 +524,9 @@ async def update_document(
         document.metadata_,
     )
     if data.text is not None:
-        created = input_of(DocumentCreate(text=data.text, content_type=data.content_type or "text"))
+        # Without a content_type, the text keeps the document's (HTML is stored as Markdown).
+        kind = data.content_type or ("markdown" if document.content_type == "markdown" else "text")
+        created = input_of(DocumentCreate(text=data.text, content_type=kind))
         item.text, item.content_type = created.text, created.content_type
         item.title = item.title or created.title
     if data.title is not None:
