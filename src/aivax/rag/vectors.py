@@ -160,8 +160,14 @@ class VectorIndex:
             params["allowed"] = list(allowed)
         async with self.database.engine.begin() as conn:
             # Keep scanning the graph until `limit` rows pass the filters (pgvector ≥ 0.8).
-            await conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
-            await conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(limit, 1000))}"))
+            # (One round trip for both settings; `true`: for this transaction only.)
+            await conn.execute(
+                text(
+                    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+                    "set_config('hnsw.ef_search', :ef, true)"
+                ),
+                {"ef": str(max(40, min(limit, 1000)))},
+            )
             rows = (await conn.execute(sql, params)).all()
         ranked = sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda item: -item[1])
         return ranked
