@@ -118,6 +118,19 @@ async def test_remote_model_base64_billing_and_log(
     assert report.cached_balance_micros == 1_000_000 - 3
 
 
+async def test_a_transient_upstream_failure_is_retried(
+    live_server: ThreadedServer, owner: AccountWithKeys, fake_openai: FakeUpstream
+) -> None:
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=30) as client:
+        response = await client.post(
+            "/v1/embeddings",
+            headers=owner.headers,
+            json={"model": "test/fake-embed-flaky", "input": ["retry me", str(uuid.uuid4())]},
+        )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2
+
+
 async def test_bad_input_and_wrong_models(
     live_server: ThreadedServer, owner: AccountWithKeys
 ) -> None:

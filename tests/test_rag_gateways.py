@@ -313,6 +313,56 @@ async def test_search_across_collections_and_the_search_rate_limit(
     assert_error(limited, 429, "rate_limit_search")
 
 
+async def test_bring_your_own_embedding_model(
+    client: httpx.AsyncClient, owner: AccountWithKeys, fake_openai: FakeUpstream
+) -> None:
+    credential = await client.post(
+        "/v1/credentials",
+        headers=owner.headers,
+        json={
+            "name": "my-embedder",
+            "provider": "openai",
+            "base_url": fake_openai.base_url,
+            "api_key": "sk-fake-upstream",
+        },
+    )
+    assert credential.status_code == 201, credential.text
+    collection = await _kb(client, owner, "byok/my-embedder/fake-embed")
+    detail = (await client.get(f"/v1/collections/{collection}", headers=owner.headers)).json()
+    assert detail["dimensions"] == 64  # probed once with a real call
+    assert ["dimension probe"] in fake_openai.recorder.embedding_inputs
+    results = await client.post(
+        f"/v1/collections/{collection}/search",
+        headers=owner.headers,
+        json={"query": "refunds reach your card", "mode": "vector", "top_k": 1},
+    )
+    assert results.json()["data"][0]["document_external_id"] == "billing"
+    direct = await client.post(
+        "/v1/embeddings",
+        headers=owner.headers,
+        json={"model": "byok/my-embedder/fake-embed", "input": "hello"},
+    )
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["aivax"]["cost_micros"] is None  # BYOK: unpriced unless priced
+    broken = await client.post(
+        "/v1/credentials",
+        headers=owner.headers,
+        json={
+            "name": "wrong-key",
+            "provider": "openai",
+            "base_url": fake_openai.base_url,
+            "api_key": "sk-wrong",
+        },
+    )
+    assert broken.status_code == 201
+    refused = await client.post(
+        "/v1/collections",
+        headers=owner.headers,
+        json={"name": "x", "embedding_model": "byok/wrong-key/fake-embed"},
+    )
+    assert_error(refused, 400, "invalid_embedding_model")
+
+
 async def test_changing_the_embedding_model_reembeds_with_progress(
     client: httpx.AsyncClient, services: AppServices, owner: AccountWithKeys
 ) -> None:

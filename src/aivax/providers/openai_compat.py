@@ -73,7 +73,7 @@ def usage_event(usage: dict[str, Any]) -> UsageEvent:
     )
 
 
-def _retry_delay(attempt: int, headers: httpx.Headers | None) -> float:
+def retry_delay(attempt: int, headers: httpx.Headers | None) -> float:
     if headers is not None:
         retry_after = headers.get("retry-after")
         if retry_after and retry_after.replace(".", "", 1).isdigit():
@@ -123,7 +123,7 @@ class OpenAICompatProvider:
                     if response.status_code >= 400:
                         error = await self._status_error(response)
                         if not last and response.status_code in RETRYABLE_STATUSES:
-                            await asyncio.sleep(_retry_delay(attempt, response.headers))
+                            await asyncio.sleep(retry_delay(attempt, response.headers))
                             continue
                         raise error
                     async for event in self._events(response):
@@ -131,7 +131,7 @@ class OpenAICompatProvider:
                     return
             except CONNECT_ERRORS as exc:
                 if not last:
-                    await asyncio.sleep(_retry_delay(attempt, None))
+                    await asyncio.sleep(retry_delay(attempt, None))
                     continue
                 raise transport_failure(exc, self.name) from exc
             except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:

@@ -7,8 +7,10 @@ collection whose embedding model changed is re-embedded document by document, wi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,8 @@ _INSERT_CHUNK = insert(Chunk.__table__)  # type: ignore[arg-type]
 
 
 class DocumentChanged(Exception):
-    """The document changed or vanished while it was being indexed; a newer job indexes it."""
+    """The document changed or vanished while it was being indexed; a newer job indexes it.
+    Always raised before the document's first write."""
 
 
 @dataclass
@@ -167,11 +170,13 @@ async def _embed(services: AppServices, plans: list[Plan], label: str) -> None:
         )
 
 
-async def index_documents(
+async def prepare_group(
     services: AppServices, document_ids: list[uuid.UUID], *, force: bool, label: str
-) -> dict[str, int]:
-    """Index a group of documents: chunked one by one, embedded in shared batches (much
-    faster than a call per document), written in one transaction. Returns status counts."""
+) -> Callable[[], Coroutine[Any, Any, dict[str, int]]]:
+    """Index a group of documents: chunked, embedded in shared batches (much faster than a
+    call per document); returns the coroutine function that writes the group in one
+    transaction and counts the statuses, so a job can write one group while it embeds the
+    next."""
     plans, vanished = await _load(services, document_ids, force=force)
     outcome = {"ready": 0, "failed": 0, "skipped": vanished}
     groups: dict[tuple[uuid.UUID, str], list[Plan]] = {}
@@ -186,23 +191,28 @@ async def index_documents(
     written = [plan for plan in plans if plan.error is None]
 
     def write(conn: Connection) -> list[str]:
+        # No SAVEPOINT per document: _write_chunks raises DocumentChanged before its first
+        # write, and on SQLite a savepoint would open the transaction with a read, which fails
+        # at once ("database is locked") when another connection commits before our writes.
         statuses = []
         for plan in written:
             try:
-                with conn.begin_nested():
-                    _write_chunks(
-                        conn, plan.document_id, plan.snapshot, plan.drafts, plan.reusable,
-                        plan.vectors,
-                    )  # fmt: skip
+                _write_chunks(
+                    conn, plan.document_id, plan.snapshot, plan.drafts, plan.reusable,
+                    plan.vectors,
+                )  # fmt: skip
                 statuses.append("ready")
             except DocumentChanged:
                 statuses.append("skipped")
         return statuses
 
-    if written:
-        for status in await services.database.run_write(write):
-            outcome[status] += 1
-    return outcome
+    async def commit() -> dict[str, int]:
+        if written:
+            for status in await services.database.run_write(write):
+                outcome[status] += 1
+        return outcome
+
+    return commit
 
 
 def _write_chunks(
@@ -318,14 +328,27 @@ def register(services: AppServices) -> None:
     ) -> dict[str, Any]:
         outcome = {"ready": 0, "failed": 0, "skipped": 0}
         await context.progress(0, len(ids))
-        for start in range(0, len(ids), GROUP_DOCUMENTS):
-            group = ids[start : start + GROUP_DOCUMENTS]
-            counts = await index_documents(
-                services, group, force=force, label=f"{context.id}:{start}"
-            )
-            for status, count in counts.items():
-                outcome[status] += count
-            await context.progress(start + len(group))
+        writing: asyncio.Task[dict[str, int]] | None = None
+        try:
+            for start in range(0, len(ids), GROUP_DOCUMENTS):
+                group = ids[start : start + GROUP_DOCUMENTS]
+                write = await prepare_group(
+                    services, group, force=force, label=f"{context.id}:{start}"
+                )
+                # The previous group is written while this one was embedded (pipelined).
+                if writing is not None:
+                    for status, count in (await writing).items():
+                        outcome[status] += count
+                    await context.progress(start)
+                writing = asyncio.create_task(write())
+            if writing is not None:
+                for status, count in (await writing).items():
+                    outcome[status] += count
+        except BaseException:
+            if writing is not None and not writing.done():
+                writing.cancel()
+            raise
+        await context.progress(len(ids))
         return outcome
 
     services.jobs.register(INDEX_JOB, index_job)

@@ -7,6 +7,7 @@ Wire formats: OpenAI `POST /embeddings` → `{"data": [{"index", "embedding"}], 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -15,30 +16,54 @@ import httpx
 import numpy as np
 
 from aivax.inference.tokens import count_text
-from aivax.providers.base import TRANSPORT_ERRORS, UpstreamError, transport_failure
-from aivax.providers.openai_compat import error_message
+from aivax.providers.base import (
+    CONNECT_ERRORS,
+    RETRYABLE_STATUSES,
+    TRANSPORT_ERRORS,
+    UpstreamError,
+    transport_failure,
+)
+from aivax.providers.openai_compat import error_message, retry_delay
 from aivax.rag.embedders import Matrix, normalise
 
 REMOTE_BATCH = 96
 
 
+RETRIES = 2
+
+
 async def _post(
     http: httpx.AsyncClient, url: str, api_key: str, body: dict[str, Any], provider: str
 ) -> dict[str, Any]:
-    try:
-        response = await http.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"})
-        if response.status_code >= 400:
-            raw = response.text[:4000]
-            raise UpstreamError(
-                error_message(response.status_code, raw),
-                status=response.status_code,
-                provider=provider,
-                body=raw,
-                headers=dict(response.headers),
+    """POST with retries (backoff, Retry-After) on connection errors, 429 and 5xx: these calls
+    are idempotent, and a reused keep-alive connection the server just closed is routine."""
+    for attempt in range(RETRIES + 1):
+        last = attempt == RETRIES
+        try:
+            response = await http.post(
+                url, json=body, headers={"Authorization": f"Bearer {api_key}"}
             )
-        parsed = response.json()
-    except TRANSPORT_ERRORS as exc:
-        raise transport_failure(exc, provider) from exc
+            if response.status_code >= 400:
+                if not last and response.status_code in RETRYABLE_STATUSES:
+                    await asyncio.sleep(retry_delay(attempt, response.headers))
+                    continue
+                raw = response.text[:4000]
+                raise UpstreamError(
+                    error_message(response.status_code, raw),
+                    status=response.status_code,
+                    provider=provider,
+                    body=raw,
+                    headers=dict(response.headers),
+                )
+            parsed = response.json()
+            break
+        except CONNECT_ERRORS as exc:
+            if not last:
+                await asyncio.sleep(retry_delay(attempt, None))
+                continue
+            raise transport_failure(exc, provider) from exc
+        except TRANSPORT_ERRORS as exc:
+            raise transport_failure(exc, provider) from exc
     if not isinstance(parsed, dict):
         raise UpstreamError(
             "the upstream answered with a non-object", status=502, provider=provider
