@@ -311,10 +311,13 @@ async def fill(services: AppServices, collection: Collection, texts: list[str], 
         await services.database.run_write(write)
         have += count
     if services.vectors.is_postgres:
-        async with services.database.engine.begin() as conn:
-            from sqlalchemy import text
+        # What an operator does after a bulk load; without it autovacuum runs during the
+        # measurement (seen: 45-48 ms for every mode at 10k chunks).
+        from sqlalchemy import text
 
-            await conn.execute(text("ANALYZE chunks"))
+        async with services.database.engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(text("VACUUM ANALYZE chunks"))
 
 
 async def latency(

@@ -5,6 +5,7 @@ input tokens per minute per account and model; BYOK: requests per minute)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -93,9 +94,11 @@ async def embed(
         )
     # Hold the estimate with a margin (tokenizers differ); settle what the model counted.
     worst = admission.cost_micros(model, estimate * 2 + 16, 0) or 0
-    hold_id: uuid.UUID | None = None
-    if worst:
-        hold_id = await services.database.run_write(
+
+    async def reserve() -> uuid.UUID | None:
+        if not worst:
+            return None
+        return await services.database.run_write(
             lambda conn: ledger.hold(
                 conn,
                 account_id=account_id,
@@ -104,11 +107,23 @@ async def embed(
                 minimum_balance=limits.min_balance_micros,
             )
         )
+
     started = time.perf_counter()
+    embedding: asyncio.Task[tuple[Matrix, int]] | None = None
+    if model.provider == "local_embedding":
+        # A packaged model costs nothing to run: embed while the hold is taken (it is thrown
+        # away if the hold is refused). Upstream models are only called once the hold is in.
+        embedding = asyncio.create_task(embedder.embed(texts))
+    try:
+        hold_id = await reserve()
+    except BaseException:
+        if embedding is not None:
+            embedding.cancel()
+        raise
     status, error_code, tokens = 200, None, 0
     vectors: Matrix | None = None
     try:
-        vectors, tokens = await embedder.embed(texts)
+        vectors, tokens = await (embedding if embedding is not None else embedder.embed(texts))
     except UpstreamError as exc:
         status, error_code = exc.status, exc.code
         raise
