@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import timedelta
 
+import httpx
 import numpy as np
 import pytest
 from sqlalchemy import select, update
@@ -96,11 +97,8 @@ async def _document_status(services: AppServices, document_id: uuid.UUID) -> str
 
 
 async def test_a_job_left_running_by_a_dead_worker_is_resumed(
-    client: object, services: AppServices
+    client: httpx.AsyncClient, services: AppServices
 ) -> None:
-    import httpx
-
-    assert isinstance(client, httpx.AsyncClient)
     owner = await make_account(services, plan="starter", balance_micros=1_000_000)
     collection = (
         await client.post("/v1/collections", headers=owner.headers, json={"name": "durable"})
