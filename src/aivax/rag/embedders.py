@@ -29,10 +29,17 @@ import numpy.typing as npt
 
 Matrix = npt.NDArray[np.float32]
 
-# One thread runs every local embedding call: ONNX Runtime parallelises inside a call, and a
-# single thread keeps the event loop free without oversubscribing two cores.
-_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aivax-embed")
+# Local embedding calls run off the event loop, one at a time per lane: ONNX Runtime
+# parallelises inside a call. Small calls (search queries, a few texts) have their own lane, so
+# they never wait behind a bulk indexing batch.
+_BULK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aivax-embed-bulk")
+_QUERY = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aivax-embed-query")
+QUERY_LANE_MAX_TEXTS = 4
 LOCAL_BATCH = 32
+
+
+def _lane(texts: Sequence[str]) -> ThreadPoolExecutor:
+    return _QUERY if len(texts) <= QUERY_LANE_MAX_TEXTS else _BULK
 
 
 class EmbedderUnavailable(RuntimeError):
@@ -150,7 +157,7 @@ class OnnxEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> tuple[Matrix, int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_EXECUTOR, self.embed_sync, list(texts))
+        return await loop.run_in_executor(_lane(texts), self.embed_sync, list(texts))
 
 
 class WordLlamaEmbedder:
@@ -189,7 +196,7 @@ class WordLlamaEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> tuple[Matrix, int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_EXECUTOR, self.embed_sync, list(texts))
+        return await loop.run_in_executor(_lane(texts), self.embed_sync, list(texts))
 
 
 @dataclass(frozen=True)
