@@ -113,7 +113,7 @@ def check_plan(
         )
 
 
-def _rate_headers(kind: str, decision: Decision) -> dict[str, str]:
+def rate_headers(kind: str, decision: Decision) -> dict[str, str]:
     return {
         f"x-ratelimit-limit-{kind}": str(decision.limit),
         f"x-ratelimit-remaining-{kind}": str(decision.remaining),
@@ -121,13 +121,21 @@ def _rate_headers(kind: str, decision: Decision) -> dict[str, str]:
     }
 
 
-def _refuse_rate(kind: str, decision: Decision, headers: dict[str, str]) -> RateLimited:
+def refuse_rate(
+    kind: str,
+    decision: Decision,
+    headers: dict[str, str],
+    *,
+    what: str | None = None,
+    code: str | None = None,
+) -> RateLimited:
+    """429 for a refused `decision`; `kind` is "requests" or "tokens" (the header names)."""
     retry_after = max(1, math.ceil(decision.reset_seconds))
-    what = "requests" if kind == "requests" else "input tokens"
+    what = what or ("requests" if kind == "requests" else "input tokens")
     return RateLimited(
         f"Rate limit reached: {decision.limit} {what} per minute for this plan. "
         f"Retry in {retry_after}s or upgrade the plan.",
-        code=f"rate_limit_{kind}",
+        code=code or f"rate_limit_{kind}",
         headers={**headers, "retry-after": str(retry_after)},
     )
 
@@ -141,19 +149,19 @@ async def check_rate_limits(
 ) -> dict[str, str]:
     if model.byok:
         decision = await limiter.hit_requests(f"byok:{principal.account_id}", limits.byok_rpm)
-        headers = _rate_headers("requests", decision)
+        headers = rate_headers("requests", decision)
         if not decision.allowed:
-            raise _refuse_rate("requests", decision, headers)
+            raise refuse_rate("requests", decision, headers)
         return headers
     scope = f"{principal.account_id}:{model.id}"
     decision = await limiter.hit_requests(f"rpm:{scope}", limits.integrated_rpm)
-    headers = _rate_headers("requests", decision)
+    headers = rate_headers("requests", decision)
     if not decision.allowed:
-        raise _refuse_rate("requests", decision, headers)
+        raise refuse_rate("requests", decision, headers)
     tokens = await limiter.hit_tokens(f"tpm:{scope}", limits.integrated_input_tpm, input_tokens)
-    headers |= _rate_headers("tokens", tokens)
+    headers |= rate_headers("tokens", tokens)
     if not tokens.allowed:
-        raise _refuse_rate("tokens", tokens, headers)
+        raise refuse_rate("tokens", tokens, headers)
     return headers
 
 

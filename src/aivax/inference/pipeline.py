@@ -21,11 +21,10 @@ from aivax.gateways.schemas import Routing
 from aivax.inference import admission, truncation
 from aivax.inference.accumulate import Accumulator, is_content
 from aivax.inference.schemas import ChatCompletionRequest
-from aivax.inference.settlement import Settlement
+from aivax.inference.settlement import Settlement, log_row
 from aivax.inference.tokens import count_input_tokens, estimate_output_tokens
 from aivax.inference.truncation import Truncation
 from aivax.keys.service import Principal
-from aivax.kit.clock import utcnow
 from aivax.models import Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import Provider, StreamEvent, UpstreamError, UpstreamRequest
@@ -609,28 +608,24 @@ def _log_values(
     estimated: bool,
     first: float | None,
 ) -> dict[str, Any]:
-    return {
-        "request_id": call.request_id,
-        "account_id": call.principal.account_id,
-        "key_id": call.principal.key_id,
-        "gateway_id": call.gateway_id,
-        "model": model.id,
-        "provider": model.provider,
-        "upstream_model": model.upstream_model,
-        "byok": model.byok,
-        "stream": call.request.stream,
-        "status": status,
-        "error_code": error_code,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cached_input_tokens": cached,
-        "cost_micros": cost,
-        "estimated": estimated,
-        "latency_ms": int((time.perf_counter() - call.started) * 1000),
-        "ttft_ms": int((first - call.started) * 1000) if first else None,
-        "flags": call.flags or None,
-        "created_at": utcnow(),
-    }
+    return log_row(
+        request_id=call.request_id,
+        account_id=call.principal.account_id,
+        key_id=call.principal.key_id,
+        gateway_id=call.gateway_id,
+        model=model,
+        stream=call.request.stream,
+        status=status,
+        error_code=error_code,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached=cached,
+        cost=cost,
+        estimated=estimated,
+        started=call.started,
+        first=first,
+        flags=call.flags,
+    )
 
 
 async def finish(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 
+from aivax.catalog.service import ResolvedModel
 from aivax.db import Database
+from aivax.kit.clock import utcnow
 from aivax.models import RequestLog
 from aivax.wallet import ledger
 
@@ -30,6 +33,51 @@ MAX_BATCH = 200
 # settles many calls and the writer stays free for the holds of new requests.
 LINGER_SECONDS = 0.02
 _INSERT_LOG = insert(RequestLog)  # built once: see the note in wallet.ledger
+
+
+def log_row(
+    *,
+    request_id: str,
+    account_id: uuid.UUID,
+    key_id: uuid.UUID | None,
+    model: ResolvedModel,
+    status: int,
+    error_code: str | None,
+    input_tokens: int,
+    cost: int | None,
+    started: float,
+    output_tokens: int = 0,
+    cached: int = 0,
+    estimated: bool = False,
+    first: float | None = None,
+    gateway_id: uuid.UUID | None = None,
+    stream: bool = False,
+    flags: list[str] | None = None,
+) -> dict[str, Any]:
+    """The request-log row of one call (chat or embeddings); `started` and `first` are
+    `time.perf_counter()` readings."""
+    return {
+        "request_id": request_id,
+        "account_id": account_id,
+        "key_id": key_id,
+        "gateway_id": gateway_id,
+        "model": model.id,
+        "provider": model.provider,
+        "upstream_model": model.upstream_model,
+        "byok": model.byok,
+        "stream": stream,
+        "status": status,
+        "error_code": error_code,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cached_input_tokens": cached,
+        "cost_micros": cost,
+        "estimated": estimated,
+        "latency_ms": int((time.perf_counter() - started) * 1000),
+        "ttft_ms": int((first - started) * 1000) if first else None,
+        "flags": flags or None,
+        "created_at": utcnow(),
+    }
 
 
 @dataclass(frozen=True, slots=True)

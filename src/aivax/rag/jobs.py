@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Connection
 
+from aivax.db import Database
 from aivax.kit.clock import utcnow
 from aivax.models import Job
 
@@ -52,7 +53,7 @@ class JobContext:
 
 
 class JobRunner:
-    def __init__(self, database: Any, *, poll_seconds: float, lease_seconds: float) -> None:
+    def __init__(self, database: Database, *, poll_seconds: float, lease_seconds: float) -> None:
         self.database = database
         self.poll_seconds = poll_seconds
         self.lease = timedelta(seconds=lease_seconds)

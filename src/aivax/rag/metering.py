@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import BadRequest
 from aivax.inference import admission
-from aivax.inference.settlement import Settlement
+from aivax.inference.settlement import Settlement, log_row
 from aivax.inference.tokens import count_text
 from aivax.keys.service import Principal
-from aivax.kit.clock import utcnow
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import UpstreamError
 from aivax.rag.embedders import Embedder, EmbedderUnavailable, Matrix, local_embedder
@@ -137,28 +136,17 @@ async def embed(
             Settlement(
                 hold_id=hold_id,
                 cost_micros=charge,
-                log={
-                    "request_id": request_id,
-                    "account_id": account_id,
-                    "key_id": key_id,
-                    "gateway_id": None,
-                    "model": model.id,
-                    "provider": model.provider,
-                    "upstream_model": model.upstream_model,
-                    "byok": model.byok,
-                    "stream": False,
-                    "status": status,
-                    "error_code": error_code,
-                    "input_tokens": tokens,
-                    "output_tokens": 0,
-                    "cached_input_tokens": 0,
-                    "cost_micros": charge if model.priced else None,
-                    "estimated": False,
-                    "latency_ms": int((time.perf_counter() - started) * 1000),
-                    "ttft_ms": None,
-                    "flags": None,
-                    "created_at": utcnow(),
-                },
+                log=log_row(
+                    request_id=request_id,
+                    account_id=account_id,
+                    key_id=key_id,
+                    model=model,
+                    status=status,
+                    error_code=error_code,
+                    input_tokens=tokens,
+                    cost=charge if model.priced else None,
+                    started=started,
+                ),
             )
         )
     assert vectors is not None  # noqa: S101 - set when embed() returned

@@ -12,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aivax.catalog.repository import get_credential_by_name
+from aivax.catalog import service as catalog
+from aivax.catalog.service import BYOK_PREFIX, ModelNotFound
 from aivax.errors import BadRequest, NotFound
 from aivax.inference import pipeline as inference
 from aivax.keys.service import Principal
@@ -22,7 +23,7 @@ from aivax.providers.base import UpstreamError
 from aivax.rag import internal, metering, search
 from aivax.rag.remote import RemoteReranker
 from aivax.rag.schemas import RerankSpec, SearchRequest, SearchResponse, SearchResult
-from aivax.rag.service import cached_plan_limits, hit_rate
+from aivax.rag.service import cached_plan_limits, get_collection, hit_rate
 from aivax.services import AppServices
 
 
@@ -153,18 +154,25 @@ async def _rerank(
     if not results:
         return []
     if spec.type == "endpoint":
-        credential = await get_credential_by_name(
-            session, principal.account_id, spec.credential or ""
-        )
-        if credential is None:
-            raise NotFound(
-                f"No credential {spec.credential!r} on this account.", param="rerank.credential"
+        # The credential resolves like a bring-your-own-key model: base URL and decrypted key.
+        try:
+            ranker = await catalog.resolve(
+                session,
+                principal.account_id,
+                f"{BYOK_PREFIX}{spec.credential}/{spec.model}",
+                services.secret_box,
             )
+        except ModelNotFound as exc:
+            raise NotFound(
+                f"No credential {spec.credential!r} on this account.",
+                param="rerank.credential",
+                code="credential_not_found",
+            ) from exc
         reranker = RemoteReranker(
-            services.registry.client(credential.base_url, guarded=True),
-            url=credential.base_url.rstrip("/") + "/rerank",
-            api_key=services.secret_box.decrypt(credential.api_key_encrypted),
-            model=spec.model or "",
+            services.registry.client(ranker.base_url, guarded=True),
+            url=ranker.base_url.rstrip("/") + "/rerank",
+            api_key=ranker.api_key,
+            model=ranker.upstream_model,
         )
         try:
             return await reranker.rerank(query, [r.text for r in results])
@@ -224,6 +232,4 @@ def _parse_scores(text: str, count: int) -> list[float]:
 async def owned_collections(
     session: AsyncSession, account_id: uuid.UUID, ids: Sequence[uuid.UUID | str]
 ) -> list[Collection]:
-    from aivax.rag.service import get_collection
-
     return [await get_collection(session, account_id, value) for value in dict.fromkeys(ids)]

@@ -20,7 +20,7 @@ import math
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,6 @@ class Candidate:
     keyword_rank: int | None = None
     rerank_score: float | None = None
     score: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def candidate_count(top_k: int) -> int:

@@ -9,14 +9,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError, BadRequest, Forbidden, NotFound
-from aivax.inference.admission import RateLimited, StorageQuotaExceeded, check_plan
+from aivax.inference.admission import (
+    StorageQuotaExceeded,
+    check_plan,
+    rate_headers,
+    refuse_rate,
+)
 from aivax.inference.ratelimit import RateLimiter
 from aivax.keys.service import Principal
 from aivax.kit.clock import utcnow
@@ -87,17 +92,12 @@ async def hit_rate(limiter: RateLimiter, kind: str, account_id: uuid.UUID, per_m
     """Plan limits `search_rpm` / `insert_rpm` (429 with Retry-After)."""
     decision = await limiter.hit_requests(f"{kind}:{account_id}", per_minute)
     if not decision.allowed:
-        retry_after = max(int(decision.reset_seconds + 0.999), 1)
-        raise RateLimited(
-            f"Too many collection {kind} requests: the plan allows {decision.limit} per "
-            f"minute. Retry in {retry_after} s.",
+        raise refuse_rate(
+            "requests",
+            decision,
+            rate_headers("requests", decision),
+            what=f"collection {kind} requests",
             code=f"rate_limit_{kind}",
-            headers={
-                "retry-after": str(retry_after),
-                "x-ratelimit-limit-requests": str(decision.limit),
-                "x-ratelimit-remaining-requests": "0",
-                "x-ratelimit-reset-requests": f"{decision.reset_seconds:.0f}s",
-            },
         )
 
 
@@ -116,14 +116,11 @@ async def check_storage(
 
 async def add_storage(session: AsyncSession, account_id: uuid.UUID, delta: int) -> None:
     if delta:
+        grown = Account.storage_bytes_used + delta
         await session.execute(
             update(Account)
             .where(Account.id == account_id)
-            .values(storage_bytes_used=func.max(Account.storage_bytes_used + delta, 0))
-            if session.get_bind().dialect.name == "sqlite"
-            else update(Account)
-            .where(Account.id == account_id)
-            .values(storage_bytes_used=func.greatest(Account.storage_bytes_used + delta, 0))
+            .values(storage_bytes_used=case((grown < 0, 0), else_=grown))
         )
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import text
+from sqlalchemy import LargeBinary, select, text, type_coerce
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aivax.db import Database
+from aivax.models import Chunk
 from aivax.rag import int8scan
 
 HNSW_MAX_DIMENSIONS = 2000  # pgvector's limit for an HNSW index on `vector`
@@ -115,14 +116,14 @@ class VectorIndex:
             return entry
 
     async def _load(self, collection_id: uuid.UUID, version: int, dimensions: int) -> _Entry:
+        # The stored float32 bytes as they are (type_coerce skips the per-row array decoding).
+        raw_vector = type_coerce(Chunk.embedding, LargeBinary)
         async with self.database.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT id, embedding FROM chunks "
-                        "WHERE collection_id = :c AND dimensions = :d ORDER BY id"
-                    ),
-                    {"c": _uuid_param(collection_id), "d": dimensions},
+                    select(Chunk.id, raw_vector)
+                    .where(Chunk.collection_id == collection_id, Chunk.dimensions == dimensions)
+                    .order_by(Chunk.id)
                 )
             ).all()
         ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
@@ -202,11 +203,6 @@ def _rank(
     top = np.argpartition(-scores, count - 1)[:count]
     top = top[np.argsort(-scores[top])]
     return [(int(entry.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
-
-
-def _uuid_param(value: uuid.UUID) -> str:
-    """SQLite stores SQLAlchemy's Uuid as 32 hex digits."""
-    return value.hex
 
 
 async def _create_hnsw(engine: AsyncEngine, dimensions: int) -> None:
