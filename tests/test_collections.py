@@ -412,3 +412,70 @@ async def test_import_over_the_plan_size_writes_nothing(
         assert_error(response, 413, "import_too_large")
     listed = await client.get(f"/v1/collections/{collection}/documents", headers=account.headers)
     assert listed.json()["data"] == []
+
+
+async def test_import_line_and_line_count_limits(
+    client: httpx.AsyncClient,
+    services: AppServices,
+    owner: AccountWithKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collection = await _collection(client, owner)
+    monkeypatch.setattr(services.settings, "rag_import_max_line_bytes", 1_000)
+    body = _jsonl([{"id": "long", "text": "x" * 2_000}, {"id": "short", "text": "fine"}])
+    response = await client.post(
+        f"/v1/collections/{collection}/import", headers=owner.headers, content=body
+    )
+    assert response.status_code == 202, response.text
+    report = response.json()
+    assert report["accepted"] == 1
+    assert report["rejected"] == [{"line": 1, "reason": "line is longer than 1000 bytes"}]
+    monkeypatch.setattr(services.settings, "rag_import_max_lines", 2)
+    three = _jsonl([{"id": f"n{i}", "text": "t"} for i in range(3)])
+    refused = await client.post(
+        f"/v1/collections/{collection}/import", headers=owner.headers, content=three
+    )
+    assert_error(refused, 413, "import_too_large")
+    listed = await client.get(f"/v1/collections/{collection}/documents", headers=owner.headers)
+    assert [d["external_id"] for d in listed.json()["data"]] == ["short"]  # n0-n2: nothing
+
+
+async def test_jobs_uploads_and_mcp_headers_refuse_bad_input(
+    client: httpx.AsyncClient, services: AppServices, owner: AccountWithKeys
+) -> None:
+    collection = await _collection(client, owner)
+    imported = await client.post(
+        f"/v1/collections/{collection}/import",
+        headers=owner.headers,
+        content=_jsonl([{"id": "a", "text": "alpha"}]),
+    )
+    job_id = imported.json()["job"]["id"]
+    stranger = await make_account(services, plan="starter")
+    for headers, ref in [
+        (owner.headers, "not-a-uuid"),
+        (owner.headers, str(uuid.uuid4())),
+        (stranger.headers, job_id),
+    ]:
+        assert_error(await client.get(f"/v1/jobs/{ref}", headers=headers), 404, "job_not_found")
+
+    upload = f"/v1/collections/{collection}/documents/upload"
+    for metadata in ("{not json", "[1, 2]"):
+        response = await client.post(
+            upload,
+            headers=owner.headers,
+            files={"file": ("a.txt", b"hello", "text/plain")},
+            data={"metadata": metadata},
+        )
+        assert assert_error(response, 400)["param"] == "metadata"
+
+    mcp = {**owner.headers, "x-aivax-collections": collection}
+    for name, value in [
+        ("x-aivax-top-k", "0"),
+        ("x-aivax-top-k", "many"),
+        ("x-aivax-min-score", "2"),
+        ("x-aivax-mode", "semantic"),
+        ("x-aivax-rerank", "bogus"),
+        ("x-aivax-tool-name", "has spaces"),
+    ]:
+        response = await client.post("/v1/mcp/collections", headers={**mcp, name: value}, json={})
+        assert assert_error(response, 400)["param"] == name

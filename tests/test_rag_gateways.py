@@ -86,6 +86,22 @@ async def _mcp(url: str, headers: dict[str, str]) -> AsyncIterator[ClientSession
         yield session
 
 
+async def _credential(
+    client: httpx.AsyncClient,
+    owner: AccountWithKeys,
+    upstream: FakeUpstream,
+    name: str,
+    key: str = "sk-fake-upstream",
+) -> None:
+    """A bring-your-own-key credential of `owner` for the fake OpenAI-compatible upstream."""
+    response = await client.post(
+        "/v1/credentials",
+        headers=owner.headers,
+        json={"name": name, "provider": "openai", "base_url": upstream.base_url, "api_key": key},
+    )
+    assert response.status_code == 201, response.text
+
+
 def _ask(question: str, **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": question}], **extra}
 
@@ -216,17 +232,7 @@ async def test_remote_embeddings_and_endpoint_reranker(
     collection = await _kb(client, owner, "test/fake-embed")
     detail = (await client.get(f"/v1/collections/{collection}", headers=owner.headers)).json()
     assert detail["dimensions"] == 64
-    credential = await client.post(
-        "/v1/credentials",
-        headers=owner.headers,
-        json={
-            "name": "ranker",
-            "provider": "openai",
-            "base_url": fake_openai.base_url,
-            "api_key": "sk-fake-upstream",
-        },
-    )
-    assert credential.status_code == 201, credential.text
+    await _credential(client, owner, fake_openai, "ranker")
     response = await client.post(
         f"/v1/collections/{collection}/search",
         headers=owner.headers,
@@ -246,7 +252,7 @@ async def test_remote_embeddings_and_endpoint_reranker(
         headers=owner.headers,
         json={"query": "x", "rerank": {"type": "endpoint", "credential": "nope", "model": "m"}},
     )
-    assert_error(missing, 404)
+    assert assert_error(missing, 404, "credential_not_found")["param"] == "rerank.credential"
 
 
 async def test_a_chat_model_as_reranking_judge(
@@ -316,17 +322,7 @@ async def test_search_across_collections_and_the_search_rate_limit(
 async def test_bring_your_own_embedding_model(
     client: httpx.AsyncClient, owner: AccountWithKeys, fake_openai: FakeUpstream
 ) -> None:
-    credential = await client.post(
-        "/v1/credentials",
-        headers=owner.headers,
-        json={
-            "name": "my-embedder",
-            "provider": "openai",
-            "base_url": fake_openai.base_url,
-            "api_key": "sk-fake-upstream",
-        },
-    )
-    assert credential.status_code == 201, credential.text
+    await _credential(client, owner, fake_openai, "my-embedder")
     collection = await _kb(client, owner, "byok/my-embedder/fake-embed")
     detail = (await client.get(f"/v1/collections/{collection}", headers=owner.headers)).json()
     assert detail["dimensions"] == 64  # probed once with a real call
@@ -344,17 +340,7 @@ async def test_bring_your_own_embedding_model(
     )
     assert direct.status_code == 200, direct.text
     assert direct.json()["aivax"]["cost_micros"] is None  # BYOK: unpriced unless priced
-    broken = await client.post(
-        "/v1/credentials",
-        headers=owner.headers,
-        json={
-            "name": "wrong-key",
-            "provider": "openai",
-            "base_url": fake_openai.base_url,
-            "api_key": "sk-wrong",
-        },
-    )
-    assert broken.status_code == 201
+    await _credential(client, owner, fake_openai, "wrong-key", key="sk-wrong")
     refused = await client.post(
         "/v1/collections",
         headers=owner.headers,
