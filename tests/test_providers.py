@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from httpx_aiohttp import AiohttpTransport
 
 from aivax.providers.anthropic import AnthropicProvider, translate_request
 from aivax.providers.base import (
@@ -22,6 +21,7 @@ from aivax.providers.base import (
     UpstreamRequest,
     UsageEvent,
 )
+from aivax.providers.http import AiohttpUpstream, HttpxUpstream, UpstreamHTTP, sse_events
 from aivax.providers.openai_compat import OpenAICompatProvider
 from tests.conftest import FakeUpstream
 
@@ -39,16 +39,20 @@ async def _collect(provider: Any, request: UpstreamRequest) -> list[StreamEvent]
     return [event async for event in provider.stream(request)]
 
 
-@pytest.fixture(params=["httpcore", "aiohttp"])
+@pytest.fixture(params=["httpx", "aiohttp"])
 async def http(request: pytest.FixtureRequest) -> Any:
-    """Every adapter test runs on both transports the registry uses."""
-    transport = AiohttpTransport() if request.param == "aiohttp" else httpx.AsyncHTTPTransport()
-    async with httpx.AsyncClient(transport=transport) as client:
-        yield client
+    """Every adapter test runs on both clients the registry uses: httpx (account-supplied URLs,
+    behind the SSRF guard) and aiohttp (operator upstreams)."""
+    if request.param == "aiohttp":
+        upstream: UpstreamHTTP = AiohttpUpstream(connect_timeout=5)
+    else:
+        upstream = HttpxUpstream(httpx.AsyncClient())
+    yield upstream
+    await upstream.aclose()
 
 
 def _openai(
-    http: httpx.AsyncClient, fake: FakeUpstream, key: str = "sk-fake-upstream", retries: int = 2
+    http: UpstreamHTTP, fake: FakeUpstream, key: str = "sk-fake-upstream", retries: int = 2
 ) -> OpenAICompatProvider:
     return OpenAICompatProvider(http, base_url=fake.base_url, api_key=key, retries=retries)
 
@@ -63,7 +67,7 @@ def _text(events: list[StreamEvent]) -> str:
 
 
 async def test_openai_stream_yields_text_finish_and_usage(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     events = await _collect(_openai(http, fake_openai), _request("fake-ok", user="u1"))
     assert _text(events) == "Hello from fake"
@@ -75,7 +79,7 @@ async def test_openai_stream_yields_text_finish_and_usage(
 
 
 async def test_openai_sse_comments_keepalives_multiline_and_missing_done(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     events = await _collect(_openai(http, fake_openai), _request("fake-noisy"))
     assert _text(events) == "Hello from fake"
@@ -83,7 +87,7 @@ async def test_openai_sse_comments_keepalives_multiline_and_missing_done(
 
 
 async def test_openai_json_answer_to_a_stream_request_is_accepted(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     events = await _collect(_openai(http, fake_openai), _request("fake-json"))
     assert _text(events) == "Hello from fake"
@@ -91,7 +95,7 @@ async def test_openai_json_answer_to_a_stream_request_is_accepted(
 
 
 async def test_openai_tool_call_pieces_arrive_in_order(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     events = await _collect(_openai(http, fake_openai), _request("fake-tools"))
     calls = [e for e in events if isinstance(e, ToolCallDelta)]
@@ -102,7 +106,7 @@ async def test_openai_tool_call_pieces_arrive_in_order(
 
 
 async def test_openai_retries_429_before_first_byte(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     user = f"retry-{uuid.uuid4()}"
     events = await _collect(_openai(http, fake_openai), _request("fake-flaky", user=user))
@@ -111,7 +115,7 @@ async def test_openai_retries_429_before_first_byte(
 
 
 async def test_openai_5xx_after_retries_keeps_status_and_body(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     before = len(fake_openai.recorder.requests)
     with pytest.raises(UpstreamError) as raised:
@@ -123,7 +127,7 @@ async def test_openai_5xx_after_retries_keeps_status_and_body(
 
 
 async def test_openai_abrupt_disconnect_is_an_upstream_error(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     seen: list[StreamEvent] = []
     with pytest.raises(UpstreamError) as raised:
@@ -132,16 +136,14 @@ async def test_openai_abrupt_disconnect_is_an_upstream_error(
     assert _text(seen) == "Hello from"
 
 
-async def test_openai_error_event_mid_stream(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
-) -> None:
+async def test_openai_error_event_mid_stream(http: UpstreamHTTP, fake_openai: FakeUpstream) -> None:
     with pytest.raises(UpstreamError) as raised:
         await _collect(_openai(http, fake_openai), _request("fake-midstream-error"))
     assert "upstream exploded" in raised.value.message
 
 
 async def test_openai_bad_credential_is_401_not_retried(
-    http: httpx.AsyncClient, fake_openai: FakeUpstream
+    http: UpstreamHTTP, fake_openai: FakeUpstream
 ) -> None:
     before = len(fake_openai.recorder.requests)
     with pytest.raises(UpstreamError) as raised:
@@ -150,7 +152,7 @@ async def test_openai_bad_credential_is_401_not_retried(
     assert len(fake_openai.recorder.requests) - before == 1
 
 
-async def test_connection_refused_is_502_after_retries(http: httpx.AsyncClient) -> None:
+async def test_connection_refused_is_502_after_retries(http: UpstreamHTTP) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -234,7 +236,7 @@ def test_anthropic_reasoning_effort_becomes_thinking_budget() -> None:
 
 
 async def test_anthropic_stream_translates_text_thinking_tools_and_usage(
-    http: httpx.AsyncClient, fake_anthropic: FakeUpstream
+    http: UpstreamHTTP, fake_anthropic: FakeUpstream
 ) -> None:
     provider = AnthropicProvider(http, base_url=fake_anthropic.server.url, api_key="sk-ant-fake")
     thinking = await _collect(provider, _request("claude-thinking"))
@@ -257,7 +259,7 @@ async def test_anthropic_stream_translates_text_thinking_tools_and_usage(
 
 
 async def test_anthropic_error_event_and_bad_key(
-    http: httpx.AsyncClient, fake_anthropic: FakeUpstream
+    http: UpstreamHTTP, fake_anthropic: FakeUpstream
 ) -> None:
     provider = AnthropicProvider(http, base_url=fake_anthropic.server.url, api_key="sk-ant-fake")
     with pytest.raises(UpstreamError) as overloaded:
@@ -268,3 +270,38 @@ async def test_anthropic_error_event_and_bad_key(
         await _collect(wrong, _request("claude-plain"))
     assert refused.value.status == 401
     assert refused.value.message == "invalid x-api-key"
+
+
+async def _chunks(*parts: bytes) -> Any:
+    for part in parts:
+        yield part
+
+
+async def _events_of(*parts: bytes) -> list[tuple[str, str]]:
+    return [(e.event, e.data) async for e in sse_events(_chunks(*parts))]
+
+
+async def test_sse_parser_handles_any_split_line_ends_comments_and_multiline_data() -> None:
+    whole = "data: {\"a\": \"é\"}\r\n\r\n: ping\n\nevent: x\ndata: one\ndata: two\r\r".encode()
+    expected = [("message", '{"a": "é"}'), ("x", "one\ntwo")]
+    assert await _events_of(whole) == expected
+    # Split at every byte: inside the UTF-8 of "é", between \r and \n, inside field names.
+    assert await _events_of(*(whole[i : i + 1] for i in range(len(whole)))) == expected
+
+
+async def test_sse_parser_delivers_a_last_event_without_its_blank_line() -> None:
+    assert await _events_of(b"data: first\n\ndata: last") == [("message", "first"), ("message", "last")]
+    assert await _events_of(b"data: last\n") == [("message", "last")]
+    assert await _events_of(b": only a comment\n") == []
+
+
+async def test_openai_read_timeout_is_504(http: UpstreamHTTP, fake_openai: FakeUpstream) -> None:
+    request = UpstreamRequest(
+        upstream_model="fake-hang",
+        body={"messages": [{"role": "user", "content": "hi"}]},
+        max_tokens=5,
+        timeout_seconds=0.3,
+    )
+    with pytest.raises(UpstreamError) as raised:
+        await _collect(_openai(http, fake_openai, retries=0), request)
+    assert (raised.value.status, raised.value.code) == (504, "upstream_timeout")

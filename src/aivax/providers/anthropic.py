@@ -15,9 +15,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-from httpx_sse import EventSource
-
 from aivax.providers.base import (
     TRANSPORT_ERRORS,
     FinishEvent,
@@ -30,6 +27,7 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
+from aivax.providers.http import ERROR_BODY_LIMIT, UpstreamHTTP, sse_events
 from aivax.providers.openai_compat import error_message
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -281,7 +279,7 @@ class _StreamState:
 class AnthropicProvider:
     name = "anthropic"
 
-    def __init__(self, http: httpx.AsyncClient, *, base_url: str, api_key: str) -> None:
+    def __init__(self, http: UpstreamHTTP, *, base_url: str, api_key: str) -> None:
         self.http = http
         base = base_url.rstrip("/")
         self.url = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
@@ -300,20 +298,23 @@ class AnthropicProvider:
             "accept": "text/event-stream",
         }
         try:
-            async with self.http.stream(
-                "POST", self.url, json=payload, headers=headers, timeout=request.timeout_seconds
+            async with self.http.post(
+                self.url,
+                headers=headers,
+                body=json.dumps(payload).encode(),
+                timeout=request.timeout_seconds,
             ) as response:
-                if response.status_code >= 400:
-                    raw = (await response.aread()).decode("utf-8", "replace")[:4000]
+                if response.status >= 400:
+                    raw = (await response.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")
                     raise UpstreamError(
-                        error_message(response.status_code, raw),
-                        status=response.status_code,
+                        error_message(response.status, raw[:4000]),
+                        status=response.status,
                         provider=self.name,
-                        body=raw,
-                        headers=dict(response.headers),
+                        body=raw[:4000],
+                        headers={k.lower(): v for k, v in response.headers.items()},
                     )
                 state = _StreamState()
-                async for sse in EventSource(response).aiter_sse():
+                async for sse in sse_events(response.chunks()):
                     if not sse.data.strip():
                         continue
                     for event in state.events(sse.event, json.loads(sse.data)):

@@ -3,20 +3,20 @@ OpenRouter, vLLM, Ollama, llama.cpp server, …).
 
 Always streams from upstream with `stream_options.include_usage`, so streamed and non-streamed
 client calls share one path and usage is reported whenever the upstream can report it. SSE is
-parsed by `httpx-sse` (comments, keep-alives and multi-line `data:` fields); a stream that ends
-without `[DONE]` is accepted; an upstream that ignores `stream` and answers with one JSON body is
-accepted too. Connect errors, 429 and 5xx are retried with backoff — only before the first byte.
+parsed with `httpx-sse`'s decoders (comments, keep-alives and multi-line `data:` fields); a
+stream that ends without `[DONE]` is accepted; an upstream that ignores `stream` and answers
+with one JSON body is accepted too. Connect errors, 429 and 5xx are retried with backoff — only
+before the first byte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
-from httpx_sse import EventSource, SSEError
 
 from aivax.providers.base import (
     CONNECT_ERRORS,
@@ -31,6 +31,7 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
+from aivax.providers.http import ERROR_BODY_LIMIT, UpstreamHTTP, UpstreamResponse, sse_events
 
 MAX_RETRY_AFTER_SECONDS = 5.0
 
@@ -73,7 +74,7 @@ def usage_event(usage: dict[str, Any]) -> UsageEvent:
     )
 
 
-def retry_delay(attempt: int, headers: httpx.Headers | None) -> float:
+def retry_delay(attempt: int, headers: Mapping[str, str] | None) -> float:
     if headers is not None:
         retry_after = headers.get("retry-after")
         if retry_after and retry_after.replace(".", "", 1).isdigit():
@@ -96,33 +97,34 @@ class OpenAICompatProvider:
     name = "openai"
 
     def __init__(
-        self, http: httpx.AsyncClient, *, base_url: str, api_key: str, retries: int = 2
+        self, http: UpstreamHTTP, *, base_url: str, api_key: str, retries: int = 2
     ) -> None:
         self.http = http
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key = api_key
+        self.headers = {"authorization": f"Bearer {api_key}", "accept": "text/event-stream"}
         self.retries = retries
 
-    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
-        return {
-            **request.body,
-            "model": request.upstream_model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    def _body(self, request: UpstreamRequest) -> bytes:
+        return json.dumps(
+            {
+                **request.body,
+                "model": request.upstream_model,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamEvent]:
         body = self._body(request)
-        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "text/event-stream"}
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
-                async with self.http.stream(
-                    "POST", self.url, json=body, headers=headers, timeout=request.timeout_seconds
+                async with self.http.post(
+                    self.url, headers=self.headers, body=body, timeout=request.timeout_seconds
                 ) as response:
-                    if response.status_code >= 400:
+                    if response.status >= 400:
                         error = await self._status_error(response)
-                        if not last and response.status_code in RETRYABLE_STATUSES:
+                        if not last and response.status in RETRYABLE_STATUSES:
                             await asyncio.sleep(retry_delay(attempt, response.headers))
                             continue
                         raise error
@@ -137,49 +139,44 @@ class OpenAICompatProvider:
             except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise transport_failure(exc, self.name) from exc
 
-    async def _status_error(self, response: httpx.Response) -> UpstreamError:
-        raw = (await response.aread()).decode("utf-8", "replace")[:4000]
+    async def _status_error(self, response: UpstreamResponse) -> UpstreamError:
+        raw = (await response.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")[:4000]
         return UpstreamError(
-            error_message(response.status_code, raw),
-            status=response.status_code,
+            error_message(response.status, raw),
+            status=response.status,
             provider=self.name,
             body=raw,
-            headers=dict(response.headers),
+            headers={k.lower(): v for k, v in response.headers.items()},
         )
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
+    async def _events(self, response: UpstreamResponse) -> AsyncIterator[StreamEvent]:
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             # An upstream that ignored `stream`: one JSON completion.
-            for event in events_from_chunk(self._parse(await response.aread())):
+            for event in events_from_chunk(self._parse(await response.read())):
                 yield event
             return
-        try:
-            async for sse in EventSource(response).aiter_sse():
-                if sse.data.strip() == "[DONE]":
-                    return
-                if not sse.data.strip():
-                    continue
-                chunk = self._parse(sse.data.encode())
-                if "error" in chunk:
-                    error = chunk["error"]
-                    message = error.get("message") if isinstance(error, dict) else str(error)
-                    raise UpstreamError(
-                        f"upstream stream error: {message}",
-                        status=502,
-                        provider=self.name,
-                        body=sse.data[:4000],
-                        code="upstream_stream_error",
-                    )
-                for event in events_from_chunk(chunk):
-                    yield event
-        except SSEError as exc:
-            raise UpstreamError(
-                f"malformed event stream from the upstream: {exc}",
-                status=502,
-                provider=self.name,
-                code="upstream_bad_response",
-            ) from exc
+        done = False
+        async for sse in sse_events(response.chunks()):
+            # Read on to the end of the body after [DONE]: a body left unread cannot go back
+            # to the keep-alive pool, and every call would open a new connection.
+            data = sse.data
+            done = done or data.strip() == "[DONE]"
+            if done or not data.strip():
+                continue
+            chunk = self._parse(data.encode())
+            if "error" in chunk:
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                raise UpstreamError(
+                    f"upstream stream error: {message}",
+                    status=502,
+                    provider=self.name,
+                    body=data[:4000],
+                    code="upstream_stream_error",
+                )
+            for event in events_from_chunk(chunk):
+                yield event
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:

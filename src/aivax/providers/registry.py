@@ -16,6 +16,7 @@ from aivax.config import Settings
 from aivax.kit.ssrf import GuardedTransport
 from aivax.providers.anthropic import AnthropicProvider
 from aivax.providers.base import Provider, UpstreamError
+from aivax.providers.http import AiohttpUpstream, HttpxUpstream, UpstreamHTTP
 from aivax.providers.local_gguf import LocalModelRuntime, resolve_gguf_path
 from aivax.providers.openai_compat import OpenAICompatProvider
 
@@ -32,6 +33,7 @@ class ProviderRegistry:
         self.settings = settings
         self._factories: dict[str, ProviderFactory] = {}
         self._clients: dict[tuple[str, bool], httpx.AsyncClient] = {}
+        self._upstreams: dict[tuple[str, bool], UpstreamHTTP] = {}
         self._runtimes: dict[str, LocalModelRuntime] = {}
         self.internal_http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
         self.register("openai", _openai)
@@ -76,6 +78,22 @@ class ProviderRegistry:
             self._clients[key] = client
         return client
 
+    def upstream(self, base_url: str, *, guarded: bool) -> UpstreamHTTP:
+        """The client a chat adapter calls `base_url` with: aiohttp for operator upstreams,
+        the SSRF-guarded httpx client for account-supplied URLs."""
+        parts = urlsplit(base_url)
+        key = (f"{parts.scheme}://{parts.netloc}", guarded)
+        upstream = self._upstreams.get(key)
+        if upstream is None:
+            if guarded:
+                upstream = HttpxUpstream(self.client(base_url, guarded=True))
+            else:
+                upstream = AiohttpUpstream(
+                    connect_timeout=self.settings.upstream_connect_timeout_seconds
+                )
+            self._upstreams[key] = upstream
+        return upstream
+
     def local_runtime(self, model: ResolvedModel) -> LocalModelRuntime:
         runtime = self._runtimes.get(model.id)
         if runtime is None:
@@ -100,6 +118,9 @@ class ProviderRegistry:
         return runtime
 
     async def close(self) -> None:
+        for key, upstream in self._upstreams.items():
+            if not key[1]:  # the guarded ones wrap a client closed below
+                await upstream.aclose()
         for client in self._clients.values():
             await client.aclose()
         await self.internal_http.aclose()
@@ -107,7 +128,7 @@ class ProviderRegistry:
 
 def _openai(registry: ProviderRegistry, model: ResolvedModel, retries: int) -> Provider:
     return OpenAICompatProvider(
-        registry.client(model.base_url, guarded=model.byok),
+        registry.upstream(model.base_url, guarded=model.byok),
         base_url=model.base_url,
         api_key=model.api_key,
         retries=retries,
@@ -116,7 +137,7 @@ def _openai(registry: ProviderRegistry, model: ResolvedModel, retries: int) -> P
 
 def _anthropic(registry: ProviderRegistry, model: ResolvedModel, retries: int) -> Provider:
     return AnthropicProvider(
-        registry.client(model.base_url, guarded=model.byok),
+        registry.upstream(model.base_url, guarded=model.byok),
         base_url=model.base_url,
         api_key=model.api_key,
     )
