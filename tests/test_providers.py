@@ -282,7 +282,7 @@ async def _events_of(*parts: bytes) -> list[tuple[str, str]]:
 
 
 async def test_sse_parser_handles_any_split_line_ends_comments_and_multiline_data() -> None:
-    whole = "data: {\"a\": \"é\"}\r\n\r\n: ping\n\nevent: x\ndata: one\ndata: two\r\r".encode()
+    whole = 'data: {"a": "é"}\r\n\r\n: ping\n\nevent: x\ndata: one\ndata: two\r\r'.encode()
     expected = [("message", '{"a": "é"}'), ("x", "one\ntwo")]
     assert await _events_of(whole) == expected
     # Split at every byte: inside the UTF-8 of "é", between \r and \n, inside field names.
@@ -290,7 +290,10 @@ async def test_sse_parser_handles_any_split_line_ends_comments_and_multiline_dat
 
 
 async def test_sse_parser_delivers_a_last_event_without_its_blank_line() -> None:
-    assert await _events_of(b"data: first\n\ndata: last") == [("message", "first"), ("message", "last")]
+    assert await _events_of(b"data: first\n\ndata: last") == [
+        ("message", "first"),
+        ("message", "last"),
+    ]
     assert await _events_of(b"data: last\n") == [("message", "last")]
     assert await _events_of(b": only a comment\n") == []
 
