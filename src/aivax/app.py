@@ -24,6 +24,7 @@ from aivax.config import Settings
 from aivax.gateways.endpoints import router as gateways_router
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
+from aivax.inference.route import ChatRoute
 from aivax.keys.endpoints import router as keys_router
 from aivax.migrate import head_revision
 from aivax.rag import indexer, mcp_server
@@ -103,6 +104,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     if services is not None:
         app.state.services = services
     handlers.install(app)
+    app.add_middleware(ChatRoute)  # innermost: after the key and body-size middlewares
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccountKeyMiddleware)
     # Browsers may call with public keys: CORS is answered for any origin, and the real check —

@@ -37,25 +37,33 @@ async def services_of(request: Request) -> AppServices:
 Services = Annotated[AppServices, Depends(services_of)]
 
 
-async def require_any_key(request: Request) -> Principal:
-    error: AppError | None = getattr(request.state, "auth_error", None)
-    if error is not None:
+def admitted_principal(state: dict[str, object], origin: str | None) -> Principal:
+    """The caller of this request, as `AccountKeyMiddleware` left it in the scope's state, if
+    it may make calls at all (any key of an active account; public keys from their origins)."""
+    error = state.get("auth_error")
+    if isinstance(error, AppError):
         raise error
-    principal: Principal | None = getattr(request.state, "principal", None)
-    if principal is None:
+    principal = state.get("principal")
+    if not isinstance(principal, Principal):
         raise Unauthorized(MISSING_KEY_MESSAGE, code="missing_api_key")
     if principal.account_status != AccountStatus.ACTIVE.value:
         raise Forbidden(
             "This account is suspended. Contact the operator of this AIVAX installation.",
             code="account_suspended",
         )
-    if principal.key_kind is KeyKind.PUBLIC and principal.allowed_origins:
-        origin = request.headers.get("origin")
-        if origin not in principal.allowed_origins:
-            raise Forbidden(
-                f"Origin {origin!r} is not allowed for this public key.", code="origin_not_allowed"
-            )
+    if (
+        principal.key_kind is KeyKind.PUBLIC
+        and principal.allowed_origins
+        and origin not in principal.allowed_origins
+    ):
+        raise Forbidden(
+            f"Origin {origin!r} is not allowed for this public key.", code="origin_not_allowed"
+        )
     return principal
+
+
+async def require_any_key(request: Request) -> Principal:
+    return admitted_principal(request.scope.setdefault("state", {}), request.headers.get("origin"))
 
 
 AnyKey = Annotated[Principal, Depends(require_any_key)]

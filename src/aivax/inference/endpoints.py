@@ -29,8 +29,21 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 async def chat_completions(
     body: ChatCompletionRequest, principal: AnyKey, services: Services, request: Request
 ) -> JSONResponse | StreamingResponse:
-    origin = request.headers.get("origin")
-    request_id: str = request.state.request_id
+    """Served by `inference.route.ChatRoute` before FastAPI routing; declared here for the
+    OpenAPI schema and for an app built without that route."""
+    return await respond(
+        services, principal, body, request.state.request_id, request.headers.get("origin")
+    )
+
+
+async def respond(
+    services: AppServices,
+    principal: Principal,
+    body: ChatCompletionRequest,
+    request_id: str,
+    origin: str | None,
+) -> JSONResponse | StreamingResponse:
+    """One chat completion, streamed or not, as the HTTP response to send."""
     if body.stream and body.json_only:
         raise BadRequest(
             "json_only returns one JSON document; it cannot be streamed.", param="json_only"

@@ -1,0 +1,96 @@
+"""`POST /v1/chat/completions` served straight from ASGI, ahead of FastAPI's routing.
+
+The chat route is the hot path of every proxied call. FastAPI's per-request machinery (route
+matching over every route, dependency solving, the JSON body parsed in Python and then
+validated, exception middleware and exit stacks) cost about as much CPU as the whole
+pipeline behind it (bench/gateway.py, docs/performance.md). `ChatRoute` sits inside the
+request-id/key and body-size middlewares, so it sees the same caller and limits as every other
+route, and then does only what this route needs:
+
+- the caller from the scope's state (`admitted_principal`, the same check as `AnyKey`);
+- the body read whole and parsed and validated in one step by pydantic-core
+  (`model_validate_json`);
+- `endpoints.respond`, the same function the FastAPI route calls;
+- errors rendered by the application's own exception handlers, so every refusal has the
+  envelope, status and headers it has on any other route. Anything unexpected propagates to
+  the server-error handler, as it would from a FastAPI route.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from aivax import handlers
+from aivax.auth.dependencies import admitted_principal
+from aivax.errors import AppError
+from aivax.inference.endpoints import respond
+from aivax.inference.schemas import ChatCompletionRequest
+from aivax.services import AppServices
+
+logger = logging.getLogger("aivax.inference")
+
+PATH = "/v1/chat/completions"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class ChatRoute:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"][len(scope.get("root_path", "")) :] != PATH
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await self._respond(scope, receive)
+        except ClientGone:
+            logger.debug("client left before sending its request body")
+            return
+        except AppError as exc:
+            response = await handlers.app_error(Request(scope), exc)
+        except HTTPException as exc:  # the body-size limit
+            response = await handlers.http_error(Request(scope), exc)
+        except ValidationError as exc:
+            errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+            response = await handlers.validation_error(
+                Request(scope), RequestValidationError(errors)
+            )
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _respond(scope: Scope, receive: Receive) -> Response:
+        services: AppServices = scope["app"].state.services
+        state = scope["state"]
+        origin = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value.decode("latin-1")
+                break
+        principal = admitted_principal(state, origin)
+        body = ChatCompletionRequest.model_validate_json(await _read_body(receive))
+        return await respond(services, principal, body, state["request_id"], origin)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)

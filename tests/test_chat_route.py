@@ -1,0 +1,107 @@
+"""`POST /v1/chat/completions` is served ahead of FastAPI's routing (`inference.route`): it
+must refuse bad input exactly like any other route, and leave everything else to FastAPI."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from aivax.config import Settings
+from aivax.services import AppServices
+from tests.fixtures.assertions import assert_error
+from tests.fixtures.factories import AccountWithKeys, make_account
+
+PATH = "/v1/chat/completions"
+HELLO = {"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b'{"model": "test/fake-ok", "messages": [', "invalid_json"),
+        (b"", "invalid_json"),
+        (b'{"model": "test/fake-ok", "messages": "\xff\xfe"}', "invalid_json"),
+        (b"[1, 2]", "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "missing_required_parameter"),
+        (
+            b'{"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}], '
+            b'"frobnicate": 1}',
+            "unknown_parameter",
+        ),
+    ],
+)
+async def test_bad_bodies_are_400_with_the_envelope(
+    client: httpx.AsyncClient,
+    account: AccountWithKeys,
+    fake_models: list[str],
+    content: bytes,
+    code: str,
+) -> None:
+    response = await client.post(
+        PATH, headers={**account.headers, "content-type": "application/json"}, content=content
+    )
+    error = assert_error(response, 400, code)
+    assert error["type"] == "invalid_request_error"
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+async def test_missing_and_wrong_keys_are_401_before_the_body_is_read(
+    client: httpx.AsyncClient,
+) -> None:
+    missing = await client.post(PATH, content=b"not even json")
+    assert_error(missing, 401, "missing_api_key")
+    wrong = await client.post(PATH, headers={"authorization": "Bearer aivax_sk_wrong"}, json=HELLO)
+    assert wrong.status_code == 401
+
+
+async def test_body_over_the_limit_is_413(
+    client: httpx.AsyncClient, account: AccountWithKeys, settings: Settings
+) -> None:
+    big = b'{"model": "x", "messages": [{"role": "user", "content": "'
+    big += b"a" * settings.max_body_bytes + b'"}]}'
+    announced = await client.post(
+        PATH, headers={**account.headers, "content-type": "application/json"}, content=big
+    )
+    assert_error(announced, 413)
+
+    async def chunks() -> object:
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    streamed = await client.post(
+        PATH,
+        headers={**account.headers, "content-type": "application/json"},
+        content=chunks(),  # type: ignore[arg-type]
+    )
+    assert_error(streamed, 413)
+
+
+async def test_other_methods_and_paths_stay_with_the_application(
+    client: httpx.AsyncClient, account: AccountWithKeys
+) -> None:
+    wrong_method = await client.get(PATH, headers=account.headers)
+    assert_error(wrong_method, 405)
+    preflight = await client.options(
+        PATH,
+        headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    schema = (await client.get("/openapi.json")).json()
+    assert "post" in schema["paths"][PATH]
+
+
+async def test_a_served_call_carries_the_common_headers(
+    client: httpx.AsyncClient, services: AppServices, fake_models: list[str]
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    response = await client.post(
+        PATH,
+        headers={**account.headers, "origin": "https://app.example", "x-request-id": "my-id-1"},
+        json={**HELLO, "max_tokens": 5},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "my-id-1"
+    assert response.headers["x-aivax-account-id"] == str(account.id)
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert response.json()["choices"][0]["message"]["content"] == "Hello from fake"
