@@ -17,6 +17,7 @@ from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
 from aivax.rag.jobs import JobRunner
 from aivax.rag.vectors import VectorIndex
+from aivax.wallet.hold_queue import HoldQueue
 
 logger = logging.getLogger("aivax")
 
@@ -33,6 +34,7 @@ class AppServices:
     limiter: RateLimiter
     caches: HotPathCaches
     settler: Settler
+    holds: HoldQueue
     vectors: VectorIndex
     jobs: JobRunner
 
@@ -40,6 +42,7 @@ class AppServices:
     def build(cls, settings: Settings) -> AppServices:
         secret = load_or_create_secret(settings)
         database = Database(settings)
+        settler = Settler(database)
         return cls(
             settings=settings,
             database=database,
@@ -48,7 +51,8 @@ class AppServices:
             registry=ProviderRegistry(settings),
             limiter=RateLimiter(settings.redis_url),
             caches=HotPathCaches(settings.cache_seconds),
-            settler=Settler(database),
+            settler=settler,
+            holds=HoldQueue(database, settler),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
             jobs=JobRunner(
                 database,

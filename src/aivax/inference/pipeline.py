@@ -469,14 +469,11 @@ async def _hold(
 async def _try_hold(
     services: AppServices, principal: Principal, amount: int, minimum: int, request_id: str
 ) -> uuid.UUID:
-    return await services.database.run_write(
-        lambda conn: ledger.hold(
-            conn,
-            account_id=principal.account_id,
-            amount_micros=amount,
-            ref=request_id,
-            minimum_balance=minimum,
-        )
+    return await services.holds.hold(
+        account_id=principal.account_id,
+        amount_micros=amount,
+        ref=request_id,
+        minimum_balance=minimum,
     )
 
 

@@ -82,9 +82,12 @@ def log_row(
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
+    """Settle `hold_id` at `cost_micros` (0 releases it) and write the request-log row `log`
+    (None: a hold whose request never reached the pipeline's end, released without a row)."""
+
     hold_id: uuid.UUID | None
     cost_micros: int
-    log: dict[str, Any]
+    log: dict[str, Any] | None
 
 
 class Settler:
@@ -131,8 +134,12 @@ class Settler:
 
     async def _write(self, batch: list[Settlement]) -> None:
         def write(conn: Connection) -> None:
-            for item in batch:
-                _apply(conn, item)
+            holds = [(item.hold_id, item.cost_micros) for item in batch if item.hold_id]
+            if holds:
+                ledger.settle_many(conn, holds)
+            logs = [item.log for item in batch if item.log is not None]
+            if logs:
+                conn.execute(_INSERT_LOG, logs)
 
         await self.database.run_write(write)
 
@@ -141,7 +148,8 @@ class Settler:
             await self.database.run_write(lambda conn: _apply(conn, item))
         except Exception:
             logger.exception(
-                "settling %s failed; the reaper will release its hold", item.log.get("request_id")
+                "settling %s failed; the reaper will release its hold",
+                item.log.get("request_id") if item.log else item.hold_id,
             )
 
 
@@ -151,4 +159,5 @@ def _apply(conn: Connection, item: Settlement) -> None:
             ledger.settle(conn, item.hold_id, item.cost_micros)
         else:
             ledger.release(conn, item.hold_id)
-    conn.execute(_INSERT_LOG, item.log)
+    if item.log is not None:
+        conn.execute(_INSERT_LOG, item.log)

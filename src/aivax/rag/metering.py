@@ -22,7 +22,6 @@ from aivax.providers.base import UpstreamError
 from aivax.rag.embedders import Embedder, EmbedderUnavailable, Matrix, local_embedder
 from aivax.rag.remote import RemoteEmbedder
 from aivax.services import AppServices
-from aivax.wallet import ledger
 
 
 class NotAnEmbeddingModel(BadRequest):
@@ -97,14 +96,11 @@ async def embed(
     async def reserve() -> uuid.UUID | None:
         if not worst:
             return None
-        return await services.database.run_write(
-            lambda conn: ledger.hold(
-                conn,
-                account_id=account_id,
-                amount_micros=worst,
-                ref=request_id,
-                minimum_balance=limits.min_balance_micros,
-            )
+        return await services.holds.hold(
+            account_id=account_id,
+            amount_micros=worst,
+            ref=request_id,
+            minimum_balance=limits.min_balance_micros,
         )
 
     started = time.perf_counter()

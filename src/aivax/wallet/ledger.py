@@ -10,6 +10,7 @@ inference hot path (`Database.run_write`). Every balance change is one condition
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, select, update
@@ -72,6 +73,7 @@ _ADJUST_WITH_FLOOR = (
     .returning(_BALANCE)
 )
 _INSERT_HOLD = insert(HOLDS)
+_INSERT_NEW_ENTRY = insert(ENTRIES)
 _CHARGED = case(
     (HOLDS.c.amount_micros < bindparam("actual", type_=BigInteger), HOLDS.c.amount_micros),
     else_=bindparam("actual", type_=BigInteger),
@@ -212,6 +214,14 @@ def _same_movement(entry: dict[str, Any], kind: EntryKind, amount_micros: int) -
     return int(entry["id"])
 
 
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    account_id: uuid.UUID
+    amount_micros: int
+    ref: str
+    minimum_balance: int = 0
+
+
 def hold(
     conn: Connection,
     *,
@@ -221,36 +231,71 @@ def hold(
     minimum_balance: int = 0,
 ) -> uuid.UUID:
     """Reserve `amount_micros` if the balance covers it and is ≥ `minimum_balance`."""
-    if not 0 < amount_micros <= MAX_MOVEMENT_MICROS:
-        raise ValueError(f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {amount_micros}")
-    balance = change_balance(conn, account_id, -amount_micros, floor=0, minimum=minimum_balance)
-    if balance is None:
-        raise_missing_or_insufficient(conn, account_id, amount_micros)
-    hold_id = uuid.uuid4()
-    conn.execute(
-        _INSERT_HOLD,
-        {
-            "id": hold_id,
-            "account_id": account_id,
-            "amount_micros": amount_micros,
-            "ref": ref[:200],
-            "status": HoldStatus.OPEN.value,
-            "created_at": utcnow(),
-        },
-    )
-    insert_entry(
-        conn,
-        entry_values(
-            account_id,
-            EntryKind.HOLD,
-            -amount_micros,
-            balance,
-            f"hold:{hold_id}",
-            details={"ref": ref[:200]},
-            hold_id=hold_id,
-        ),
-    )
-    return hold_id
+    (result,) = hold_many(conn, [HoldRequest(account_id, amount_micros, ref, minimum_balance)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def hold_many(
+    conn: Connection, requests: list[HoldRequest]
+) -> list[uuid.UUID | InsufficientBalance | WalletAccountNotFound]:
+    """Each request's hold, or the refusal it got, in one transaction (group commit): one
+    conditional UPDATE per hold, then every hold row and hold entry in two multi-row inserts.
+    Accounts are updated in id order, so concurrent batches on PostgreSQL lock rows in one order
+    and cannot deadlock."""
+    for request in requests:
+        if not 0 < request.amount_micros <= MAX_MOVEMENT_MICROS:
+            raise ValueError(
+                f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {request.amount_micros}"
+            )
+    results: dict[int, uuid.UUID | InsufficientBalance | WalletAccountNotFound] = {}
+    holds: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    order = sorted(range(len(requests)), key=lambda i: requests[i].account_id)
+    for index in order:
+        request = requests[index]
+        balance = change_balance(
+            conn,
+            request.account_id,
+            -request.amount_micros,
+            floor=0,
+            minimum=request.minimum_balance,
+        )
+        if balance is None:
+            try:
+                raise_missing_or_insufficient(conn, request.account_id, request.amount_micros)
+            except (InsufficientBalance, WalletAccountNotFound) as refused:
+                results[index] = refused
+            continue
+        hold_id = uuid.uuid4()
+        ref = request.ref[:200]
+        holds.append(
+            {
+                "id": hold_id,
+                "account_id": request.account_id,
+                "amount_micros": request.amount_micros,
+                "ref": ref,
+                "status": HoldStatus.OPEN.value,
+                "created_at": utcnow(),
+            }
+        )
+        entries.append(
+            entry_values(
+                request.account_id,
+                EntryKind.HOLD,
+                -request.amount_micros,
+                balance,
+                f"hold:{hold_id}",
+                details={"ref": ref},
+                hold_id=hold_id,
+            )
+        )
+        results[index] = hold_id
+    if holds:
+        conn.execute(_INSERT_HOLD, holds)
+        conn.execute(_INSERT_NEW_ENTRY, entries)  # keys made of fresh hold ids: no conflicts
+    return [results[index] for index in range(len(requests))]
 
 
 def close_hold(
@@ -317,6 +362,51 @@ def settle(conn: Connection, hold_id: uuid.UUID, actual_micros: int) -> int:
     return 0
 
 
+def settle_many(conn: Connection, items: list[tuple[uuid.UUID, int]]) -> None:
+    """Settle each `(hold, actual)` — released untouched when `actual` is 0 — in one
+    transaction (group commit): one UPDATE per hold, one balance UPDATE per account (in id
+    order), every entry in one multi-row insert. Entries and balances come out exactly as
+    `settle` and `release` one at a time would write them. A hold that is no longer open
+    (expired by the reaper, or closed already) goes through `settle`/`release` afterwards."""
+    moved: dict[uuid.UUID, list[tuple[uuid.UUID, int, int, int]]] = {}
+    others: list[tuple[uuid.UUID, int]] = []
+    for hold_id, actual in items:
+        if actual < 0:
+            raise ValueError("actual cost cannot be negative")
+        row = close_hold(
+            conn,
+            hold_id,
+            from_status=HoldStatus.OPEN,
+            to_status=HoldStatus.SETTLED if actual else HoldStatus.RELEASED,
+            actual=actual,
+        )
+        if row is None:
+            others.append((hold_id, actual))
+            continue
+        account_id, amount, charge = row
+        moved.setdefault(account_id, []).append((hold_id, amount, charge, actual))
+    entries: list[dict[str, Any]] = []
+    for account_id in sorted(moved):
+        group = moved[account_id]
+        delta = sum(returned - charge for _, returned, charge, _ in group)
+        balance = change_balance(conn, account_id, delta, floor=None)
+        assert balance is not None  # noqa: S101 - the hold's account exists (foreign key)
+        running = balance - delta
+        for hold_id, returned, charge, requested in group:
+            closing, running = _closing_entries(
+                account_id, hold_id, returned, charge, requested, before=running
+            )
+            entries += closing
+    if entries:
+        # A hold leaves OPEN once, so its release and usage keys are new: no conflicts.
+        conn.execute(_INSERT_NEW_ENTRY, entries)
+    for hold_id, actual in others:
+        if actual:
+            settle(conn, hold_id, actual)
+        else:
+            release(conn, hold_id)
+
+
 def release(
     conn: Connection, hold_id: uuid.UUID, to_status: HoldStatus = HoldStatus.RELEASED
 ) -> bool:
@@ -340,22 +430,42 @@ def _return_and_charge(
 ) -> None:
     balance = change_balance(conn, account_id, returned - charge, floor=None)
     assert balance is not None  # noqa: S101 - the hold's account exists (foreign key)
+    closing, _ = _closing_entries(
+        account_id, hold_id, returned, charge, requested, before=balance - returned + charge
+    )
+    for values in closing:
+        insert_entry(conn, values)
+
+
+def _closing_entries(
+    account_id: uuid.UUID,
+    hold_id: uuid.UUID,
+    returned: int,
+    charge: int,
+    requested: int,
+    *,
+    before: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """The entries that close one hold — the hold given back (`release`), then the real cost
+    (`usage`) — from balance `before`; and the balance after them."""
+    entries = []
+    balance = before
     if returned:
-        insert_entry(
-            conn,
+        balance += returned
+        entries.append(
             entry_values(
                 account_id,
                 EntryKind.RELEASE,
                 returned,
-                balance + charge,
+                balance,
                 f"release:{hold_id}",
                 hold_id=hold_id,
-            ),
+            )
         )
     if charge:
+        balance -= charge
         details = {"uncollected_micros": requested - charge} if requested > charge else {}
-        insert_entry(
-            conn,
+        entries.append(
             entry_values(
                 account_id,
                 EntryKind.USAGE,
@@ -364,8 +474,9 @@ def _return_and_charge(
                 f"usage:{hold_id}",
                 details=details,
                 hold_id=hold_id,
-            ),
+            )
         )
+    return entries, balance
 
 
 def stale_hold_ids(conn: Connection, *, created_before: Any, limit: int) -> list[uuid.UUID]:

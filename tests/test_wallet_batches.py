@@ -1,0 +1,151 @@
+"""Group commit on the wallet's hot path: `HoldQueue` (holds of concurrent requests in one
+transaction) and `ledger.settle_many` (a settlement batch) must write exactly what one-at-a-time
+holds, settles and releases write, and keep every refusal with the request it belongs to."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from aivax.models import HoldStatus, LedgerEntry, WalletHold
+from aivax.services import AppServices
+from aivax.wallet import ledger
+from aivax.wallet import service as wallet
+from tests.fixtures.factories import make_account
+
+
+async def _entries(services: AppServices, account_id: uuid.UUID) -> list[tuple[Any, ...]]:
+    """(kind, amount, balance after, details) of every entry, in order, hold ids left out."""
+    async with services.database.sessions() as session:
+        rows = await session.execute(
+            select(LedgerEntry).where(LedgerEntry.account_id == account_id).order_by(LedgerEntry.id)
+        )
+        return [
+            (e.kind, e.amount_micros, e.balance_after_micros, e.details)
+            for e in rows.scalars()
+            if e.kind != "topup"
+        ]
+
+
+async def _invariant(services: AppServices, account_id: uuid.UUID) -> tuple[int, int]:
+    async with services.database.sessions() as session:
+        report = await wallet.check_invariant(session, account_id)
+    return report.cached_balance_micros, report.ledger_sum_micros
+
+
+async def test_hold_queue_admits_exactly_what_the_balance_covers(services: AppServices) -> None:
+    account = await make_account(services, balance_micros=10_000)
+
+    async def take() -> uuid.UUID | None:
+        try:
+            return await services.holds.hold(
+                account_id=account.id, amount_micros=1_000, ref="batch"
+            )
+        except ledger.InsufficientBalance:
+            return None
+
+    results = await asyncio.gather(*(take() for _ in range(60)))
+    assert len([r for r in results if r is not None]) == 10
+    balance, total = await _invariant(services, account.id)
+    assert (balance, total) == (0, 0)
+    assert min(entry[2] for entry in await _entries(services, account.id)) == 0
+
+
+async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServices) -> None:
+    rich = await make_account(services, balance_micros=50_000)
+    poor = await make_account(services, balance_micros=100)
+    missing = uuid.uuid4()
+    outcomes = await asyncio.gather(
+        services.holds.hold(account_id=rich.id, amount_micros=1_000, ref="a"),
+        services.holds.hold(account_id=poor.id, amount_micros=1_000, ref="b"),
+        services.holds.hold(account_id=missing, amount_micros=1_000, ref="c"),
+        services.holds.hold(account_id=rich.id, amount_micros=10**13, ref="d"),  # over the cap
+        services.holds.hold(account_id=rich.id, amount_micros=2_000, ref="e"),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], uuid.UUID)
+    assert isinstance(outcomes[1], ledger.InsufficientBalance)
+    assert isinstance(outcomes[2], ledger.WalletAccountNotFound)
+    assert isinstance(outcomes[3], ValueError)
+    assert isinstance(outcomes[4], uuid.UUID)
+    assert await _invariant(services, rich.id) == (47_000, 47_000)
+    assert await _invariant(services, poor.id) == (100, 100)
+
+
+async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppServices) -> None:
+    account = await make_account(services, balance_micros=10_000)
+    waiting = asyncio.ensure_future(
+        services.holds.hold(account_id=account.id, amount_micros=4_000, ref="gone")
+    )
+    await asyncio.sleep(0)  # queued and being written
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for _ in range(50):
+        await services.settler.drain()
+        async with services.database.sessions() as session:
+            statuses = list(
+                await session.scalars(
+                    select(WalletHold.status).where(WalletHold.account_id == account.id)
+                )
+            )
+        if statuses:
+            break
+        await asyncio.sleep(0.02)
+    assert statuses == [HoldStatus.RELEASED.value]
+    assert await _invariant(services, account.id) == (10_000, 10_000)
+
+
+async def test_settle_many_writes_what_one_at_a_time_writes(services: AppServices) -> None:
+    """The same holds closed both ways — cost below the hold, above it (capped), zero
+    (released), an expired hold settled late, a hold settled twice — give the same entries."""
+    costs = [300, 5_000, 0, 700, 250]
+    written: list[list[tuple[Any, ...]]] = []
+    for batched in (False, True):
+        account = await make_account(services, balance_micros=100_000)
+        holds = [
+            await services.holds.hold(account_id=account.id, amount_micros=1_000, ref=f"r{i}")
+            for i in range(len(costs))
+        ]
+        async with services.database.sessions() as session:  # the reaper got to one first
+            await session.execute(
+                update(WalletHold)
+                .where(WalletHold.id == holds[3])
+                .values(status=HoldStatus.EXPIRED.value)
+            )
+            await session.commit()
+        await services.database.run_write(
+            lambda conn, hold=holds[3]: ledger._return_and_charge(
+                conn, account.id, hold, 1_000, 0, 0
+            )
+        )
+        items = [*zip(holds, costs, strict=True), (holds[0], 300)]  # the first one twice
+        if batched:
+            await services.database.run_write(lambda conn: ledger.settle_many(conn, items))
+        else:
+            for hold_id, cost in items:
+                await services.database.run_write(
+                    lambda conn, h=hold_id, c=cost: (
+                        ledger.settle(conn, h, c) if c else ledger.release(conn, h)
+                    )
+                )
+        written.append(await _entries(services, account.id))
+        balance, total = await _invariant(services, account.id)
+        assert balance == total == 100_000 - 300 - 1_000 - 700 - 250
+    # The same movements (a late settlement may come last in a batch) …
+    movements = [
+        sorted(repr((kind, amount, details)) for kind, amount, _, details in entries)
+        for entries in written
+    ]
+    assert movements[0] == movements[1]
+    assert (("usage", -1_000, {"uncollected_micros": 4_000})) in [
+        (kind, amount, details) for kind, amount, _, details in written[1]
+    ]
+    # … and each entry's balance_after is the one before it plus its amount.
+    for entries in written:
+        for before, after in zip(entries, entries[1:], strict=False):
+            assert after[2] == before[2] + after[1]
