@@ -5,6 +5,7 @@ holds, settles and releases write, and keep every refusal with the request it be
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from typing import Any
 
@@ -93,7 +94,7 @@ async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppSe
                     select(WalletHold.status).where(WalletHold.account_id == account.id)
                 )
             )
-        if statuses:
+        if statuses == [HoldStatus.RELEASED.value]:
             break
         await asyncio.sleep(0.02)
     assert statuses == [HoldStatus.RELEASED.value]
@@ -119,13 +120,15 @@ async def test_settle_many_writes_what_one_at_a_time_writes(services: AppService
             )
             await session.commit()
         await services.database.run_write(
-            lambda conn, hold=holds[3]: ledger._return_and_charge(
-                conn, account.id, hold, 1_000, 0, 0
+            lambda conn, hold=holds[3], owner=account.id: ledger._return_and_charge(
+                conn, owner, hold, 1_000, 0, 0
             )
         )
         items = [*zip(holds, costs, strict=True), (holds[0], 300)]  # the first one twice
         if batched:
-            await services.database.run_write(lambda conn: ledger.settle_many(conn, items))
+            await services.database.run_write(
+                lambda conn, batch=items: ledger.settle_many(conn, batch)
+            )
         else:
             for hold_id, cost in items:
                 await services.database.run_write(
@@ -147,5 +150,5 @@ async def test_settle_many_writes_what_one_at_a_time_writes(services: AppService
     ]
     # … and each entry's balance_after is the one before it plus its amount.
     for entries in written:
-        for before, after in zip(entries, entries[1:], strict=False):
+        for before, after in itertools.pairwise(entries):
             assert after[2] == before[2] + after[1]
