@@ -18,6 +18,7 @@ from aivax.inference.pipeline import PreparedCall, client_error, finish, open_st
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.keys.service import Principal
 from aivax.kit.pagination import ListPage, PageLimit, page_of
+from aivax.kit.streaming import EventStreamResponse
 from aivax.providers.base import StreamEvent, UpstreamError
 from aivax.services import AppServices
 from aivax.structured import pipeline as structured
@@ -145,7 +146,7 @@ async def _stream(
     except BaseException:
         await finish(call, accumulator, status=499, error_code="cancelled")
         raise
-    return StreamingResponse(
+    return EventStreamResponse(
         _sse(call, accumulator, first, events),
         media_type="text/event-stream",
         headers={**call.admission.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -158,21 +159,29 @@ async def _sse(
     first: StreamEvent | None,
     events: AsyncIterator[StreamEvent],
 ) -> AsyncIterator[bytes]:
+    """The event stream. Chunks that are ready together leave in one write: the opening chunk
+    with the first delta, and the finish chunk with the usage chunk and [DONE]."""
     created = int(time.time())
     status = 499  # unless the loop below completes
     code: str | None = "client_disconnected"
+    tail: list[bytes] = []
     try:
         opening = responses.chunk(call, created, delta={"role": "assistant", "content": ""})
         if retrieved := responses.retrieval_block(call):
             opening["aivax"] = retrieved
-        yield responses.sse(opening)
-        pending = [first] if first is not None else []
-        async for event in _chain(pending, events):
+        head = [responses.sse(opening)]
+        delta = delta_of(first) if first is not None else None
+        if delta is not None:
+            head.append(responses.sse(responses.chunk(call, created, delta=delta)))
+        yield b"".join(head)
+        async for event in events:
             delta = delta_of(event)
             if delta is not None:
                 yield responses.sse(responses.chunk(call, created, delta=delta))
-        yield responses.sse(
-            responses.chunk(call, created, finish_reason=accumulator.final_finish_reason())
+        tail.append(
+            responses.sse(
+                responses.chunk(call, created, finish_reason=accumulator.final_finish_reason())
+            )
         )
         if call.structured is not None:
             # Streams are healed locally at the end (no re-ask): the validated document comes
@@ -185,34 +194,24 @@ async def _sse(
                 "document": result.document,
                 "json_healing": structured.healing_report(result, 1),
             }
-            yield responses.sse(final)
+            tail.append(responses.sse(final))
         status, code = 200, None
         await finish(call, accumulator, status=200, error_code=None)
         if call.request.include_usage:
-            yield responses.sse(responses.usage_chunk(call, accumulator, created))
-        yield responses.DONE
+            tail.append(responses.sse(responses.usage_chunk(call, accumulator, created)))
+        yield b"".join([*tail, responses.DONE])
     except UpstreamError as exc:
         error = client_error(exc, call.model)
         status, code = error.status, error.instance_code
         await finish(call, accumulator, status=status, error_code=code)
-        yield responses.sse(error_envelope(error.message, type_=error.type, code=code))
-        yield responses.DONE
+        envelope = error_envelope(error.message, type_=error.type, code=code)
+        yield b"".join([*tail, responses.sse(envelope), responses.DONE])
     except structured.JsonValidationFailed as failed:
         status, code = 422, failed.code
         await finish(call, accumulator, status=status, error_code=code)
-        yield responses.sse(failed.envelope())
-        yield responses.DONE
+        yield b"".join([*tail, responses.sse(failed.envelope()), responses.DONE])
     finally:
         await finish(call, accumulator, status=status, error_code=code)
-
-
-async def _chain(
-    pending: list[StreamEvent], events: AsyncIterator[StreamEvent]
-) -> AsyncIterator[StreamEvent]:
-    for event in pending:
-        yield event
-    async for event in events:
-        yield event
 
 
 @router.get("/models")
