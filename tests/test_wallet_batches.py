@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from aivax.models import HoldStatus, LedgerEntry, WalletHold
+from aivax.models import Account, HoldStatus, LedgerEntry, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
@@ -77,16 +77,42 @@ async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServic
     assert await _invariant(services, poor.id) == (100, 100)
 
 
+async def _lock_account(services: AppServices, account_id: uuid.UUID) -> Any:
+    """An open transaction that has written the account: SQLite's write lock, PostgreSQL's row
+    lock. Holds wait behind it; commit the returned session to let them through."""
+    session = services.database.sessions()
+    await session.execute(update(Account).where(Account.id == account_id).values(name=Account.name))
+    return session
+
+
+async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None:
+    account = await make_account(services, balance_micros=10_000)
+    lock = await _lock_account(services, account.id)
+    waiting = asyncio.ensure_future(
+        services.holds.hold(account_id=account.id, amount_micros=4_000, ref="waits")
+    )
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # queued behind the lock, not refused
+    await lock.commit()
+    await lock.close()
+    assert isinstance(await waiting, uuid.UUID)
+    assert await _invariant(services, account.id) == (6_000, 6_000)
+
+
 async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppServices) -> None:
     account = await make_account(services, balance_micros=10_000)
+    lock = await _lock_account(services, account.id)
     waiting = asyncio.ensure_future(
         services.holds.hold(account_id=account.id, amount_micros=4_000, ref="gone")
     )
-    await asyncio.sleep(0)  # queued and being written
+    await asyncio.sleep(0.1)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    for _ in range(50):
+    await lock.commit()  # the hold is taken now, for nobody
+    await lock.close()
+    statuses: list[str] = []
+    for _ in range(100):
         await services.settler.drain()
         async with services.database.sessions() as session:
             statuses = list(

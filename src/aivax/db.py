@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import enum
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +16,7 @@ from fastapi import Depends, Request
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -35,6 +38,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _sqlite_pragmas_no_wait(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")
+    cursor.close()
+
+
+def _is_busy(error: OperationalError) -> bool:
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class NotNow(enum.Enum):
+    NOT_NOW = "not now"
+
+
+NOT_NOW = NotNow.NOT_NOW
 
 
 def ensure_sqlite_directory(url: str) -> None:
@@ -72,6 +94,7 @@ class Database:
         # whole transaction in a single hop (instead of one thread hop per statement), and
         # serialises this process's writers without the busy handler's sleeps.
         self._sync_engine: Engine | None = None
+        self._inline_engine: Engine | None = None
         self._writer: ThreadPoolExecutor | None = None
         if settings.is_sqlite:
             url = make_url(settings.database_url).set(drivername="sqlite")
@@ -80,6 +103,11 @@ class Database:
             )
             event.listen(self._sync_engine, "connect", _sqlite_pragmas)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aivax-writer")
+            # A second connection for `write_now`: it never waits for the write lock.
+            self._inline_engine = sa_create_engine(
+                url, pool_size=1, max_overflow=0, connect_args={"check_same_thread": False}
+            )
+            event.listen(self._inline_engine, "connect", _sqlite_pragmas_no_wait)
 
     async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Run `work(connection)` in one committed transaction (rolled back if it raises)."""
@@ -94,11 +122,29 @@ class Database:
         async with self.engine.begin() as connection:
             return await connection.run_sync(work)
 
+    def write_now(self, work: Callable[[Connection], T]) -> T | NotNow:
+        """Run a short `work(connection)` transaction right here, on the calling thread, if
+        that costs no waiting: on SQLite, when the write lock is free at once (the connection
+        has no busy wait, so a locked database answers immediately). `NOT_NOW` otherwise —
+        always on PostgreSQL — and the caller goes through `run_write`. Skipping the thread hop
+        is what a lone request's latency is made of when the writer has nothing else to do."""
+        if self._inline_engine is None:
+            return NOT_NOW
+        try:
+            with self._inline_engine.begin() as connection:
+                return work(connection)
+        except OperationalError as exc:
+            if _is_busy(exc):
+                return NOT_NOW
+            raise
+
     async def dispose(self) -> None:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
         if self._sync_engine is not None:
             self._sync_engine.dispose()
+        if self._inline_engine is not None:
+            self._inline_engine.dispose()
         await self.engine.dispose()
 
 

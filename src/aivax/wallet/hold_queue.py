@@ -4,9 +4,10 @@ Every billed call holds its worst case before the upstream is called, so the hol
 response path of every call. One transaction per hold spends most of its time on what a
 transaction costs (begin, commit, the thread hop to the writer); `HoldQueue` takes every hold
 that arrived while the previous batch was being written in the next one. Nothing waits to
-fill a batch: a lone request is written at once, exactly as before, and under load each batch
-takes whatever queued meanwhile (`ledger.hold_many`: each hold is still one conditional UPDATE,
-so a batch never overdraws).
+fill a batch: a lone request is written at once — on the event loop's own thread when the
+writer is idle and the database lock is free (`Database.write_now`, no thread hop) — and under
+load each batch takes whatever queued meanwhile (`ledger.hold_many`: each hold is still one
+conditional UPDATE, so a batch never overdraws).
 
 A batch that fails as a whole (a database error) is retried hold by hold, so a refusal or a
 failure reaches only the request it belongs to. A hold whose caller went away while it was
@@ -19,7 +20,7 @@ import asyncio
 import logging
 import uuid
 
-from aivax.db import Database
+from aivax.db import NOT_NOW, Database
 from aivax.inference.settlement import Settlement, Settler
 from aivax.wallet import ledger
 from aivax.wallet.ledger import HoldRequest
@@ -47,8 +48,17 @@ class HoldQueue:
         minimum_balance: int = 0,
     ) -> uuid.UUID:
         """Reserve `amount_micros` (see `ledger.hold`); raises what `ledger.hold` raises."""
+        request = HoldRequest(account_id, amount_micros, ref, minimum_balance)
+        if not self._writing:
+            # Nothing in flight: take it right here if the database lets us at once.
+            taken = self.database.write_now(lambda conn: ledger.hold_many(conn, [request]))
+            if taken is not NOT_NOW:
+                (result,) = taken
+                if isinstance(result, Exception):
+                    raise result
+                return result
         future: asyncio.Future[uuid.UUID] = asyncio.get_running_loop().create_future()
-        self._pending.append((HoldRequest(account_id, amount_micros, ref, minimum_balance), future))
+        self._pending.append((request, future))
         if not self._writing:
             self._writing = True
             asyncio.get_running_loop().create_task(self._write_all())
