@@ -8,6 +8,7 @@ import pytest
 
 from aivax.config import Settings
 from aivax.services import AppServices
+from tests.conftest import FakeUpstream
 from tests.fixtures.assertions import assert_error
 from tests.fixtures.factories import AccountWithKeys, make_account
 
@@ -105,3 +106,23 @@ async def test_a_served_call_carries_the_common_headers(
     assert response.headers["x-aivax-account-id"] == str(account.id)
     assert response.headers["access-control-allow-origin"] == "*"
     assert response.json()["choices"][0]["message"]["content"] == "Hello from fake"
+
+
+async def test_upstream_is_streamed_only_for_streamed_calls(
+    client: httpx.AsyncClient,
+    services: AppServices,
+    fake_models: list[str],
+    fake_openai: FakeUpstream,
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    whole = await client.post(PATH, headers=account.headers, json={**HELLO, "user": "whole"})
+    assert whole.json()["usage"]["completion_tokens"] == 3
+    sent = fake_openai.recorder.last()
+    assert (sent["user"], sent.get("stream"), sent.get("stream_options")) == ("whole", None, None)
+    streamed = await client.post(
+        PATH, headers=account.headers, json={**HELLO, "user": "streamed", "stream": True}
+    )
+    assert streamed.text.endswith("data: [DONE]\n\n")
+    sent = fake_openai.recorder.last()
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}

@@ -282,6 +282,7 @@ async def prepare(
             timeout_seconds=routing.timeout_seconds
             if routing
             else services.settings.upstream_read_timeout_seconds,
+            stream=request.stream,
         ),
         admission=admitted,
         hold_id=hold_id,

@@ -55,6 +55,9 @@ class UpstreamRequest:
     body: dict[str, Any]
     max_tokens: int
     timeout_seconds: float = 600.0
+    # Whether the caller streams. Adapters may stream from upstream either way; a non-streamed
+    # call lets an adapter ask for one whole response instead.
+    stream: bool = True
 
 
 class Provider(Protocol):

@@ -1,12 +1,14 @@
 """OpenAI-compatible chat completions over HTTP (OpenAI, Groq, Together, DeepSeek, Mistral,
 OpenRouter, vLLM, Ollama, llama.cpp server, …).
 
-Always streams from upstream with `stream_options.include_usage`, so streamed and non-streamed
-client calls share one path and usage is reported whenever the upstream can report it. SSE is
-parsed with `httpx-sse`'s decoders (comments, keep-alives and multi-line `data:` fields); a
-stream that ends without `[DONE]` is accepted; an upstream that ignores `stream` and answers
-with one JSON body is accepted too. Connect errors, 429 and 5xx are retried with backoff — only
-before the first byte.
+A streamed call streams from upstream with `stream_options.include_usage`; a non-streamed call
+asks for one JSON completion (cheaper on both ends), whose usage upstreams always report. Both
+become the same events, so they share one post-processing path. SSE is parsed with
+`httpx-sse`'s decoders (comments, keep-alives and multi-line `data:` fields); a stream that
+ends without `[DONE]` is accepted; an upstream that ignores `stream` and answers with one JSON
+body is accepted too. Connect errors, 429 and 5xx are retried with backoff — only before the
+first byte. `timeout_seconds` bounds each silence: between two chunks of a stream, and the
+whole generation of a non-streamed call.
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class OpenAICompatProvider:
         self.retries = retries
 
     def _body(self, request: UpstreamRequest) -> bytes:
+        if not request.stream:
+            return json.dumps({**request.body, "model": request.upstream_model}).encode()
         return json.dumps(
             {
                 **request.body,
