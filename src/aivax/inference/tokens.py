@@ -32,7 +32,7 @@ def _encoding() -> tiktoken.Encoding:
 
 
 def count_text(text: str) -> int:
-    return len(_encoding().encode(text, disallowed_special=()))
+    return len(_encoding().encode_ordinary(text))  # special tokens count as plain text
 
 
 def flatten(messages: list[dict[str, Any]]) -> tuple[str, int, int]:
