@@ -55,6 +55,14 @@ class ChatRoute:
         ):
             await self.app(scope, receive, send)
             return
+        holds = scope["app"].state.services.holds
+        holds.calls_in_flight += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            holds.calls_in_flight -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             response = await self._respond(scope, receive)
         except ClientGone:

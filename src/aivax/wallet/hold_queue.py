@@ -36,6 +36,10 @@ class HoldQueue:
     def __init__(self, database: Database, settler: Settler) -> None:
         self.database = database
         self.settler = settler
+        # Calls being served right now (kept by the chat route). Only a lone call takes its
+        # hold on the event loop's thread: with company, the writer thread takes holds in
+        # batches while the loop serves the others.
+        self.calls_in_flight = 0
         self._pending: list[tuple[HoldRequest, asyncio.Future[uuid.UUID]]] = []
         self._writing = False
 
@@ -49,8 +53,8 @@ class HoldQueue:
     ) -> uuid.UUID:
         """Reserve `amount_micros` (see `ledger.hold`); raises what `ledger.hold` raises."""
         request = HoldRequest(account_id, amount_micros, ref, minimum_balance)
-        if not self._writing:
-            # Nothing in flight: take it right here if the database lets us at once.
+        if not self._writing and self.calls_in_flight <= 1:
+            # A lone call: take it right here if the database lets us at once.
             taken = self.database.write_now(lambda conn: ledger.hold_many(conn, [request]))
             if taken is not NOT_NOW:
                 (result,) = taken
