@@ -3,6 +3,8 @@ must refuse bad input exactly like any other route, and leave everything else to
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -126,3 +128,17 @@ async def test_upstream_is_streamed_only_for_streamed_calls(
     sent = fake_openai.recorder.last()
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True}
+
+
+def test_delta_lines_match_the_whole_chunk_encoding() -> None:
+    """The pre-encoded envelope gives exactly the bytes of encoding each chunk whole."""
+    from types import SimpleNamespace
+
+    from aivax.inference import responses
+
+    call: Any = SimpleNamespace(
+        request_id='req_a"b\\\\"delta":{}', requested_model='m"delta":{}', model=None
+    )
+    lines = responses.DeltaLines(call, 123)
+    for delta in ({"content": 'hé "x"\n'}, {"tool_calls": [{"index": 0}]}, {}):
+        assert lines.line(delta) == responses.sse(responses.chunk(call, 123, delta=delta))

@@ -170,14 +170,15 @@ async def _sse(
         if retrieved := responses.retrieval_block(call):
             opening["aivax"] = retrieved
         head = [responses.sse(opening)]
+        lines = responses.DeltaLines(call, created)
         delta = delta_of(first) if first is not None else None
         if delta is not None:
-            head.append(responses.sse(responses.chunk(call, created, delta=delta)))
+            head.append(lines.line(delta))
         yield b"".join(head)
         async for event in events:
             delta = delta_of(event)
             if delta is not None:
-                yield responses.sse(responses.chunk(call, created, delta=delta))
+                yield lines.line(delta)
         tail.append(
             responses.sse(
                 responses.chunk(call, created, finish_reason=accumulator.final_finish_reason())

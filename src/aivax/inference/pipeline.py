@@ -500,7 +500,8 @@ def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[S
                     async for event in attempt.provider.stream(attempt.upstream):
                         produced = produced or is_content(event)
                         accumulator.add(event)
-                        await watch.check(final=False)
+                        if watch.enabled:
+                            await watch.check(final=False)
                         yield event
                     await watch.check(final=True)
                 except UpstreamError as exc:

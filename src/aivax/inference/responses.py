@@ -113,6 +113,20 @@ def usage_chunk(call: PreparedCall, accumulator: Accumulator, created: int) -> d
     }
 
 
+class DeltaLines:
+    """The SSE lines of one call's delta chunks: the envelope (id, created, model, …) is
+    encoded once, each chunk only encodes its delta."""
+
+    def __init__(self, call: PreparedCall, created: int) -> None:
+        whole = json.dumps(chunk(call, created), separators=(",", ":"))
+        head, tail = whole.split('"delta":{}', 1)  # strings are escaped: one real match
+        self.head = b"data: " + head.encode() + b'"delta":'
+        self.tail = tail.encode() + b"\n\n"
+
+    def line(self, delta: dict[str, Any]) -> bytes:
+        return self.head + json.dumps(delta, separators=(",", ":")).encode() + self.tail
+
+
 def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
