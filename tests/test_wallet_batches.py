@@ -178,3 +178,19 @@ async def test_settle_many_writes_what_one_at_a_time_writes(services: AppService
     for entries in written:
         for before, after in itertools.pairwise(entries):
             assert after[2] == before[2] + after[1]
+
+
+def test_uuid7_is_rfc_9562_and_time_ordered() -> None:
+    import time
+
+    from aivax.kit.ids import uuid7
+
+    made = []
+    for _ in range(50):
+        made.append(uuid7())
+        time.sleep(0.001)
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in made)
+    assert made == sorted(made)
+    millis = made[-1].int >> 80
+    assert abs(millis - time.time() * 1000) < 5_000
+    assert len({uuid7() for _ in range(10_000)}) == 10_000

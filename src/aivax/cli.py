@@ -155,6 +155,9 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # One access-log line per request at info and debug; above that, uvicorn would still
+        # format each line's arguments before dropping it.
+        access_log=settings.log_level in ("debug", "info"),
         server_header=False,
     )
 

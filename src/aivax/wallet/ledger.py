@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from aivax.db import insert_ignoring_conflicts
 from aivax.errors import BadRequest, Conflict, NotFound, PaymentRequired
 from aivax.kit.clock import utcnow
+from aivax.kit.ids import uuid7
 from aivax.kit.money import micros_to_usd
 from aivax.models import Account, EntryKind, HoldStatus, LedgerEntry, WalletHold
 
@@ -268,7 +269,7 @@ def hold_many(
             except (InsufficientBalance, WalletAccountNotFound) as refused:
                 results[index] = refused
             continue
-        hold_id = uuid.uuid4()
+        hold_id = uuid7()  # time-ordered: appended to the holds' index
         ref = request.ref[:200]
         holds.append(
             {
