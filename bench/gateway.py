@@ -66,6 +66,25 @@ class Target:
     url: str
     model: str
     headers: dict[str, str]
+    pid: int | None = None  # the proxy's process, whose CPU time is reported per call
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time so far of a process and its live descendants (Linux /proc), or
+    0 when unknown (a proxy may serve from a child process)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 @dataclass
@@ -74,6 +93,7 @@ class Result:
     p50: float
     p99: float
     ttfb: float
+    cpu_ms: float  # the proxy's CPU time per call (0 for the direct target)
 
 
 async def drive(target: Target, *, stream: bool, concurrency: int) -> Result:
@@ -107,15 +127,17 @@ async def drive(target: Target, *, stream: bool, concurrency: int) -> Result:
                 latencies.append(ended - started)
                 firsts.append((first or ended) - started)
 
-        began = time.perf_counter()
+        began, cpu_before = time.perf_counter(), cpu_seconds(target.pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
+        cpu = cpu_seconds(target.pid) - cpu_before
     ordered = sorted(latencies)
     return Result(
         rps=len(latencies) / elapsed,
         p50=statistics.median(ordered) * 1000,
         p99=ordered[max(int(len(ordered) * 0.99) - 1, 0)] * 1000,
         ttfb=statistics.median(firsts) * 1000,
+        cpu_ms=cpu / len(latencies) * 1000,
     )
 
 
@@ -176,6 +198,7 @@ def start_aivax(
         f"http://127.0.0.1:{port}/v1",
         "bench/mock",
         {"Authorization": f"Bearer {key.group(1)}"},
+        process.pid,
     )
 
 
@@ -198,7 +221,7 @@ def start_litellm(
         work,
     )
     wait_ready(f"http://127.0.0.1:{port}/health/liveliness", process, log)
-    return process, Target("litellm", f"http://127.0.0.1:{port}/v1", "mock", {})
+    return process, Target("litellm", f"http://127.0.0.1:{port}/v1", "mock", {}, process.pid)
 
 
 def main() -> None:
@@ -242,7 +265,7 @@ def main() -> None:
 def report(targets: list[Target]) -> None:
     print(
         f"{'target':<8} {'mode':<7} {'conc':>4} {'RPS':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'TTFB ms':>8} {'+p50 ms':>8}"
+        f"{'TTFB ms':>8} {'+p50 ms':>8} {'CPU ms/call':>11}"
     )
     results: dict[tuple[str, bool, int], Result] = {}
     for stream in (False, True):
@@ -255,7 +278,8 @@ def report(targets: list[Target]) -> None:
                 print(
                     f"{target.name:<8} {'stream' if stream else 'json':<7} {concurrency:>4} "
                     f"{result.rps:>8.0f} {result.p50:>8.2f} {result.p99:>8.2f} "
-                    f"{result.ttfb:>8.2f} {overhead:>8.2f}",
+                    f"{result.ttfb:>8.2f} {overhead:>8.2f} "
+                    + (f"{result.cpu_ms:>11.2f}" if target.pid else f"{'':>11}"),
                     flush=True,
                 )
     if any(name == "litellm" for name, _, _ in results):
