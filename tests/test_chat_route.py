@@ -3,6 +3,7 @@ must refuse bad input exactly like any other route, and leave everything else to
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -142,3 +143,12 @@ def test_delta_lines_match_the_whole_chunk_encoding() -> None:
     lines = responses.DeltaLines(call, 123)
     for delta in ({"content": 'hé "x"\n'}, {"tool_calls": [{"index": 0}]}, {}):
         assert lines.line(delta) == responses.sse(responses.chunk(call, 123, delta=delta))
+
+
+def test_fast_json_takes_what_orjson_refuses() -> None:
+    from aivax.kit import fastjson
+
+    huge = {"seed": 2**70, "text": "é"}
+    assert fastjson.loads(fastjson.dumps(huge)) == huge
+    with pytest.raises(json.JSONDecodeError):
+        fastjson.loads(b'{"a": ')

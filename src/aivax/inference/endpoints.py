@@ -17,6 +17,7 @@ from aivax.inference.accumulate import Accumulator, delta_of
 from aivax.inference.pipeline import PreparedCall, client_error, finish, open_stream, prepare
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.keys.service import Principal
+from aivax.kit.fastjson import FastJSONResponse
 from aivax.kit.pagination import ListPage, PageLimit, page_of
 from aivax.kit.streaming import EventStreamResponse
 from aivax.providers.base import StreamEvent, UpstreamError
@@ -56,7 +57,7 @@ async def respond(
     call, accumulator = await _complete(services, principal, body, request_id, origin)
     if call.structured is not None:
         return await _structured(services, principal, body, origin, call, accumulator)
-    return JSONResponse(
+    return FastJSONResponse(
         responses.completion(call, accumulator), headers=responses.cost_headers(call)
     )
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from aivax.inference.accumulate import Accumulator
 from aivax.inference.pipeline import PreparedCall
+from aivax.kit import fastjson
 from aivax.kit.money import micros_to_usd
 
 
@@ -118,17 +118,17 @@ class DeltaLines:
     encoded once, each chunk only encodes its delta."""
 
     def __init__(self, call: PreparedCall, created: int) -> None:
-        whole = json.dumps(chunk(call, created), separators=(",", ":"))
+        whole = fastjson.dumps(chunk(call, created)).decode()
         head, tail = whole.split('"delta":{}', 1)  # strings are escaped: one real match
         self.head = b"data: " + head.encode() + b'"delta":'
         self.tail = tail.encode() + b"\n\n"
 
     def line(self, delta: dict[str, Any]) -> bytes:
-        return self.head + json.dumps(delta, separators=(",", ":")).encode() + self.tail
+        return self.head + fastjson.dumps(delta) + self.tail
 
 
 def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + fastjson.dumps(data) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from aivax.kit import fastjson
 from aivax.providers.base import (
     CONNECT_ERRORS,
     RETRYABLE_STATUSES,
@@ -103,28 +104,30 @@ class OpenAICompatProvider:
     ) -> None:
         self.http = http
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.headers = {"authorization": f"Bearer {api_key}", "accept": "text/event-stream"}
+        self.authorization = f"Bearer {api_key}"
         self.retries = retries
 
     def _body(self, request: UpstreamRequest) -> bytes:
         if not request.stream:
-            return json.dumps({**request.body, "model": request.upstream_model}).encode()
-        return json.dumps(
+            return fastjson.dumps({**request.body, "model": request.upstream_model})
+        return fastjson.dumps(
             {
                 **request.body,
                 "model": request.upstream_model,
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
-        ).encode()
+        )
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamEvent]:
         body = self._body(request)
+        accept = "text/event-stream" if request.stream else "application/json"
+        headers = {"authorization": self.authorization, "accept": accept}
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
                 async with self.http.post(
-                    self.url, headers=self.headers, body=body, timeout=request.timeout_seconds
+                    self.url, headers=headers, body=body, timeout=request.timeout_seconds
                 ) as response:
                     if response.status >= 400:
                         error = await self._status_error(response)
@@ -184,7 +187,7 @@ class OpenAICompatProvider:
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
-            parsed = json.loads(raw)
+            parsed = fastjson.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UpstreamError(
                 "the upstream sent invalid JSON",
