@@ -308,3 +308,23 @@ async def test_openai_read_timeout_is_504(http: UpstreamHTTP, fake_openai: FakeU
     with pytest.raises(UpstreamError) as raised:
         await _collect(_openai(http, fake_openai, retries=0), request)
     assert (raised.value.status, raised.value.code) == (504, "upstream_timeout")
+
+
+async def test_upstream_cookies_are_never_sent_back(fake_openai: FakeUpstream) -> None:
+    """One client serves every account: a cookie an upstream sets for one call must not ride
+    along with the next (on both clients the registry builds)."""
+    from aivax.config import Settings
+    from aivax.providers.registry import ProviderRegistry
+
+    registry = ProviderRegistry(Settings(ssrf_allowlist=["localhost"]))
+    # A host name, not an IP: clients refuse cookies from IP addresses anyway.
+    base_url = fake_openai.base_url.replace("127.0.0.1", "localhost")
+    try:
+        for guarded in (False, True):
+            http = registry.upstream(base_url, guarded=guarded)
+            provider = OpenAICompatProvider(http, base_url=base_url, api_key="sk-fake-upstream")
+            for _ in range(2):
+                await _collect(provider, _request("fake-ok"))
+                assert "cookie" not in fake_openai.recorder.headers[-1]
+    finally:
+        await registry.close()

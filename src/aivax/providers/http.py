@@ -88,13 +88,19 @@ class AiohttpUpstream:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         # Built on first use: a ClientSession belongs to the running event loop.
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
+            # No cookie jar: one session serves every account, and an upstream's cookies must
+            # never travel with another caller's request (it also skips cookie work per call).
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, trust_env=False
+                connector=connector,
+                auto_decompress=True,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
@@ -102,9 +108,13 @@ class AiohttpUpstream:
     async def post(
         self, url: str, *, headers: Mapping[str, str], body: bytes, timeout: float
     ) -> AsyncIterator[UpstreamResponse]:
-        limits = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(self.connect_timeout, timeout), sock_read=timeout
-        )
+        limits = self._timeouts.get(timeout)
+        if limits is None:
+            limits = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(self.connect_timeout, timeout), sock_read=timeout
+            )
+            if len(self._timeouts) < 64:
+                self._timeouts[timeout] = limits
         request = self._client().post(
             url,
             data=body,

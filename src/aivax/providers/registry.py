@@ -6,6 +6,7 @@ whose transport is the SSRF guard."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,6 +23,12 @@ from aivax.providers.openai_compat import OpenAICompatProvider
 
 # (registry, model, retries before the first byte) -> provider
 ProviderFactory = Callable[["ProviderRegistry", ResolvedModel, int], Provider]
+
+
+def no_cookies() -> CookieJar:
+    """A cookie jar that keeps nothing: one client serves every account, so an upstream's
+    cookies must never travel with another caller's request."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 class UnknownProvider(LookupError):
@@ -74,7 +81,9 @@ class ProviderRegistry:
                 # Operator upstreams: aiohttp's I/O under the httpx API costs a fraction of
                 # httpcore's CPU per request (measured in bench/gateway.py).
                 transport = AiohttpTransport(limits=limits)
-            client = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
+            client = httpx.AsyncClient(
+                timeout=timeout, transport=transport, follow_redirects=False, cookies=no_cookies()
+            )
             self._clients[key] = client
         return client
 
