@@ -194,3 +194,24 @@ def test_uuid7_is_rfc_9562_and_time_ordered() -> None:
     millis = made[-1].int >> 80
     assert abs(millis - time.time() * 1000) < 5_000
     assert len({uuid7() for _ in range(10_000)}) == 10_000
+
+
+async def test_a_failed_wallet_transaction_leaves_nothing_behind(services: AppServices) -> None:
+    """The wallet's statements run on the driver connection on SQLite: they must still be
+    part of the surrounding transaction, rolled back with it."""
+    account = await make_account(services, balance_micros=10_000)
+
+    def hold_then_fail(conn: Any) -> None:
+        ledger.hold_many(conn, [ledger.HoldRequest(account.id, 4_000, "doomed")])
+        raise RuntimeError("after the hold")
+
+    with pytest.raises(RuntimeError):
+        await services.database.run_write(hold_then_fail)
+    with pytest.raises(RuntimeError):
+        services.database.write_now(hold_then_fail)
+    assert await _invariant(services, account.id) == (10_000, 10_000)
+    async with services.database.sessions() as session:
+        holds = await session.scalars(
+            select(WalletHold.id).where(WalletHold.account_id == account.id)
+        )
+        assert list(holds) == []

@@ -47,8 +47,10 @@ def _sqlite_pragmas_no_wait(dbapi_connection: Any, record: Any) -> None:
     cursor.close()
 
 
-def _is_busy(error: OperationalError) -> bool:
-    code = getattr(error.orig, "sqlite_errorcode", None)
+def _is_busy(error: OperationalError | sqlite3.OperationalError) -> bool:
+    # Raised by SQLAlchemy (wrapping the driver's error) or by the driver itself (FastStatement).
+    driver_error = error.orig if isinstance(error, OperationalError) else error
+    code = getattr(driver_error, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
@@ -133,7 +135,7 @@ class Database:
         try:
             with self._inline_engine.begin() as connection:
                 return work(connection)
-        except OperationalError as exc:
+        except (OperationalError, sqlite3.OperationalError) as exc:
             if _is_busy(exc):
                 return NOT_NOW
             raise
@@ -173,3 +175,100 @@ def insert_ignoring_conflicts(dialect: str, table: Any, *, conflict_on: list[str
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table).on_conflict_do_nothing(index_elements=conflict_on)
+
+
+class FastStatement:
+    """A Core statement that also runs straight on the pysqlite connection of a SQLite writer.
+
+    For the wallet's small hot-path statements, SQLAlchemy's per-execution machinery (execution
+    context, per-row parameter processing, result wrapping) costs more CPU than SQLite itself
+    (bench/gateway.py). On a pysqlite connection the statement is compiled once; parameters go
+    through the same type processors SQLAlchemy applies (UUIDs, datetimes, JSON), Python-side
+    column defaults (`updated_at`) are filled in the same way, and RETURNING values come back
+    through the columns' result processors. Every other connection (PostgreSQL, the async
+    SQLite engine) executes the Core statement as usual, so the statement is written once.
+    """
+
+    def __init__(self, statement: Any, columns: list[str] | None = None) -> None:
+        self.statement = statement
+        self.columns = columns
+        self._sqlite: tuple[str, list[Callable[[dict[str, Any]], Any]], list[Any]] | None = None
+
+    def one(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Execute once; the first RETURNING row, if any."""
+        raw = _pysqlite(conn)
+        if raw is None:
+            row = conn.execute(self.statement, params).first()
+            return tuple(row) if row is not None else None
+        sql, arguments, results = self._compiled(conn)
+        rows = raw.execute(sql, [argument(params) for argument in arguments]).fetchall()
+        if not rows:
+            return None
+        return tuple(
+            value if process is None else process(value)
+            for value, process in zip(rows[0], results, strict=True)
+        )
+
+    def many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Execute once per row of parameters (no RETURNING)."""
+        raw = _pysqlite(conn)
+        if raw is None:
+            conn.execute(self.statement, rows)
+            return
+        sql, arguments, _ = self._compiled(conn)
+        raw.executemany(sql, [[argument(row) for argument in arguments] for row in rows])
+
+    def _compiled(
+        self, conn: Connection
+    ) -> tuple[str, list[Callable[[dict[str, Any]], Any]], list[Any]]:
+        if self._sqlite is None:
+            dialect = conn.dialect
+            compiled = self.statement.compile(dialect=dialect, column_keys=self.columns)
+            defaults = {
+                column.key: column
+                for column in [*compiled.insert_prefetch, *compiled.update_prefetch]
+            }
+            arguments = [
+                _argument(name, compiled.binds[name].type, defaults.get(name), dialect)
+                for name in compiled.positiontup or []
+            ]
+            results = [
+                column.type.dialect_impl(dialect).result_processor(dialect, None)
+                for column in compiled.returning or []
+            ]
+            self._sqlite = (str(compiled), arguments, results)
+        return self._sqlite
+
+
+def _pysqlite(conn: Connection) -> sqlite3.Connection | None:
+    if conn.dialect.name != "sqlite" or conn.dialect.driver != "pysqlite":
+        return None
+    raw = conn.connection.driver_connection
+    return raw if isinstance(raw, sqlite3.Connection) else None
+
+
+def _argument(
+    name: str, type_: Any, default_for: Any, dialect: Any
+) -> Callable[[dict[str, Any]], Any]:
+    """How to get one positional parameter from a parameter dict: the value (or the column's
+    Python-side default when absent), through the type's bind processor."""
+    process = type_.dialect_impl(dialect).bind_processor(dialect)
+    default = None
+    if default_for is not None:
+        spec = default_for.onupdate if default_for.onupdate is not None else default_for.default
+        if spec is not None and spec.is_callable:
+            default = spec.arg
+        elif spec is not None and spec.is_scalar:
+            scalar = spec.arg
+            default = lambda _context: scalar  # noqa: E731
+
+    def argument(params: dict[str, Any]) -> Any:
+        if name in params:
+            value = params[name]
+        elif default is not None:
+            value = default(None)
+        else:
+            raise KeyError(f"missing parameter {name!r}")
+        return process(value) if process is not None else value
+
+    return argument

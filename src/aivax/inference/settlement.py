@@ -21,7 +21,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 
 from aivax.catalog.service import ResolvedModel
-from aivax.db import Database
+from aivax.db import Database, FastStatement
 from aivax.kit.clock import utcnow
 from aivax.models import RequestLog
 from aivax.wallet import ledger
@@ -32,7 +32,29 @@ MAX_BATCH = 200
 # Group commit: after the first settlement arrives, wait this long for more, so one transaction
 # settles many calls and the writer stays free for the holds of new requests.
 LINGER_SECONDS = 0.02
-_INSERT_LOG = insert(RequestLog)  # built once: see the note in wallet.ledger
+REQUEST_LOG_COLUMNS = (
+    "request_id",
+    "account_id",
+    "key_id",
+    "gateway_id",
+    "model",
+    "provider",
+    "upstream_model",
+    "byok",
+    "stream",
+    "status",
+    "error_code",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cost_micros",
+    "estimated",
+    "latency_ms",
+    "ttft_ms",
+    "flags",
+    "created_at",
+)
+_INSERT_LOG = FastStatement(insert(RequestLog), list(REQUEST_LOG_COLUMNS))  # see wallet.ledger
 
 
 def log_row(
@@ -139,7 +161,7 @@ class Settler:
                 ledger.settle_many(conn, holds)
             logs = [item.log for item in batch if item.log is not None]
             if logs:
-                conn.execute(_INSERT_LOG, logs)
+                _INSERT_LOG.many(conn, logs)
 
         await self.database.run_write(write)
 
@@ -160,4 +182,4 @@ def _apply(conn: Connection, item: Settlement) -> None:
         else:
             ledger.release(conn, item.hold_id)
     if item.log is not None:
-        conn.execute(_INSERT_LOG, item.log)
+        _INSERT_LOG.many(conn, [item.log])

@@ -16,7 +16,7 @@ from typing import Any, cast
 from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from aivax.db import insert_ignoring_conflicts
+from aivax.db import FastStatement, insert_ignoring_conflicts
 from aivax.errors import BadRequest, Conflict, NotFound, PaymentRequired
 from aivax.kit.clock import utcnow
 from aivax.kit.ids import uuid7
@@ -53,17 +53,17 @@ class WalletAccountNotFound(NotFound):
     code = "account_not_found"
 
 
-# The hot-path statements are built once with bind parameters: SQLAlchemy memoises their cache
-# keys, so executing them skips statement construction and cache-key generation (most of the
-# CPU a small transaction costs).
+# The hot-path statements are built once with bind parameters, as `FastStatement`s: on the
+# SQLite writer they run on the driver connection (see `db.FastStatement`); elsewhere SQLAlchemy
+# memoises their cache keys, so executing them skips statement construction.
 _BALANCE = ACCOUNTS.c.balance_micros
-_ADJUST = (
+_ADJUST = FastStatement(
     update(ACCOUNTS)
     .where(ACCOUNTS.c.id == bindparam("account_id"))
     .values(balance_micros=_BALANCE + bindparam("delta", type_=BigInteger))
     .returning(_BALANCE)
 )
-_ADJUST_WITH_FLOOR = (
+_ADJUST_WITH_FLOOR = FastStatement(
     update(ACCOUNTS)
     .where(
         ACCOUNTS.c.id == bindparam("account_id"),
@@ -73,13 +73,25 @@ _ADJUST_WITH_FLOOR = (
     .values(balance_micros=_BALANCE + bindparam("delta", type_=BigInteger))
     .returning(_BALANCE)
 )
-_INSERT_HOLD = insert(HOLDS)
-_INSERT_NEW_ENTRY = insert(ENTRIES)
+_HOLD_COLUMNS = ["id", "account_id", "amount_micros", "ref", "status", "created_at"]
+_INSERT_HOLD = FastStatement(insert(HOLDS), _HOLD_COLUMNS)
+_ENTRY_COLUMNS = [
+    "account_id",
+    "kind",
+    "amount_micros",
+    "balance_after_micros",
+    "idempotency_key",
+    "hold_id",
+    "description",
+    "details",
+    "created_at",
+]
+_INSERT_NEW_ENTRY = FastStatement(insert(ENTRIES), _ENTRY_COLUMNS)
 _CHARGED = case(
     (HOLDS.c.amount_micros < bindparam("actual", type_=BigInteger), HOLDS.c.amount_micros),
     else_=bindparam("actual", type_=BigInteger),
 )
-_CLOSE_HOLD = (
+_CLOSE_HOLD = FastStatement(
     update(HOLDS)
     .where(HOLDS.c.id == bindparam("hold_id"), HOLDS.c.status == bindparam("from_status"))
     .values(status=bindparam("to_status"), actual_micros=_CHARGED, closed_at=bindparam("closed_at"))
@@ -95,9 +107,11 @@ def change_balance(
     ≥ `minimum`. The new balance, or None when the account is missing or a condition fails."""
     if floor is None:
         params: dict[str, Any] = {"account_id": account_id, "delta": delta}
-        return conn.execute(_ADJUST, params).scalar_one_or_none()
-    params = {"account_id": account_id, "delta": delta, "floor": floor, "minimum": minimum}
-    return conn.execute(_ADJUST_WITH_FLOOR, params).scalar_one_or_none()
+        row = _ADJUST.one(conn, params)
+    else:
+        params = {"account_id": account_id, "delta": delta, "floor": floor, "minimum": minimum}
+        row = _ADJUST_WITH_FLOOR.one(conn, params)
+    return int(row[0]) if row is not None else None
 
 
 def cached_balance(conn: Connection, account_id: uuid.UUID) -> int | None:
@@ -294,8 +308,8 @@ def hold_many(
         )
         results[index] = hold_id
     if holds:
-        conn.execute(_INSERT_HOLD, holds)
-        conn.execute(_INSERT_NEW_ENTRY, entries)  # keys made of fresh hold ids: no conflicts
+        _INSERT_HOLD.many(conn, holds)
+        _INSERT_NEW_ENTRY.many(conn, entries)  # keys made of fresh hold ids: no conflicts
     return [results[index] for index in range(len(requests))]
 
 
@@ -316,7 +330,7 @@ def close_hold(
         "actual": actual,
         "closed_at": utcnow(),
     }
-    row = conn.execute(_CLOSE_HOLD, params).first()
+    row = _CLOSE_HOLD.one(conn, params)
     return (row[0], row[1], row[2] or 0) if row is not None else None
 
 
@@ -400,7 +414,7 @@ def settle_many(conn: Connection, items: list[tuple[uuid.UUID, int]]) -> None:
             entries += closing
     if entries:
         # A hold leaves OPEN once, so its release and usage keys are new: no conflicts.
-        conn.execute(_INSERT_NEW_ENTRY, entries)
+        _INSERT_NEW_ENTRY.many(conn, entries)
     for hold_id, actual in others:
         if actual:
             settle(conn, hold_id, actual)
