@@ -6,8 +6,9 @@ Starts, each in its own process on loopback:
                              plan check, rate limits, token count, hold, settle, request log)
   - LiteLLM's proxy         (only if `make bench-deps` installed it in .bench-venv)
 then drives each with the same requests — non-streaming and streaming, at concurrency 1, 16
-and 64 — and prints RPS, p50/p99 latency, p50 time to first byte, and p50 overhead over the
-direct call. Timings depend on the machine; run on an otherwise idle one.
+and 64 — and prints RPS, p50/p99 latency, p50 time to first byte, p50 overhead over the direct
+call, and each proxy's CPU time per call (its process and children, from /proc). Timings
+depend on the machine; run on an otherwise idle one.
 """
 
 from __future__ import annotations
