@@ -219,3 +219,14 @@ async def test_a_failed_wallet_transaction_leaves_nothing_behind(services: AppSe
             select(WalletHold.id).where(WalletHold.account_id == account.id)
         )
         assert list(holds) == []
+
+
+async def test_the_inline_connection_never_waits(services: AppServices) -> None:
+    """No busy wait, and no WAL checkpoint (a disk sync) on the event loop's thread."""
+    pragmas = services.database.write_now(
+        lambda conn: (
+            conn.exec_driver_sql("PRAGMA busy_timeout").scalar(),
+            conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar(),
+        )
+    )
+    assert pragmas in ((0, 0), NOT_NOW)  # NOT_NOW: PostgreSQL never writes inline

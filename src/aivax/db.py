@@ -41,9 +41,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_pragmas_no_wait(dbapi_connection: Any, record: Any) -> None:
+    """The inline connection never waits: not for the write lock, and not for a WAL checkpoint
+    (which syncs the disk; the writer thread's connections run them)."""
     _sqlite_pragmas(dbapi_connection, record)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=0")
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
     cursor.close()
 
 

@@ -5,7 +5,8 @@ around every response; on the chat hot path that bookkeeping cost more CPU than 
 body itself. This response runs the body in the request's own task and watches the connection
 with one plain asyncio task. When the client disconnects, the body's generator is cancelled at
 the point where it waits (for the upstream, typically), so its `finally` blocks run — the
-pipeline settles what was generated — and the response ends quietly.
+pipeline settles what was generated — and the response ends quietly. A server that reports the
+disconnect by failing a send (ASGI 2.4) gets the same: the body is closed at once.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ class EventStreamResponse(StreamingResponse):
             if not state["gone"]:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
             streaming.uncancel()
+        except OSError:
+            # A server on ASGI 2.4 reports a client that left by failing the send: stop the
+            # body now, so its `finally` blocks run (rather than whenever it is collected).
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
         finally:
             state["done"] = True
             watcher.cancel()
