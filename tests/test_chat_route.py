@@ -152,3 +152,44 @@ def test_fast_json_takes_what_orjson_refuses() -> None:
     assert fastjson.loads(fastjson.dumps(huge)) == huge
     with pytest.raises(json.JSONDecodeError):
         fastjson.loads(b'{"a": ')
+
+
+async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
+    services: AppServices, fake_models: list[str]
+) -> None:
+    """A non-streamed call cut short (server shutdown) is settled and logged as 499, not 200."""
+    import asyncio
+    import uuid
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from aivax.inference.endpoints import respond
+    from aivax.inference.schemas import ChatCompletionRequest
+    from aivax.keys import service as key_service
+    from aivax.models import HoldStatus, RequestLog, WalletHold
+
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    async with services.database.sessions() as session:
+        principal = await key_service.authenticate(
+            session,
+            account.private_key,
+            secret=services.secret,
+            touch_interval=timedelta(hours=1),
+        )
+    request_id = f"req_{uuid.uuid4().hex}"
+    body = ChatCompletionRequest.model_validate({**HELLO, "model": "test/fake-slow"})
+    call = asyncio.ensure_future(respond(services, principal, body, request_id, None))
+    await asyncio.sleep(0.05)  # the upstream is still answering
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await services.settler.drain()
+    async with services.database.sessions() as session:
+        log = await session.scalar(select(RequestLog).where(RequestLog.request_id == request_id))
+        statuses = list(
+            await session.scalars(select(WalletHold.status).where(WalletHold.ref == request_id))
+        )
+    assert log is not None
+    assert (log.status, log.error_code, log.cost_micros) == (499, "cancelled", 0)
+    assert statuses == [HoldStatus.RELEASED.value]

@@ -72,15 +72,17 @@ async def _complete(
     """One whole non-streamed call: prepared, run, settled."""
     call = await prepare(services, principal, body, request_id, origin=origin)
     accumulator = Accumulator()
+    status, code = 499, "cancelled"  # unless the call completes or fails upstream
     try:
         async for _ in open_stream(call, accumulator):
             pass
+        status, code = 200, None
     except UpstreamError as exc:
         error = client_error(exc, call.model)
-        await finish(call, accumulator, status=error.status, error_code=error.instance_code)
+        status, code = error.status, error.instance_code
         raise error from exc
     finally:
-        await finish(call, accumulator, status=200, error_code=None)
+        await finish(call, accumulator, status=status, error_code=code)
     return call, accumulator
 
 
