@@ -72,7 +72,8 @@ async def _complete(
     """One whole non-streamed call: prepared, run, settled."""
     call = await prepare(services, principal, body, request_id, origin=origin)
     accumulator = Accumulator()
-    status, code = 499, "cancelled"  # unless the call completes or fails upstream
+    status = 499  # unless the call completes or fails upstream
+    code: str | None = "cancelled"
     try:
         async for _ in open_stream(call, accumulator):
             pass
