@@ -193,3 +193,27 @@ async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
     assert log is not None
     assert (log.status, log.error_code, log.cost_micros) == (499, "cancelled", 0)
     assert statuses == [HoldStatus.RELEASED.value]
+
+
+async def test_in_memory_rate_limits_expire_and_old_windows_are_swept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Windows end (reads drop expired keys) and the storage's sweep clears old ones."""
+    import asyncio
+    import time
+
+    from aivax.inference.ratelimit import RateLimiter
+
+    limiter = RateLimiter(None)
+    first = await limiter.hit_requests("rpm:test", 1)
+    refused = await limiter.hit_requests("rpm:test", 1)
+    assert (first.allowed, refused.allowed) == (True, False)
+    assert 0 < refused.reset_seconds <= 60
+    later = time.time() + 180
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert (await limiter.hit_requests("rpm:test", 1)).allowed
+    storage: Any = limiter.storage
+    await limiter.hit_requests("rpm:other", 1)
+    await asyncio.sleep(0.05)  # the sweep task runs
+    assert all(expiry > later for expiry in storage.expirations.values())
+    await limiter.close()
