@@ -97,7 +97,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # Hot-path writes on SQLite: one dedicated thread with a synchronous engine runs each
         # whole transaction in a single hop (instead of one thread hop per statement), and
-        # serialises this process's writers without the busy handler's sleeps.
+        # serialises this process's writers without the busy handler's sleeps; short ones may
+        # run inline instead (`write_now`).
         self._sync_engine: Engine | None = None
         self._inline_engine: Engine | None = None
         self._writer: ThreadPoolExecutor | None = None
@@ -131,8 +132,9 @@ class Database:
         """Run a short `work(connection)` transaction right here, on the calling thread, if
         that costs no waiting: on SQLite, when the write lock is free at once (the connection
         has no busy wait, so a locked database answers immediately). `NOT_NOW` otherwise —
-        always on PostgreSQL — and the caller goes through `run_write`. Skipping the thread hop
-        is what a lone request's latency is made of when the writer has nothing else to do."""
+        always on PostgreSQL — and the caller goes through `run_write`. For a short transaction
+        the hop to the writer thread and back (and the writer's waits for the GIL while the
+        event loop is busy) cost more than the transaction itself."""
         if self._inline_engine is None:
             return NOT_NOW
         try:
