@@ -328,3 +328,17 @@ async def test_upstream_cookies_are_never_sent_back(fake_openai: FakeUpstream) -
                 assert "cookie" not in fake_openai.recorder.headers[-1]
     finally:
         await registry.close()
+
+
+async def test_a_compressed_answer_is_decoded(
+    http: UpstreamHTTP, fake_openai: FakeUpstream
+) -> None:
+    request = UpstreamRequest(
+        upstream_model="fake-gzip",
+        body={"messages": [{"role": "user", "content": "hi"}]},
+        max_tokens=5,
+        stream=False,
+    )
+    events = await _collect(_openai(http, fake_openai), request)
+    assert _text(events) == "Hello from fake"
+    assert UsageEvent(input_tokens=11, output_tokens=3) in events

@@ -145,6 +145,11 @@ class Database:
                 return NOT_NOW
             raise
 
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """`write_now` when that costs no waiting, else `run_write`."""
+        done = self.write_now(work)
+        return await self.run_write(work) if done is NOT_NOW else done
+
     async def dispose(self) -> None:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
@@ -187,17 +192,17 @@ class FastStatement:
 
     For the wallet's small hot-path statements, SQLAlchemy's per-execution machinery (execution
     context, per-row parameter processing, result wrapping) costs more CPU than SQLite itself
-    (bench/gateway.py). On a pysqlite connection the statement is compiled once; parameters go
-    through the same type processors SQLAlchemy applies (UUIDs, datetimes, JSON), Python-side
-    column defaults (`updated_at`) are filled in the same way, and RETURNING values come back
-    through the columns' result processors. Every other connection (PostgreSQL, the async
-    SQLite engine) executes the Core statement as usual, so the statement is written once.
+    (bench/gateway.py). On a pysqlite connection the statement is compiled once per set of
+    parameter names (an INSERT takes its columns from them); parameters go through the same type
+    processors SQLAlchemy applies (UUIDs, datetimes, JSON), Python-side column defaults
+    (`updated_at`) are filled in the same way, and RETURNING values come back through the
+    columns' result processors. Every other connection (PostgreSQL, the async SQLite engine)
+    executes the Core statement as usual, so the statement is written once.
     """
 
-    def __init__(self, statement: Any, columns: list[str] | None = None) -> None:
+    def __init__(self, statement: Any) -> None:
         self.statement = statement
-        self.columns = columns
-        self._sqlite: tuple[str, list[Callable[[dict[str, Any]], Any]], list[Any]] | None = None
+        self._sqlite: dict[frozenset[str], _Compiled] = {}
 
     def one(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
         """Execute once; the first RETURNING row, if any."""
@@ -205,7 +210,7 @@ class FastStatement:
         if raw is None:
             row = conn.execute(self.statement, params).first()
             return tuple(row) if row is not None else None
-        sql, arguments, results = self._compiled(conn)
+        sql, arguments, results = self._compiled(conn, params)
         rows = raw.execute(sql, [argument(params) for argument in arguments]).fetchall()
         if not rows:
             return None
@@ -215,20 +220,20 @@ class FastStatement:
         )
 
     def many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """Execute once per row of parameters (no RETURNING)."""
+        """Execute once per row of parameters (no RETURNING); every row has the same keys."""
         raw = _pysqlite(conn)
         if raw is None:
             conn.execute(self.statement, rows)
             return
-        sql, arguments, _ = self._compiled(conn)
+        sql, arguments, _ = self._compiled(conn, rows[0])
         raw.executemany(sql, [[argument(row) for argument in arguments] for row in rows])
 
-    def _compiled(
-        self, conn: Connection
-    ) -> tuple[str, list[Callable[[dict[str, Any]], Any]], list[Any]]:
-        if self._sqlite is None:
+    def _compiled(self, conn: Connection, params: dict[str, Any]) -> _Compiled:
+        names = frozenset(params)
+        compiled_for = self._sqlite.get(names)
+        if compiled_for is None:
             dialect = conn.dialect
-            compiled = self.statement.compile(dialect=dialect, column_keys=self.columns)
+            compiled = self.statement.compile(dialect=dialect, column_keys=list(params))
             defaults = {
                 column.key: column
                 for column in [*compiled.insert_prefetch, *compiled.update_prefetch]
@@ -241,8 +246,11 @@ class FastStatement:
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
                 for column in compiled.returning or []
             ]
-            self._sqlite = (str(compiled), arguments, results)
-        return self._sqlite
+            compiled_for = self._sqlite[names] = (str(compiled), arguments, results)
+        return compiled_for
+
+
+_Compiled = tuple[str, list[Callable[[dict[str, Any]], Any]], list[Any]]
 
 
 def _pysqlite(conn: Connection) -> sqlite3.Connection | None:

@@ -32,29 +32,7 @@ MAX_BATCH = 200
 # Group commit: after the first settlement arrives, wait this long for more, so one transaction
 # settles many calls and the writer stays free for the holds of new requests.
 LINGER_SECONDS = 0.02
-REQUEST_LOG_COLUMNS = (
-    "request_id",
-    "account_id",
-    "key_id",
-    "gateway_id",
-    "model",
-    "provider",
-    "upstream_model",
-    "byok",
-    "stream",
-    "status",
-    "error_code",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cost_micros",
-    "estimated",
-    "latency_ms",
-    "ttft_ms",
-    "flags",
-    "created_at",
-)
-_INSERT_LOG = FastStatement(insert(RequestLog), list(REQUEST_LOG_COLUMNS))  # see wallet.ledger
+_INSERT_LOG = FastStatement(insert(RequestLog))  # see the note in wallet.ledger
 
 
 def log_row(
@@ -167,19 +145,9 @@ class Settler:
 
     async def _write_one(self, item: Settlement) -> None:
         try:
-            await self.database.run_write(lambda conn: _apply(conn, item))
+            await self._write([item])
         except Exception:
             logger.exception(
                 "settling %s failed; the reaper will release its hold",
                 item.log.get("request_id") if item.log else item.hold_id,
             )
-
-
-def _apply(conn: Connection, item: Settlement) -> None:
-    if item.hold_id is not None:
-        if item.cost_micros:
-            ledger.settle(conn, item.hold_id, item.cost_micros)
-        else:
-            ledger.release(conn, item.hold_id)
-    if item.log is not None:
-        _INSERT_LOG.many(conn, [item.log])

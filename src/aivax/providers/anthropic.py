@@ -27,8 +27,8 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
-from aivax.providers.http import ERROR_BODY_LIMIT, UpstreamHTTP, sse_events
-from aivax.providers.openai_compat import error_message
+from aivax.providers.http import UpstreamHTTP, sse_events
+from aivax.providers.openai_compat import status_error
 
 ANTHROPIC_VERSION = "2023-06-01"
 STOP_REASONS = {
@@ -305,14 +305,7 @@ class AnthropicProvider:
                 timeout=request.timeout_seconds,
             ) as response:
                 if response.status >= 400:
-                    raw = (await response.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")
-                    raise UpstreamError(
-                        error_message(response.status, raw[:4000]),
-                        status=response.status,
-                        provider=self.name,
-                        body=raw[:4000],
-                        headers={k.lower(): v for k, v in response.headers.items()},
-                    )
+                    raise await status_error(response, self.name)
                 state = _StreamState()
                 async for sse in sse_events(response.chunks()):
                     if not sse.data.strip():

@@ -75,7 +75,8 @@ class HttpxUpstream:
         async with self.client.stream(
             "POST", url, content=body, headers=headers, timeout=timeout
         ) as response:
-            yield UpstreamResponse(response.status_code, response.headers, response.aiter_raw())
+            # Decoded bytes (gzip and friends undone), like aiohttp's auto_decompress.
+            yield UpstreamResponse(response.status_code, response.headers, response.aiter_bytes())
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -96,6 +96,19 @@ def error_message(status: int, body: str) -> str:
     return f"upstream answered HTTP {status}"
 
 
+async def status_error(response: UpstreamResponse, provider: str) -> UpstreamError:
+    """An HTTP error answer (status ≥ 400) as an UpstreamError: status, message, the start of
+    the body and the headers (lower-case names)."""
+    raw = (await response.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")[:4000]
+    return UpstreamError(
+        error_message(response.status, raw),
+        status=response.status,
+        provider=provider,
+        body=raw,
+        headers={k.lower(): v for k, v in response.headers.items()},
+    )
+
+
 class OpenAICompatProvider:
     name = "openai"
 
@@ -130,7 +143,7 @@ class OpenAICompatProvider:
                     self.url, headers=headers, body=body, timeout=request.timeout_seconds
                 ) as response:
                     if response.status >= 400:
-                        error = await self._status_error(response)
+                        error = await status_error(response, self.name)
                         if not last and response.status in RETRYABLE_STATUSES:
                             await asyncio.sleep(retry_delay(attempt, response.headers))
                             continue
@@ -145,16 +158,6 @@ class OpenAICompatProvider:
                 raise transport_failure(exc, self.name) from exc
             except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 raise transport_failure(exc, self.name) from exc
-
-    async def _status_error(self, response: UpstreamResponse) -> UpstreamError:
-        raw = (await response.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")[:4000]
-        return UpstreamError(
-            error_message(response.status, raw),
-            status=response.status,
-            provider=self.name,
-            body=raw,
-            headers={k.lower(): v for k, v in response.headers.items()},
-        )
 
     async def _events(self, response: UpstreamResponse) -> AsyncIterator[StreamEvent]:
         content_type = response.headers.get("content-type", "")

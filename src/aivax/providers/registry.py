@@ -25,6 +25,11 @@ from aivax.providers.openai_compat import OpenAICompatProvider
 ProviderFactory = Callable[["ProviderRegistry", ResolvedModel, int], Provider]
 
 
+def _origin(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def no_cookies() -> CookieJar:
     """A cookie jar that keeps nothing: one client serves every account, so an upstream's
     cookies must never travel with another caller's request."""
@@ -40,7 +45,7 @@ class ProviderRegistry:
         self.settings = settings
         self._factories: dict[str, ProviderFactory] = {}
         self._clients: dict[tuple[str, bool], httpx.AsyncClient] = {}
-        self._upstreams: dict[tuple[str, bool], UpstreamHTTP] = {}
+        self._upstreams: dict[str, AiohttpUpstream] = {}  # operator upstreams, by origin
         self._runtimes: dict[str, LocalModelRuntime] = {}
         self.internal_http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
         self.register("openai", _openai)
@@ -60,8 +65,7 @@ class ProviderRegistry:
         return factory(self, model, self.settings.upstream_retries if retries is None else retries)
 
     def client(self, base_url: str, *, guarded: bool) -> httpx.AsyncClient:
-        parts = urlsplit(base_url)
-        key = (f"{parts.scheme}://{parts.netloc}", guarded)
+        key = (_origin(base_url), guarded)
         client = self._clients.get(key)
         if client is None:
             timeout = httpx.Timeout(
@@ -90,17 +94,15 @@ class ProviderRegistry:
     def upstream(self, base_url: str, *, guarded: bool) -> UpstreamHTTP:
         """The client a chat adapter calls `base_url` with: aiohttp for operator upstreams,
         the SSRF-guarded httpx client for account-supplied URLs."""
-        parts = urlsplit(base_url)
-        key = (f"{parts.scheme}://{parts.netloc}", guarded)
-        upstream = self._upstreams.get(key)
+        if guarded:
+            return HttpxUpstream(self.client(base_url, guarded=True))
+        origin = _origin(base_url)
+        upstream = self._upstreams.get(origin)
         if upstream is None:
-            if guarded:
-                upstream = HttpxUpstream(self.client(base_url, guarded=True))
-            else:
-                upstream = AiohttpUpstream(
-                    connect_timeout=self.settings.upstream_connect_timeout_seconds
-                )
-            self._upstreams[key] = upstream
+            upstream = AiohttpUpstream(
+                connect_timeout=self.settings.upstream_connect_timeout_seconds
+            )
+            self._upstreams[origin] = upstream
         return upstream
 
     def local_runtime(self, model: ResolvedModel) -> LocalModelRuntime:
@@ -127,9 +129,8 @@ class ProviderRegistry:
         return runtime
 
     async def close(self) -> None:
-        for key, upstream in self._upstreams.items():
-            if not key[1]:  # the guarded ones wrap a client closed below
-                await upstream.aclose()
+        for upstream in self._upstreams.values():
+            await upstream.aclose()
         for client in self._clients.values():
             await client.aclose()
         await self.internal_http.aclose()

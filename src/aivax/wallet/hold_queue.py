@@ -58,7 +58,9 @@ class HoldQueue:
         """Reserve `amount_micros` (see `ledger.hold`); raises what `ledger.hold` raises."""
         request = HoldRequest(account_id, amount_micros, ref, minimum_balance)
         if not self._writing and self.calls_in_flight <= 1:
-            # A lone call: write it right here if the database lets us at once.
+            # A lone call is written right here if the database lets us at once. Anything that
+            # has to wait goes through the queue, whose writer outlives a caller that leaves
+            # (and gives back a hold taken for it).
             taken = self.database.write_now(lambda conn: ledger.hold_many(conn, [request]))
             if taken is not NOT_NOW:
                 (result,) = taken
@@ -77,40 +79,24 @@ class HoldQueue:
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
-                results = await self._write(batch)
+                results = await self._write([request for request, _ in batch])
                 for (_, future), result in zip(batch, results, strict=True):
                     self._deliver(future, result)
         finally:
             self._writing = False
 
-    async def _write(
-        self, batch: list[tuple[HoldRequest, asyncio.Future[uuid.UUID]]]
-    ) -> list[HoldResult]:
-        requests = [request for request, _ in batch]
+    async def _write(self, requests: list[HoldRequest]) -> list[HoldResult]:
+        """Each request's hold or refusal; a batch that fails as a whole is retried one by one,
+        so a failure reaches only the request it belongs to."""
         try:
-            taken = self.database.write_now(lambda conn: ledger.hold_many(conn, requests))
-            if taken is not NOT_NOW:
-                return list(taken)
-            # The lock is taken (or this is PostgreSQL): the writer waits for it.
-            return list(
-                await self.database.run_write(lambda conn: ledger.hold_many(conn, requests))
-            )
+            return list(await self.database.write(lambda conn: ledger.hold_many(conn, requests)))
         except Exception as exc:
             if len(requests) == 1:
                 return [exc]
             logger.warning(
-                "a batch of %d holds failed (%s); taking them one by one", len(batch), exc
+                "a batch of %d holds failed (%s); taking them one by one", len(requests), exc
             )
-        return [await self._one(request) for request in requests]
-
-    async def _one(self, request: HoldRequest) -> HoldResult:
-        try:
-            (result,) = await self.database.run_write(
-                lambda conn: ledger.hold_many(conn, [request])
-            )
-        except Exception as exc:
-            return exc
-        return result
+        return [(await self._write([request]))[0] for request in requests]
 
     def _deliver(self, future: asyncio.Future[uuid.UUID], result: HoldResult) -> None:
         if future.cancelled():

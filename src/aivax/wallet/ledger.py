@@ -73,20 +73,8 @@ _ADJUST_WITH_FLOOR = FastStatement(
     .values(balance_micros=_BALANCE + bindparam("delta", type_=BigInteger))
     .returning(_BALANCE)
 )
-_HOLD_COLUMNS = ["id", "account_id", "amount_micros", "ref", "status", "created_at"]
-_INSERT_HOLD = FastStatement(insert(HOLDS), _HOLD_COLUMNS)
-_ENTRY_COLUMNS = [
-    "account_id",
-    "kind",
-    "amount_micros",
-    "balance_after_micros",
-    "idempotency_key",
-    "hold_id",
-    "description",
-    "details",
-    "created_at",
-]
-_INSERT_NEW_ENTRY = FastStatement(insert(ENTRIES), _ENTRY_COLUMNS)
+_INSERT_HOLD = FastStatement(insert(HOLDS))
+_INSERT_NEW_ENTRY = FastStatement(insert(ENTRIES))
 _CHARGED = case(
     (HOLDS.c.amount_micros < bindparam("actual", type_=BigInteger), HOLDS.c.amount_micros),
     else_=bindparam("actual", type_=BigInteger),
@@ -163,11 +151,14 @@ def entry_by_key(conn: Connection, account_id: uuid.UUID, key: str) -> dict[str,
     return dict(row) if row is not None else None
 
 
-def raise_missing_or_insufficient(conn: Connection, account_id: uuid.UUID, needed: int) -> None:
+def refusal(
+    conn: Connection, account_id: uuid.UUID, needed: int
+) -> InsufficientBalance | WalletAccountNotFound:
+    """Why a debit of `needed` was refused: no such account, or not enough balance."""
     balance = cached_balance(conn, account_id)
     if balance is None:
-        raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
-    raise InsufficientBalance(
+        return WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
+    return InsufficientBalance(
         f"Insufficient balance: {micros_to_usd(balance)} USD available, "
         f"{micros_to_usd(needed)} USD needed. Top up the wallet to continue."
     )
@@ -195,7 +186,7 @@ def post_credit(
     floor = 0 if amount_micros < 0 else None  # a negative adjustment may not overdraw
     balance = change_balance(conn, account_id, amount_micros, floor=floor)
     if balance is None:
-        raise_missing_or_insufficient(conn, account_id, -amount_micros)
+        raise refusal(conn, account_id, -amount_micros)
     entry_id = insert_entry(
         conn,
         entry_values(
@@ -278,10 +269,7 @@ def hold_many(
             minimum=request.minimum_balance,
         )
         if balance is None:
-            try:
-                raise_missing_or_insufficient(conn, request.account_id, request.amount_micros)
-            except (InsufficientBalance, WalletAccountNotFound) as refused:
-                results[index] = refused
+            results[index] = refusal(conn, request.account_id, request.amount_micros)
             continue
         hold_id = uuid7()  # time-ordered: appended to the holds' index
         ref = request.ref[:200]
