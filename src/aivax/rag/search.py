@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,7 +222,8 @@ async def keyword(
     if dialect == "postgresql":
         return await _pg_keyword(session, collection_id, words, limit, conditions)
 
-    async def ranked(expression: str) -> list[tuple[int, float]]:
+    async def ranked(chosen: list[str], every: bool) -> list[tuple[int, float]]:
+        expression = fts_query(chosen, "AND" if every else "OR")
         if not filtered:
             fast = await _global_then_filter(session, collection_id, expression, limit)
             if fast is not None:
@@ -239,20 +240,38 @@ async def keyword(
             .order_by(rank.desc())
             .limit(limit)
         )
-        if filtered:
-            statement = statement.join(Document, Document.id == Chunk.document_id).where(
-                and_(*conditions)
-            )
-        rows = (await session.execute(statement)).all()
-        return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
+        return await _scores(session, statement, conditions)
 
-    found = await ranked(fts_query(words, "AND"))
+    return await _every_word_first(session, words, limit, ranked)
+
+
+Ranked = Callable[[list[str], bool], Awaitable[list[tuple[int, float]]]]
+
+
+async def _every_word_first(
+    session: AsyncSession, words: list[str], limit: int, ranked: Ranked
+) -> list[tuple[int, float]]:
+    """Chunks holding every word first; when they are fewer than `limit`, chunks holding any
+    of the rarest words within the match budget fill up the rest. `ranked(words, every)`."""
+    found = await ranked(words, True)
     if len(found) >= limit or len(words) == 1:
         return found
     seen = {chunk_id for chunk_id, _ in found}
-    broader = await ranked(fts_query(await _within_budget(session, words)))
+    broader = await ranked(await _within_budget(session, words), False)
     more = [hit for hit in broader if hit[0] not in seen]
     return sorted([*found, *more], key=lambda hit: -hit[1])[:limit]
+
+
+async def _scores(
+    session: AsyncSession, statement: Any, conditions: list[ColumnElement[bool]]
+) -> list[tuple[int, float]]:
+    """Run a (chunk id, rank) query, restricted to documents matching `conditions`."""
+    if conditions:
+        statement = statement.join(Document, Document.id == Chunk.document_id).where(
+            and_(*conditions)
+        )
+    rows = (await session.execute(statement)).all()
+    return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
 
 
 GLOBAL_CANDIDATES = 4
@@ -404,27 +423,17 @@ async def _pg_keyword(
         weights.append(literal(idf) * tf * literal(BM25_K1 + 1) / (tf + norm))
     rank = sum(weights[1:], weights[0]).label("rank")
 
-    async def ranked(match: Any) -> list[tuple[int, float]]:
+    async def ranked(chosen: list[str], every: bool) -> list[tuple[int, float]]:
+        match = tsquery(" & " if every else " | ", chosen)
         statement = (
             select(Chunk.id, rank)
             .where(Chunk.collection_id == collection_id, tsv.op("@@")(match))
             .order_by(rank.desc())
             .limit(limit)
         )
-        if conditions:
-            statement = statement.join(Document, Document.id == Chunk.document_id).where(
-                and_(*conditions)
-            )
-        rows = (await session.execute(statement)).all()
-        return [(int(row[0]), _saturate(float(row[1]))) for row in rows]
+        return await _scores(session, statement, conditions)
 
-    found = await ranked(tsquery(" & ", words))
-    if len(found) >= limit or len(words) == 1:
-        return found
-    seen = {chunk_id for chunk_id, _ in found}
-    chosen = await _within_budget(session, words)
-    more = [hit for hit in await ranked(tsquery(" | ", chosen)) if hit[0] not in seen]
-    return sorted([*found, *more], key=lambda hit: -hit[1])[:limit]
+    return await _every_word_first(session, words, limit, ranked)
 
 
 async def _within_budget(session: AsyncSession, words: list[str]) -> list[str]:
