@@ -574,24 +574,10 @@ def _reroutable(routing: Routing | None, error: UpstreamError) -> bool:
 
 def _log_failed_attempt(call: PreparedCall, model: ResolvedModel, error: UpstreamError) -> None:
     logger.info("attempt on %s failed (%s %s); rerouting", model.id, error.status, error.code)
-    call.services.settler.submit(
-        Settlement(
-            hold_id=None,
-            cost_micros=0,
-            log=_log_values(
-                call,
-                model=model,
-                status=error.status,
-                error_code=error.code,
-                input_tokens=0,
-                output_tokens=0,
-                cached=0,
-                cost=0,
-                estimated=False,
-                first=None,
-            ),
-        )
+    log = _log_values(
+        call, model=model, status=error.status, error_code=error.code, input_tokens=0, cost=0
     )
+    call.services.settler.submit(Settlement(hold_id=None, cost_micros=0, log=log))
 
 
 def _log_values(
@@ -600,13 +586,10 @@ def _log_values(
     model: ResolvedModel,
     status: int,
     error_code: str | None,
-    input_tokens: int,
-    output_tokens: int,
-    cached: int,
-    cost: int | None,
-    estimated: bool,
-    first: float | None,
+    **usage: Any,
 ) -> dict[str, Any]:
+    """The request-log row of `call` answered by `model`; `usage` takes `log_row`'s token,
+    cost, `estimated` and `first` arguments."""
     return log_row(
         request_id=call.request_id,
         account_id=call.principal.account_id,
@@ -616,14 +599,9 @@ def _log_values(
         stream=call.request.stream,
         status=status,
         error_code=error_code,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached=cached,
-        cost=cost,
-        estimated=estimated,
         started=call.started,
-        first=first,
         flags=call.flags,
+        **usage,
     )
 
 
