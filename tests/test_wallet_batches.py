@@ -78,21 +78,23 @@ async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServic
     assert await _invariant(services, poor.id) == (100, 100)
 
 
-async def _lock_account(services: AppServices, account_id: uuid.UUID) -> Any:
-    """An open transaction that has written the account: SQLite's write lock, PostgreSQL's row
-    lock. Holds wait behind it; commit the returned session to let them through."""
-    session = services.database.sessions()
-    await session.execute(update(Account).where(Account.id == account_id).values(name=Account.name))
-    return session
+async def _hold_behind_a_lock(services: AppServices, ref: str) -> tuple[Any, Any, Any]:
+    """(account, lock, waiting hold): a hold of 4,000 of 10,000 requested while an open
+    transaction has written the account (SQLite's write lock, PostgreSQL's row lock). Commit
+    `lock` to let the hold through."""
+    account = await make_account(services, balance_micros=10_000)
+    lock = services.database.sessions()
+    await lock.execute(update(Account).where(Account.id == account.id).values(name=Account.name))
+    waiting = asyncio.ensure_future(
+        services.holds.hold(account_id=account.id, amount_micros=4_000, ref=ref)
+    )
+    await asyncio.sleep(0.1)
+    return account, lock, waiting
 
 
 async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None:
-    account = await make_account(services, balance_micros=10_000)
-    lock = await _lock_account(services, account.id)
-    waiting = asyncio.ensure_future(
-        services.holds.hold(account_id=account.id, amount_micros=4_000, ref="waits")
-    )
-    await asyncio.sleep(0.2)
+    account, lock, waiting = await _hold_behind_a_lock(services, "waits")
+    await asyncio.sleep(0.1)
     assert not waiting.done()  # queued behind the lock, not refused
     await lock.commit()
     await lock.close()
@@ -101,12 +103,7 @@ async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None
 
 
 async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppServices) -> None:
-    account = await make_account(services, balance_micros=10_000)
-    lock = await _lock_account(services, account.id)
-    waiting = asyncio.ensure_future(
-        services.holds.hold(account_id=account.id, amount_micros=4_000, ref="gone")
-    )
-    await asyncio.sleep(0.1)
+    account, lock, waiting = await _hold_behind_a_lock(services, "gone")
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
