@@ -4,6 +4,7 @@ must refuse bad input exactly like any other route, and leave everything else to
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -160,7 +161,6 @@ async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
     """A non-streamed call cut short (server shutdown) is settled and logged as 499, not 200."""
     import asyncio
     import uuid
-    from datetime import timedelta
 
     from sqlalchemy import select
 
@@ -217,3 +217,55 @@ async def test_in_memory_rate_limits_expire_and_old_windows_are_swept(
     await asyncio.sleep(0.05)  # the sweep task runs
     assert all(expiry > later for expiry in storage.expirations.values())
     await limiter.close()
+
+
+async def test_a_client_gone_before_its_body_gets_no_response(
+    app: Any, services: AppServices
+) -> None:
+    """Nothing is admitted, held or sent for a request whose client left mid-body."""
+    from aivax.inference.route import ChatRoute
+
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    sent: list[dict[str, Any]] = []
+    messages = [
+        {"type": "http.request", "body": b'{"model": "test/fa', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def not_reached(*_: Any) -> None:
+        raise AssertionError("the chat route passed its own path on")
+
+    principal_state = {"request_id": "req_gone", "principal": None}
+    from aivax.keys import service as key_service
+
+    async with services.database.sessions() as session:
+        principal_state["principal"] = await key_service.authenticate(
+            session, account.private_key, secret=services.secret, touch_interval=timedelta(1)
+        )
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": PATH,
+        "root_path": "",
+        "headers": [],
+        "app": app,
+        "state": principal_state,
+    }
+    await ChatRoute(not_reached)(scope, receive, send)
+    assert sent == []
+    assert services.holds.calls_in_flight == 0
+    from sqlalchemy import func, select
+
+    from aivax.models import WalletHold
+
+    async with services.database.sessions() as session:
+        holds = await session.scalar(
+            select(func.count()).where(WalletHold.account_id == account.id)
+        )
+    assert holds == 0
