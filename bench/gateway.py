@@ -2,6 +2,8 @@
 
 Starts, each in its own process on loopback:
   - bench/mock_upstream.py  (an OpenAI-compatible mock with no artificial delay)
+  - bench/bare_proxy.py     (the thinnest forwarding proxy on AIVAX's own server and client,
+                             doing nothing else: the ceiling for any proxy on this stack)
   - `aivax serve`           (SQLite, every pipeline step on: key check, model resolution,
                              plan check, rate limits, token count, hold, settle, request log)
   - LiteLLM's proxy         (only if `make bench-deps` installed it in .bench-venv)
@@ -245,6 +247,17 @@ def main() -> None:
         mock_url = f"http://127.0.0.1:{mock_port}"
         wait_ready(f"{mock_url}/v1/models", mock, mock_log)
         targets = [Target("direct", f"{mock_url}/v1", "mock", {})]
+        bare_port = free_port()
+        bare_log = work / "bare.log"
+        bare = spawn(
+            [sys.executable, str(ROOT / "bench" / "bare_proxy.py"), str(bare_port), mock_url],
+            bare_log,
+            env,
+            work,
+        )
+        processes.append(bare)
+        wait_ready(f"http://127.0.0.1:{bare_port}/v1/models", bare, bare_log)
+        targets.append(Target("bare", f"http://127.0.0.1:{bare_port}/v1", "mock", {}, bare.pid))
         aivax, target = start_aivax(work, mock_url, env)
         processes.append(aivax)
         targets.append(target)
@@ -284,16 +297,19 @@ def report(targets: list[Target]) -> None:
                     flush=True,
                 )
     if any(name == "litellm" for name, _, _ in results):
-        print("\nAIVAX RPS / LiteLLM RPS:")
-        for stream in (False, True):
-            ratios = [
-                results[("aivax", stream, c)].rps / results[("litellm", stream, c)].rps
-                for c in CONCURRENCY
-            ]
-            print(
-                f"  {'stream' if stream else 'json':<7} "
-                + "  ".join(f"c={c}: {r:.1f}x" for c, r in zip(CONCURRENCY, ratios, strict=True))
-            )
+        for name, title in (("aivax", "AIVAX"), ("bare", "bare proxy (the ceiling)")):
+            print(f"\n{title} RPS / LiteLLM RPS:")
+            for stream in (False, True):
+                ratios = [
+                    results[(name, stream, c)].rps / results[("litellm", stream, c)].rps
+                    for c in CONCURRENCY
+                ]
+                print(
+                    f"  {'stream' if stream else 'json':<7} "
+                    + "  ".join(
+                        f"c={c}: {r:.1f}x" for c, r in zip(CONCURRENCY, ratios, strict=True)
+                    )
+                )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""The thinnest proxy this stack allows, for benchmarks (run as its own process).
+
+The same HTTP server (uvicorn with httptools and uvloop) and upstream client (aiohttp, one pooled
+session) as AIVAX, with nothing in between: the request body is forwarded as it came and the
+upstream's answer is returned as it came. No key check, no parsing, no rate limits, no wallet,
+no log. What it costs per call is what any Python proxy on this stack costs before doing any work
+of its own, so its row in `make bench` is the ceiling for AIVAX's figures.
+
+Usage: bare_proxy.py PORT UPSTREAM_ORIGIN
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import aiohttp
+import uvicorn
+
+UPSTREAM = sys.argv[2] if len(sys.argv) > 2 else "http://127.0.0.1:8080"
+_session: aiohttp.ClientSession | None = None
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    global _session
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            _session = aiohttp.ClientSession(UPSTREAM)
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            if _session is not None:
+                await _session.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    assert _session is not None  # set at startup
+    headers = {"Content-Type": "application/json"}
+    async with _session.request(scope["method"], scope["path"], data=body, headers=headers) as up:
+        content_type = up.headers.get("Content-Type", "application/json").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": up.status,
+                "headers": [(b"content-type", content_type)],
+            }
+        )
+        async for chunk in up.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+if __name__ == "__main__":
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
