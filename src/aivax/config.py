@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=5_000_000, ge=0, description="Starting balance of the demo account (micro-USD)."
     )
     db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    wallet_writer: Literal["process", "inline"] = Field(
+        default="process",
+        description="Where wallet holds and settlements are written: a wallet-writer process "
+        "of the server's own (process) or the server process itself (inline).",
+    )
     max_keys_per_account: int = Field(default=100, ge=1, description="API keys per account.")
     cache_seconds: float = Field(
         default=5.0,

@@ -18,6 +18,7 @@ from aivax.providers.registry import ProviderRegistry
 from aivax.rag.jobs import JobRunner
 from aivax.rag.vectors import VectorIndex
 from aivax.wallet.hold_queue import HoldQueue
+from aivax.wallet.writer import WalletWriter, build_writer
 
 logger = logging.getLogger("aivax")
 
@@ -33,6 +34,7 @@ class AppServices:
     registry: ProviderRegistry
     limiter: RateLimiter
     caches: HotPathCaches
+    writer: WalletWriter
     settler: Settler
     holds: HoldQueue
     vectors: VectorIndex
@@ -42,7 +44,8 @@ class AppServices:
     def build(cls, settings: Settings) -> AppServices:
         secret = load_or_create_secret(settings)
         database = Database(settings)
-        settler = Settler(database)
+        writer = build_writer(settings, database)
+        settler = Settler(writer)
         return cls(
             settings=settings,
             database=database,
@@ -51,8 +54,9 @@ class AppServices:
             registry=ProviderRegistry(settings),
             limiter=RateLimiter(settings.redis_url),
             caches=HotPathCaches(settings.cache_seconds),
+            writer=writer,
             settler=settler,
-            holds=HoldQueue(database, settler),
+            holds=HoldQueue(database, settler, writer),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
             jobs=JobRunner(
                 database,
@@ -64,6 +68,7 @@ class AppServices:
     async def close(self) -> None:
         await self.jobs.stop()
         await self.settler.close()
+        await self.writer.close()
         await self.registry.close()
         await self.limiter.close()
         await self.database.dispose()

@@ -1,5 +1,5 @@
 """Settlement off the response path: each finished call's hold is settled (or released) and its
-request-log row written by one background writer that commits many calls per transaction.
+request-log row written by the wallet writer (`wallet.writer`), many calls per transaction.
 
 The response never waits for the ledger; the amount it reports is already exact (the charge is
 min(cost, hold), computed in memory). If the process dies before a queued settlement is written,
@@ -17,14 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
-from sqlalchemy.engine import Connection
-
 from aivax.catalog.service import ResolvedModel
-from aivax.db import Database, FastStatement
 from aivax.kit.clock import utcnow
-from aivax.models import RequestLog
-from aivax.wallet import ledger
+from aivax.wallet.writer import WalletWriter
 
 logger = logging.getLogger("aivax.settlement")
 
@@ -32,7 +27,6 @@ MAX_BATCH = 200
 # Group commit: after the first settlement arrives, wait this long for more, so one transaction
 # settles many calls and the writer stays free for the holds of new requests.
 LINGER_SECONDS = 0.02
-_INSERT_LOG = FastStatement(insert(RequestLog))  # see the note in wallet.ledger
 
 
 def log_row(
@@ -91,8 +85,8 @@ class Settlement:
 
 
 class Settler:
-    def __init__(self, database: Database) -> None:
-        self.database = database
+    def __init__(self, writer: WalletWriter) -> None:
+        self.writer = writer
         self._queue: asyncio.Queue[Settlement] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -123,31 +117,11 @@ class Settler:
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
-                await self._write(batch)
-            except Exception:
-                logger.exception("batch settlement failed; settling one by one")
-                for item in batch:
-                    await self._write_one(item)
+                await self.writer.settle(
+                    [(item.hold_id, item.cost_micros, item.log) for item in batch]
+                )
+            except Exception:  # the writer logs what it could not write; keep settling
+                logger.exception("a settlement batch failed")
             finally:
                 for _ in batch:
                     queue.task_done()
-
-    async def _write(self, batch: list[Settlement]) -> None:
-        def write(conn: Connection) -> None:
-            holds = [(item.hold_id, item.cost_micros) for item in batch if item.hold_id]
-            if holds:
-                ledger.settle_many(conn, holds)
-            logs = [item.log for item in batch if item.log is not None]
-            if logs:
-                _INSERT_LOG.many(conn, logs)
-
-        await self.database.run_write(write)
-
-    async def _write_one(self, item: Settlement) -> None:
-        try:
-            await self._write([item])
-        except Exception:
-            logger.exception(
-                "settling %s failed; the reaper will release its hold",
-                item.log.get("request_id") if item.log else item.hold_id,
-            )

@@ -1,0 +1,196 @@
+"""The wallet writer: holds and settlements written by a process of the server's own (the
+default) or by the server itself, with the same results; a writer that dies fails only the calls
+waiting on it (503, retryable) and is replaced by the next write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import func, select, update
+
+from aivax.config import Settings
+from aivax.inference.settlement import Settlement
+from aivax.kit.clock import utcnow
+from aivax.models import Account, HoldStatus, RequestLog, WalletHold
+from aivax.services import AppServices
+from aivax.wallet import ledger
+from aivax.wallet import service as wallet
+from aivax.wallet.ledger import HoldRequest
+from aivax.wallet.writer import ProcessWriter, WalletWriterUnavailable
+from tests.fixtures.factories import make_account
+
+
+@pytest.fixture(params=["process", "inline"])
+async def built(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[AppServices]:
+    services = AppServices.build(settings.model_copy(update={"wallet_writer": request.param}))
+    yield services
+    await services.close()
+
+
+async def _balances(services: AppServices, account_id: uuid.UUID) -> tuple[int, int]:
+    async with services.database.sessions() as session:
+        report = await wallet.check_invariant(session, account_id)
+    return report.cached_balance_micros, report.ledger_sum_micros
+
+
+async def test_holds_and_settlements_through_either_writer(built: AppServices) -> None:
+    account = await make_account(built, balance_micros=10_000)
+    requests = [HoldRequest(account.id, 3_000, f"call-{n}") for n in range(4)]
+    results = await built.writer.hold_many(requests)
+    held = [r for r in results if isinstance(r, uuid.UUID)]
+    assert len(held) == 3
+    assert isinstance(results[3], ledger.InsufficientBalance)
+    assert "0.001000 USD available" in str(results[3])
+    assert await _balances(built, account.id) == (1_000, 1_000)
+
+    missing, too_big = await built.writer.hold_many(
+        [HoldRequest(uuid.uuid4(), 1, "nobody"), HoldRequest(account.id, 10**13, "cap")]
+    )
+    assert isinstance(missing, ledger.WalletAccountNotFound)
+    assert missing.param == "account_id"
+    assert isinstance(too_big, ValueError)
+
+    request_id = f"req_{uuid.uuid4().hex}"
+    log = {
+        "request_id": request_id,
+        "account_id": account.id,
+        "key_id": None,
+        "gateway_id": None,
+        "model": "test/model",
+        "provider": "openai",
+        "upstream_model": "m",
+        "byok": False,
+        "stream": False,
+        "status": 200,
+        "error_code": None,
+        "input_tokens": 7,
+        "output_tokens": 3,
+        "cached_input_tokens": 0,
+        "cost_micros": 500,
+        "estimated": False,
+        "latency_ms": 12,
+        "ttft_ms": None,
+        "flags": ["input:test"],
+        "created_at": utcnow(),
+    }
+    for item in [
+        Settlement(held[0], 500, log),
+        Settlement(held[1], 0, None),
+        Settlement(held[2], 9_999, None),  # above the hold: capped at 3,000
+    ]:
+        built.settler.submit(item)
+    await built.settler.drain()
+    assert await _balances(built, account.id) == (10_000 - 500 - 3_000, 10_000 - 500 - 3_000)
+    async with built.database.sessions() as session:
+        statuses = await session.scalars(
+            select(WalletHold.status).where(WalletHold.id.in_(held)).order_by(WalletHold.id)
+        )
+        assert sorted(statuses) == ["released", "settled", "settled"]
+        row = (
+            await session.scalars(select(RequestLog).where(RequestLog.request_id == request_id))
+        ).one()
+        assert (row.account_id, row.flags, row.cost_micros) == (account.id, ["input:test"], 500)
+        assert row.created_at.tzinfo is not None
+
+
+async def test_the_writer_is_a_process_of_its_own(settings: Settings) -> None:
+    services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
+    try:
+        account = await make_account(services, balance_micros=1_000)
+        await services.writer.hold_many([HoldRequest(account.id, 1, "start")])
+        writer = services.writer
+        assert isinstance(writer, ProcessWriter)
+        process = writer._process
+        assert process is not None
+        assert process.is_alive()
+        assert process.pid != os.getpid()
+    finally:
+        await services.close()
+    assert not process.is_alive()  # the writer ends with the server
+
+
+async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: Settings) -> None:
+    services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
+    try:
+        writer = services.writer
+        assert isinstance(writer, ProcessWriter)
+        account = await make_account(services, balance_micros=10_000)
+        # A transaction that has written the account holds the write lock (SQLite) or the
+        # row lock (PostgreSQL): the writer's hold waits for it.
+        lock = services.database.sessions()
+        await lock.execute(
+            update(Account).where(Account.id == account.id).values(name=Account.name)
+        )
+        services.holds.calls_in_flight = 2  # not a lone call: through the writer
+        waiting = asyncio.ensure_future(
+            services.holds.hold(account_id=account.id, amount_micros=4_000, ref="doomed")
+        )
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if writer._process is not None and writer._waiting:
+                break
+        assert not waiting.done()
+        first = writer._process
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(WalletWriterUnavailable) as refused:
+            await asyncio.wait_for(waiting, 10)
+        assert refused.value.status == 503
+        await lock.rollback()
+        await lock.close()
+
+        held = await services.holds.hold(account_id=account.id, amount_micros=4_000, ref="next")
+        assert isinstance(held, uuid.UUID)
+        assert writer._process is not None
+        assert writer._process.pid != first.pid
+        assert await _balances(services, account.id) == (6_000, 6_000)
+        async with services.database.sessions() as session:
+            count = await session.scalar(
+                select(func.count())
+                .select_from(WalletHold)
+                .where(WalletHold.account_id == account.id)
+            )
+            assert count == 1  # the killed writer's hold never committed
+    finally:
+        services.holds.calls_in_flight = 0
+        await services.close()
+
+
+async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
+    built: AppServices,
+) -> None:
+    account = await make_account(built, balance_micros=10_000)
+    lock = built.database.sessions()
+    await lock.execute(update(Account).where(Account.id == account.id).values(name=Account.name))
+    built.holds.calls_in_flight = 2
+    try:
+        waiting = asyncio.ensure_future(
+            built.holds.hold(account_id=account.id, amount_micros=4_000, ref="gone")
+        )
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        built.holds.calls_in_flight = 0
+    await lock.commit()
+    await lock.close()
+    statuses: list[str] = []
+    for _ in range(200):
+        await built.settler.drain()
+        async with built.database.sessions() as session:
+            statuses = list(
+                await session.scalars(
+                    select(WalletHold.status).where(WalletHold.account_id == account.id)
+                )
+            )
+        if statuses == [HoldStatus.RELEASED.value]:
+            break
+        await asyncio.sleep(0.02)
+    assert statuses == [HoldStatus.RELEASED.value]
+    assert await _balances(built, account.id) == (10_000, 10_000)
