@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 
 from aivax.app import create_app
@@ -44,3 +45,23 @@ async def test_readyz_is_503_when_migrations_are_missing(tmp_path: Path) -> None
     response = await _readyz(settings)
     assert response.status_code == 503
     assert response.json()["checks"]["migrations"].startswith("at None")
+
+
+def test_fastapi_telemetry_is_off_unless_a_provider_is_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing configured: FastAPI's per-request provider check is settled once, off. A
+    configured provider (or FastAPI configuring them itself) leaves FastAPI's telemetry on."""
+    from opentelemetry import trace
+
+    from aivax.app import telemetry_config
+
+    monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
+    assert telemetry_config() == {"tracing": False, "metrics": False, "logs": False}
+    app = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert not any(app._telemetry[kind] for kind in ("tracing", "metrics", "logs"))
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.NoOpTracerProvider)
+    assert telemetry_config() is None
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    assert telemetry_config() is None
