@@ -367,28 +367,29 @@ class ProcessWriter:
                     )
 
     async def _stop_process(self) -> None:
+        """Close the socket (the writer ends after what it is doing) and reap the process."""
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
             self._writer = None
         if self._replies is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._replies), CLOSE_TIMEOUT_SECONDS)
             self._replies.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replies
             self._replies = None
         process, self._process = self._process, None
         if process is not None:
             await asyncio.to_thread(process.join, CLOSE_TIMEOUT_SECONDS)
             if process.is_alive():
+                logger.error("the wallet writer did not stop; killing it")
                 process.kill()
                 await asyncio.to_thread(process.join)
 
     async def close(self) -> None:
         """Let the writer finish what it was given, then stop it."""
-        if self._writer is not None and self._waiting:
-            pending = list(self._waiting.values())
-            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_SECONDS)
+        if self._waiting:
+            await asyncio.wait(list(self._waiting.values()), timeout=CLOSE_TIMEOUT_SECONDS)
         await self._stop_process()
 
 
