@@ -194,3 +194,43 @@ async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
         await asyncio.sleep(0.02)
     assert statuses == [HoldStatus.RELEASED.value]
     assert await _balances(built, account.id) == (10_000, 10_000)
+
+
+async def test_a_lone_hold_survives_a_lost_database_connection(settings: Settings) -> None:
+    """The writer takes pooled PostgreSQL connections without a ping: a connection the server
+    dropped fails once, and the hold is retried on a new one."""
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite has no server to drop connections")
+    services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
+    try:
+        account = await make_account(services, balance_micros=10_000)
+        services.holds.calls_in_flight = 2  # through the writer
+        first = await services.holds.hold(account_id=account.id, amount_micros=1_000, ref="a")
+        async with services.database.engine.connect() as conn:
+            await conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        second = await services.holds.hold(account_id=account.id, amount_micros=1_000, ref="b")
+        assert isinstance(first, uuid.UUID)
+        assert isinstance(second, uuid.UUID)
+        assert await _balances(services, account.id) == (8_000, 8_000)
+    finally:
+        services.holds.calls_in_flight = 0
+        await services.close()
+
+
+async def test_async_commit_is_off_unless_asked_and_postgresql_only(settings: Settings) -> None:
+    from aivax.db import Database
+
+    for asked, expected in ((False, "on"), (True, "off")):
+        database = Database(settings, pre_ping=False, async_commit=asked)
+        try:
+            async with database.engine.connect() as conn:
+                if database.is_postgresql:
+                    shown = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar()
+                    assert shown == expected
+                else:  # nothing to turn off: the setting changes nothing
+                    assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
+        finally:
+            await database.dispose()

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=5_000_000, ge=0, description="Starting balance of the demo account (micro-USD)."
     )
     db_pool_size: int = Field(default=10, ge=1, description="Database connection pool size.")
+    wallet_async_commit: bool = Field(
+        default=False,
+        description="PostgreSQL: the wallet writer process commits without waiting for the "
+        "disk (synchronous_commit=off); a database server crash can lose its last moments.",
+    )
     wallet_writer: Literal["process", "inline"] = Field(
         default="process",
         description="Where wallet holds and settlements are written: a wallet-writer process "

@@ -21,7 +21,7 @@ from fastapi import Depends, Request
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -63,6 +63,12 @@ def _sqlite_pragmas_no_wait(dbapi_connection: Any, record: Any) -> None:
 WAL_CHECKPOINT_SECONDS = 1.0
 
 
+def connection_lost(error: BaseException) -> bool:
+    """A database error raised because the connection was gone (the server restarted, or a
+    pooled connection went stale): the pool has dropped it, and a retry gets a new one."""
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
 def _is_busy(error: OperationalError | sqlite3.OperationalError) -> bool:
     # Raised by SQLAlchemy (wrapping the driver's error) or by the driver itself (FastStatement).
     driver_error = error.orig if isinstance(error, OperationalError) else error
@@ -83,7 +89,9 @@ def ensure_sqlite_directory(url: str) -> None:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
+def create_engine(
+    settings: Settings, *, pre_ping: bool = True, async_commit: bool = False
+) -> AsyncEngine:
     if settings.is_sqlite:
         ensure_sqlite_directory(settings.database_url)
         engine = create_async_engine(
@@ -98,15 +106,24 @@ def create_engine(settings: Settings) -> AsyncEngine:
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
+        # asyncpg sends these with each new connection.
+        connect_args={"server_settings": {"synchronous_commit": "off"}} if async_commit else {},
     )
 
 
 class Database:
-    """The engine plus its session factory; built in the app lifespan or a CLI command."""
+    """The engine plus its session factory; built in the app lifespan or a CLI command.
 
-    def __init__(self, settings: Settings) -> None:
-        self.engine = create_engine(settings)
+    PostgreSQL only: `pre_ping=False` takes connections from the pool without a round trip to
+    check them (the caller retries when a stale one fails, see `connection_lost`);
+    `async_commit=True` commits without waiting for the WAL to reach the disk."""
+
+    def __init__(
+        self, settings: Settings, *, pre_ping: bool = True, async_commit: bool = False
+    ) -> None:
+        self.is_postgresql = not settings.is_sqlite
+        self.engine = create_engine(settings, pre_ping=pre_ping, async_commit=async_commit)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # Hot-path writes on SQLite go through one synchronous connection, shared (under
         # `_write_lock`) by a dedicated writer thread, which runs each whole transaction in a
@@ -168,6 +185,14 @@ class Database:
             self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error:
             logger.exception("WAL checkpoint failed; the next one will retry")
+
+    async def run_autocommit(self, work: Callable[[Connection], T]) -> T:
+        """PostgreSQL: run `work` with no transaction around it — each statement commits on
+        its own — so a single-statement write costs one round trip instead of three (BEGIN,
+        the statement, COMMIT). `work` must write with at most one statement."""
+        async with self.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            return await autocommit.run_sync(work)
 
     def write_now(self, work: Callable[[Connection], T]) -> T | NotNow:
         """Run a short `work(connection)` transaction right here, on the calling thread, if

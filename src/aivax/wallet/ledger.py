@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, select, update
+from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, literal, select, update
 from sqlalchemy.engine import Connection
 
 from aivax.db import FastStatement, insert_ignoring_conflicts
@@ -86,6 +86,61 @@ _CLOSE_HOLD = FastStatement(
     .returning(HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
 )
 _INSERT_ENTRY: dict[str, Any] = {}
+
+
+def _hold_in_one_statement() -> Any:
+    """PostgreSQL: a whole hold — the conditional debit, the hold row and its ledger entry — as
+    one statement (data-modifying CTEs run together, atomically), so a hold costs one round
+    trip instead of three. Nothing is inserted when the debit matches no row."""
+    amount = bindparam("amount", type_=BigInteger)
+    hold_id = bindparam("hold_id", type_=HOLDS.c.id.type)
+    now = bindparam("now", type_=HOLDS.c.created_at.type)
+    ref = bindparam("ref", type_=HOLDS.c.ref.type)
+    debited = (
+        update(ACCOUNTS)
+        .where(
+            ACCOUNTS.c.id == bindparam("account_id"),
+            _BALANCE - amount >= 0,
+            bindparam("minimum", type_=BigInteger) <= _BALANCE,
+        )
+        .values(balance_micros=_BALANCE - amount, updated_at=now)  # no onupdate inside a CTE
+        .returning(ACCOUNTS.c.id, _BALANCE)
+        .cte("debited")
+    )
+    hold_row = insert(HOLDS).from_select(
+        ["id", "account_id", "amount_micros", "ref", "status", "created_at"],
+        select(hold_id, debited.c.id, amount, ref, literal(HoldStatus.OPEN.value), now),
+    )
+    entry_row = insert(ENTRIES).from_select(
+        [
+            "account_id",
+            "kind",
+            "amount_micros",
+            "balance_after_micros",
+            "idempotency_key",
+            "hold_id",
+            "description",
+            "details",
+            "created_at",
+        ],
+        select(
+            debited.c.id,
+            literal(EntryKind.HOLD.value),
+            -amount,
+            debited.c.balance_micros,
+            bindparam("key", type_=ENTRIES.c.idempotency_key.type),
+            hold_id,
+            literal(""),
+            bindparam("details", type_=ENTRIES.c.details.type),
+            now,
+        ),
+    )
+    return select(debited.c.balance_micros).add_cte(
+        hold_row.cte("hold_row"), entry_row.cte("entry_row")
+    )
+
+
+_HOLD_ONE_STATEMENT = _hold_in_one_statement()
 
 
 def change_balance(
@@ -259,8 +314,12 @@ def hold_many(
     holds: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     order = sorted(range(len(requests)), key=lambda i: requests[i].account_id)
+    one_statement = conn.dialect.name == "postgresql"
     for index in order:
         request = requests[index]
+        if one_statement:
+            results[index] = _hold_on_postgresql(conn, request)
+            continue
         balance = change_balance(
             conn,
             request.account_id,
@@ -299,6 +358,29 @@ def hold_many(
         _INSERT_HOLD.many(conn, holds)
         _INSERT_NEW_ENTRY.many(conn, entries)  # keys made of fresh hold ids: no conflicts
     return [results[index] for index in range(len(requests))]
+
+
+def _hold_on_postgresql(
+    conn: Connection, request: HoldRequest
+) -> uuid.UUID | InsufficientBalance | WalletAccountNotFound:
+    hold_id = uuid7()
+    ref = request.ref[:200]
+    taken = conn.execute(
+        _HOLD_ONE_STATEMENT,
+        {
+            "account_id": request.account_id,
+            "amount": request.amount_micros,
+            "minimum": request.minimum_balance,
+            "hold_id": hold_id,
+            "ref": ref,
+            "now": utcnow(),
+            "key": f"hold:{hold_id}",
+            "details": {"ref": ref},
+        },
+    ).first()
+    if taken is None:
+        return refusal(conn, request.account_id, request.amount_micros)
+    return hold_id
 
 
 def close_hold(

@@ -43,7 +43,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 
 from aivax.config import Settings
-from aivax.db import Database, FastStatement
+from aivax.db import Database, FastStatement, connection_lost
 from aivax.errors import AppError, ServiceUnavailable
 from aivax.models import RequestLog
 from aivax.wallet import ledger
@@ -98,11 +98,32 @@ def _settle(conn: Connection, items: Sequence[SettleItem]) -> None:
         _INSERT_LOG.many(conn, logs)
 
 
+async def _write_holds(database: Database, requests: Sequence[HoldRequest]) -> list[HoldResult]:
+    """One transaction for the batch — on PostgreSQL a lone hold is one statement and needs
+    none — retried once on a connection that turned out to be gone. (If that connection had
+    committed before it went, the retry holds twice; the extra hold is never settled and the
+    reaper releases it.)"""
+
+    def work(conn: Connection) -> list[HoldResult]:
+        return _holds(conn, requests)
+
+    for attempt in (1, 2):
+        try:
+            if database.is_postgresql and len(requests) == 1:
+                return await database.run_autocommit(work)
+            return await database.write(work)
+        except Exception as exc:
+            if attempt == 2 or not connection_lost(exc):
+                raise
+            logger.warning("the database connection was lost (%s); retrying the holds", exc)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def _hold_with_retry(database: Database, requests: Sequence[HoldRequest]) -> list[HoldResult]:
     """One transaction for the batch; if it fails as a whole, one per hold, so a failure
     reaches only the request it belongs to."""
     try:
-        return await database.write(lambda conn: _holds(conn, requests))
+        return await _write_holds(database, requests)
     except Exception as exc:
         if len(requests) == 1:
             return [exc]
@@ -212,7 +233,9 @@ def _hold_result_from_wire(wire: list[Any]) -> HoldResult:
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:
-    database = Database(settings)
+    # No ping per checkout on PostgreSQL (a round trip per transaction): a lost connection
+    # fails its batch, which is retried (holds) or settled item by item (settlements).
+    database = Database(settings, pre_ping=False, async_commit=settings.wallet_async_commit)
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         while True:
