@@ -13,7 +13,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Table, bindparam, case, func, insert, literal, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Table,
+    Uuid,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection
 
 from aivax.db import FastStatement, insert_ignoring_conflicts
@@ -455,16 +468,9 @@ def settle_many(conn: Connection, items: list[tuple[uuid.UUID, int]]) -> None:
     (expired by the reaper, or closed already) goes through `settle`/`release` afterwards."""
     moved: dict[uuid.UUID, list[tuple[uuid.UUID, int, int, int]]] = {}
     others: list[tuple[uuid.UUID, int]] = []
-    for hold_id, actual in items:
-        if actual < 0:
-            raise ValueError("actual cost cannot be negative")
-        row = close_hold(
-            conn,
-            hold_id,
-            from_status=HoldStatus.OPEN,
-            to_status=HoldStatus.SETTLED if actual else HoldStatus.RELEASED,
-            actual=actual,
-        )
+    if any(actual < 0 for _, actual in items):
+        raise ValueError("actual cost cannot be negative")
+    for (hold_id, actual), row in zip(items, _close_open_holds(conn, items), strict=True):
         if row is None:
             others.append((hold_id, actual))
             continue
@@ -490,6 +496,61 @@ def settle_many(conn: Connection, items: list[tuple[uuid.UUID, int]]) -> None:
             settle(conn, hold_id, actual)
         else:
             release(conn, hold_id)
+
+
+# PostgreSQL: every open hold of a settlement batch closed by one statement.
+_CLOSE_MANY = (
+    text(
+        "UPDATE wallet_holds AS h SET "
+        "status = CASE WHEN v.actual > 0 THEN :settled ELSE :released END, "
+        "actual_micros = LEAST(h.amount_micros, v.actual), closed_at = :closed_at "
+        "FROM unnest(:ids, :actuals) AS v(id, actual) "
+        "WHERE h.id = v.id AND h.status = :open "
+        "RETURNING h.id, h.account_id, h.amount_micros, h.actual_micros"
+    )
+    .bindparams(
+        bindparam("ids", type_=ARRAY(Uuid())),
+        bindparam("actuals", type_=ARRAY(BigInteger())),
+        bindparam("closed_at", type_=HOLDS.c.closed_at.type),
+    )
+    .columns(HOLDS.c.id, HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
+)
+
+
+def _close_open_holds(
+    conn: Connection, items: list[tuple[uuid.UUID, int]]
+) -> list[tuple[uuid.UUID, int, int] | None]:
+    """Close each open hold (settled at min(actual, amount), or released when `actual` is 0):
+    per item, (account_id, amount, charged), or None if the hold was not open. On PostgreSQL
+    one statement closes them all (one round trip instead of one per hold); a batch naming a
+    hold twice goes hold by hold, so the first mention wins as it does one at a time."""
+    ids = [hold_id for hold_id, _ in items]
+    if conn.dialect.name != "postgresql" or len(set(ids)) != len(ids):
+        return [
+            close_hold(
+                conn,
+                hold_id,
+                from_status=HoldStatus.OPEN,
+                to_status=HoldStatus.SETTLED if actual else HoldStatus.RELEASED,
+                actual=actual,
+            )
+            for hold_id, actual in items
+        ]
+    rows = conn.execute(
+        _CLOSE_MANY,
+        {
+            "ids": ids,
+            "actuals": [actual for _, actual in items],
+            "settled": HoldStatus.SETTLED.value,
+            "released": HoldStatus.RELEASED.value,
+            "open": HoldStatus.OPEN.value,
+            "closed_at": utcnow(),
+        },
+    )
+    closed: dict[uuid.UUID, tuple[uuid.UUID, int, int]] = {
+        row[0]: (row[1], row[2], row[3] or 0) for row in rows
+    }
+    return [closed.get(hold_id) for hold_id in ids]
 
 
 def release(
