@@ -234,3 +234,27 @@ async def test_async_commit_is_off_unless_asked_and_postgresql_only(settings: Se
                     assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
         finally:
             await database.dispose()
+
+
+async def test_a_writer_that_raises_fails_the_holds_instead_of_hanging(
+    services: AppServices,
+) -> None:
+    from aivax.wallet.hold_queue import HoldQueue
+
+    class Broken:
+        async def hold_many(self, requests: object) -> list[object]:
+            raise RuntimeError("writer bug")
+
+        async def settle(self, items: object) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    queue = HoldQueue(services.database, services.settler, Broken())  # type: ignore[arg-type]
+    queue.calls_in_flight = 2  # through the writer
+    account = await make_account(services, balance_micros=1_000)
+    with pytest.raises(RuntimeError, match="writer bug"):
+        await asyncio.wait_for(
+            queue.hold(account_id=account.id, amount_micros=10, ref="x"), timeout=5
+        )

@@ -75,7 +75,11 @@ class HoldQueue:
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
-                results = await self.writer.hold_many([request for request, _ in batch])
+                results: list[HoldResult]
+                try:
+                    results = await self.writer.hold_many([request for request, _ in batch])
+                except Exception as exc:  # never leave a caller waiting
+                    results = [exc for _ in batch]
                 for (_, future), result in zip(batch, results, strict=True):
                     self._deliver(future, result)
         finally:
