@@ -4,9 +4,10 @@ batches (`ledger.settle_many` plus request-log rows).
 - `InlineWriter` runs them in this process, through `Database.write` / `Database.run_write`.
 - `ProcessWriter` (the default, `AIVAX_WALLET_WRITER=process`) hands them to a wallet-writer
   process of its own, which owns a connection pool and runs the same ledger functions. The
-  server process then spends no CPU on the database's side of a call: on SQLite, statements,
-  parameter processing and commits; on PostgreSQL, the async driver's work. In the server they
-  cost about a third of its throughput (bench/gateway.py), and every call pays them twice (hold,
+  server process then spends no CPU on the database's side of a call under load (a lone call's
+  hold is still written by the server, see `hold_queue`): on SQLite, statements, parameter
+  processing and commits; on PostgreSQL, the async driver's work. In the server they cost
+  about a third of its throughput (bench/gateway.py), and every call pays them twice (hold,
   then settlement). What crosses is small: a hold is an account, an amount and a reference; a
   settlement is a hold id, a cost and the request-log row.
 
