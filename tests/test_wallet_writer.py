@@ -258,3 +258,23 @@ async def test_a_writer_that_raises_fails_the_holds_instead_of_hanging(
         await asyncio.wait_for(
             queue.hold(account_id=account.id, amount_micros=10, ref="x"), timeout=5
         )
+
+
+async def test_a_writer_that_cannot_start_answers_503(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aivax.wallet import writer as writer_module
+
+    class NoProcesses:
+        def Process(self, **_: object) -> object:  # multiprocessing's name
+            raise OSError("no processes here")
+
+    monkeypatch.setattr(writer_module, "_context", NoProcesses)
+    services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
+    try:
+        account = await make_account(services, balance_micros=1_000)
+        (result,) = await services.writer.hold_many([HoldRequest(account.id, 10, "x")])
+        assert isinstance(result, WalletWriterUnavailable)
+        assert result.status == 503
+    finally:
+        await services.close()

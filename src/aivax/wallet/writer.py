@@ -326,7 +326,11 @@ class ProcessWriter:
             )
 
     async def _call(self, op: str, payload: Any) -> Any:
-        await self._ensure_started()
+        try:
+            await self._ensure_started()
+        except Exception as exc:  # e.g. no process can be started here
+            logger.exception("the wallet writer could not be started")
+            raise WalletWriterUnavailable("The wallet is not available; retry shortly.") from exc
         assert self._writer is not None  # noqa: S101 - started
         request_id = next(self._ids)
         frame = _frame([request_id, op, payload])
@@ -351,14 +355,19 @@ class ProcessWriter:
                 return
             await self._stop_process()
             ours, theirs = socket.socketpair()
-            process = _context().Process(
-                target=_child_main,
-                args=(self.settings, theirs),
-                name="aivax-wallet-writer",
-                daemon=True,
-            )
-            await asyncio.to_thread(process.start)
-            theirs.close()
+            try:
+                process = _context().Process(
+                    target=_child_main,
+                    args=(self.settings, theirs),
+                    name="aivax-wallet-writer",
+                    daemon=True,
+                )
+                await asyncio.to_thread(process.start)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()  # the writer has its own copy
             self._process = process
             self._reader, self._writer = await asyncio.open_connection(sock=ours)
             self._replies = asyncio.get_running_loop().create_task(self._read_replies())
