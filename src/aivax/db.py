@@ -65,8 +65,22 @@ WAL_CHECKPOINT_SECONDS = 1.0
 
 def connection_lost(error: BaseException) -> bool:
     """A database error raised because the connection was gone (the server restarted, or a
-    pooled connection went stale): the pool has dropped it, and a retry gets a new one."""
-    return isinstance(error, DBAPIError) and error.connection_invalidated
+    pooled connection went stale): through SQLAlchemy, which has dropped it from the pool, or
+    straight from asyncpg (`FastStatement.first_on_asyncpg`)."""
+    if isinstance(error, DBAPIError):
+        return bool(error.connection_invalidated)
+    try:
+        from asyncpg import exceptions as asyncpg_errors
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        return False
+    lost = (
+        asyncpg_errors.ConnectionDoesNotExistError,
+        asyncpg_errors.InterfaceError,
+        asyncpg_errors.PostgresConnectionError,
+        asyncpg_errors.AdminShutdownError,
+        ConnectionError,
+    )
+    return isinstance(error, lost)
 
 
 def _is_busy(error: OperationalError | sqlite3.OperationalError) -> bool:
@@ -268,13 +282,16 @@ class FastStatement:
     (`updated_at`) are filled in the same way, and RETURNING values come back through the
     columns' result processors. Every other connection (PostgreSQL, the async SQLite engine)
     executes the Core statement as usual, so the statement is written once.
+
+    `first_on_asyncpg` runs it the same way on a raw asyncpg connection, for the one PostgreSQL
+    statement whose round trip is on every call's response path (a lone hold).
     """
 
     def __init__(self, statement: Any) -> None:
         self.statement = statement
-        # Keyed by the parameter names in the caller's order: a call site always builds its
-        # dict the same way, and a tuple is cheaper to make and hash than a frozenset.
-        self._sqlite: dict[tuple[str, ...], _Compiled] = {}
+        # Keyed by dialect and the parameter names in the caller's order: a call site always
+        # builds its dict the same way, and a tuple is cheaper to make and hash than a set.
+        self._compiled_by: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
 
     def one(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
         """Execute once; the first RETURNING row, if any."""
@@ -282,7 +299,7 @@ class FastStatement:
         if raw is None:
             row = conn.execute(self.statement, params).first()
             return tuple(row) if row is not None else None
-        compiled = self._compiled(conn, params)
+        compiled = self._compiled(conn.dialect, params)
         rows = raw.execute(compiled.sql, compiled.arguments(params)).fetchall()
         if not rows:
             return None
@@ -297,14 +314,27 @@ class FastStatement:
         if raw is None:
             conn.execute(self.statement, rows)
             return
-        compiled = self._compiled(conn, rows[0])
+        compiled = self._compiled(conn.dialect, rows[0])
         raw.executemany(compiled.sql, [compiled.arguments(row) for row in rows])
 
-    def _compiled(self, conn: Connection, params: dict[str, Any]) -> _Compiled:
-        names = tuple(params)
-        compiled_for = self._sqlite.get(names)
+    async def first_on_asyncpg(
+        self, driver: Any, dialect: Any, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """Execute on `driver`, an asyncpg connection with no transaction open (the statement
+        commits on its own); the first row it returns, if any."""
+        compiled = self._compiled(dialect, params)
+        row = await driver.fetchrow(compiled.sql, *compiled.arguments(params))
+        if row is None:
+            return None
+        return tuple(
+            value if process is None else process(value)
+            for value, process in zip(row, compiled.results, strict=True)
+        )
+
+    def _compiled(self, dialect: Any, params: dict[str, Any]) -> _Compiled:
+        key = (dialect.name, tuple(params))
+        compiled_for = self._compiled_by.get(key)
         if compiled_for is None:
-            dialect = conn.dialect
             compiled = self.statement.compile(dialect=dialect, column_keys=list(params))
             defaults = {
                 column.key: column
@@ -312,16 +342,20 @@ class FastStatement:
             }
             positions = compiled.positiontup or []
             missing = [name for name in positions if name not in params]
-            compiled_for = self._sqlite[names] = _Compiled(
+            returned = compiled.returning or list(getattr(self.statement, "selected_columns", []))
+            compiled_for = self._compiled_by[key] = _Compiled(
                 sql=str(compiled),
                 binds=[
                     (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
                     for name in positions
                 ],
-                defaults=[(name, _default_of(name, defaults.get(name))) for name in missing],
+                defaults=[
+                    (name, _default_of(name, defaults.get(name), compiled.binds[name]))
+                    for name in missing
+                ],
                 results=[
                     column.type.dialect_impl(dialect).result_processor(dialect, None)
-                    for column in compiled.returning or []
+                    for column in returned
                 ],
             )
         return compiled_for
@@ -351,8 +385,12 @@ def _pysqlite(conn: Connection) -> sqlite3.Connection | None:
     return raw if isinstance(raw, sqlite3.Connection) else None
 
 
-def _default_of(name: str, column: Any) -> Callable[[Any], Any]:
-    """The Python-side default (or on-update value) of a column the caller left out."""
+def _default_of(name: str, column: Any, bind: Any) -> Callable[[Any], Any]:
+    """The Python-side default (or on-update value) of a column the caller left out, or the
+    value of a literal written into the statement."""
+    if column is None and bind.value is not None:
+        literal = bind.value
+        return lambda _context: literal
     spec = None
     if column is not None:
         spec = column.onupdate if column.onupdate is not None else column.default

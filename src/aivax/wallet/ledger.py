@@ -153,7 +153,7 @@ def _hold_in_one_statement() -> Any:
     )
 
 
-_HOLD_ONE_STATEMENT = _hold_in_one_statement()
+HOLD_ONE_STATEMENT = FastStatement(_hold_in_one_statement())
 
 
 def change_balance(
@@ -311,6 +311,11 @@ def hold(
     return result
 
 
+def check_hold_amount(amount_micros: int) -> None:
+    if not 0 < amount_micros <= MAX_MOVEMENT_MICROS:
+        raise ValueError(f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {amount_micros}")
+
+
 def hold_many(
     conn: Connection, requests: list[HoldRequest]
 ) -> list[uuid.UUID | InsufficientBalance | WalletAccountNotFound]:
@@ -319,10 +324,7 @@ def hold_many(
     Accounts are updated in id order, so concurrent batches on PostgreSQL lock rows in one order
     and cannot deadlock."""
     for request in requests:
-        if not 0 < request.amount_micros <= MAX_MOVEMENT_MICROS:
-            raise ValueError(
-                f"hold amount must be in 1..{MAX_MOVEMENT_MICROS}, got {request.amount_micros}"
-            )
+        check_hold_amount(request.amount_micros)
     results: dict[int, uuid.UUID | InsufficientBalance | WalletAccountNotFound] = {}
     holds: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
@@ -373,25 +375,28 @@ def hold_many(
     return [results[index] for index in range(len(requests))]
 
 
+def one_statement_hold(request: HoldRequest) -> tuple[uuid.UUID, dict[str, Any]]:
+    """The new hold's id and the parameters of `HOLD_ONE_STATEMENT` that take it."""
+    check_hold_amount(request.amount_micros)
+    hold_id = uuid7()
+    ref = request.ref[:200]
+    return hold_id, {
+        "account_id": request.account_id,
+        "amount": request.amount_micros,
+        "minimum": request.minimum_balance,
+        "hold_id": hold_id,
+        "ref": ref,
+        "now": utcnow(),
+        "key": f"hold:{hold_id}",
+        "details": {"ref": ref},
+    }
+
+
 def _hold_on_postgresql(
     conn: Connection, request: HoldRequest
 ) -> uuid.UUID | InsufficientBalance | WalletAccountNotFound:
-    hold_id = uuid7()
-    ref = request.ref[:200]
-    taken = conn.execute(
-        _HOLD_ONE_STATEMENT,
-        {
-            "account_id": request.account_id,
-            "amount": request.amount_micros,
-            "minimum": request.minimum_balance,
-            "hold_id": hold_id,
-            "ref": ref,
-            "now": utcnow(),
-            "key": f"hold:{hold_id}",
-            "details": {"ref": ref},
-        },
-    ).first()
-    if taken is None:
+    hold_id, params = one_statement_hold(request)
+    if HOLD_ONE_STATEMENT.one(conn, params) is None:
         return refusal(conn, request.account_id, request.amount_micros)
     return hold_id
 

@@ -111,13 +111,37 @@ async def _write_holds(database: Database, requests: Sequence[HoldRequest]) -> l
     for attempt in (1, 2):
         try:
             if database.is_postgresql and len(requests) == 1:
-                return await database.run_autocommit(work)
+                return [await _lone_hold_on_postgresql(database, requests[0])]
             return await database.write(work)
         except Exception as exc:
             if attempt == 2 or not connection_lost(exc):
                 raise
             logger.warning("the database connection was lost (%s); retrying the holds", exc)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _lone_hold_on_postgresql(database: Database, request: HoldRequest) -> HoldResult:
+    """One statement on the asyncpg connection itself, committed on its own: SQLAlchemy's
+    asyncio layer cost more than the statement's round trip (0.6 against 0.4 ms). A connection
+    that fails mid-statement is dropped, not reused; if it was lost, so is the rest of the pool
+    (SQLAlchemy does the same when it sees a lost connection itself)."""
+    hold_id, params = ledger.one_statement_hold(request)
+    async with database.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        try:
+            taken = await ledger.HOLD_ONE_STATEMENT.first_on_asyncpg(
+                raw.driver_connection, conn.dialect, params
+            )
+        except BaseException as exc:
+            await conn.invalidate(exc if isinstance(exc, Exception) else None)
+            if connection_lost(exc):  # the others in the pool are likely gone too
+                await database.engine.dispose()
+            raise
+    if taken is not None:
+        return hold_id
+    return await database.run_autocommit(
+        lambda c: ledger.refusal(c, request.account_id, request.amount_micros)
+    )
 
 
 async def _hold_with_retry(database: Database, requests: Sequence[HoldRequest]) -> list[HoldResult]:
