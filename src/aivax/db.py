@@ -76,6 +76,9 @@ def connection_lost(error: BaseException) -> bool:
     lost = (
         asyncpg_errors.ConnectionDoesNotExistError,
         asyncpg_errors.InterfaceError,
+        # The server's goodbye on an idle pooled connection racing the next query: asyncpg
+        # refuses to start it ("another operation is in progress"); nothing was sent.
+        asyncpg_errors.InternalClientError,
         asyncpg_errors.PostgresConnectionError,
         asyncpg_errors.AdminShutdownError,
         ConnectionError,
