@@ -23,6 +23,7 @@ from aivax.wallet import service as wallet
 from aivax.wallet.ledger import HoldRequest
 from aivax.wallet.writer import ProcessWriter, WalletWriterUnavailable
 from tests.fixtures.factories import make_account
+from tests.fixtures.wallet import hold_behind_a_lock, hold_statuses_once
 
 
 @pytest.fixture(params=["process", "inline"])
@@ -164,15 +165,10 @@ async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: S
 async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
     built: AppServices,
 ) -> None:
-    account = await make_account(built, balance_micros=10_000)
-    lock = built.database.sessions()
-    await lock.execute(update(Account).where(Account.id == account.id).values(name=Account.name))
-    built.holds.calls_in_flight = 2
+    built.holds.calls_in_flight = 2  # not a lone call: through the writer
     try:
-        waiting = asyncio.ensure_future(
-            built.holds.hold(account_id=account.id, amount_micros=4_000, ref="gone")
-        )
-        await asyncio.sleep(0.2)
+        account, lock, waiting = await hold_behind_a_lock(built, "gone")
+        await asyncio.sleep(0.1)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -180,19 +176,8 @@ async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
         built.holds.calls_in_flight = 0
     await lock.commit()
     await lock.close()
-    statuses: list[str] = []
-    for _ in range(200):
-        await built.settler.drain()
-        async with built.database.sessions() as session:
-            statuses = list(
-                await session.scalars(
-                    select(WalletHold.status).where(WalletHold.account_id == account.id)
-                )
-            )
-        if statuses == [HoldStatus.RELEASED.value]:
-            break
-        await asyncio.sleep(0.02)
-    assert statuses == [HoldStatus.RELEASED.value]
+    released = [HoldStatus.RELEASED.value]
+    assert await hold_statuses_once(built, account.id, released) == released
     assert await _balances(built, account.id) == (10_000, 10_000)
 
 
@@ -220,18 +205,17 @@ async def test_a_lone_hold_survives_a_lost_database_connection(settings: Setting
         await services.close()
 
 
-async def test_async_commit_is_off_unless_asked_and_postgresql_only(settings: Settings) -> None:
+async def test_async_commit_is_off_unless_asked(settings: Settings) -> None:
+    if not settings.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite has no synchronous_commit")
     from aivax.db import Database
 
     for asked, expected in ((False, "on"), (True, "off")):
         database = Database(settings, pre_ping=False, async_commit=asked)
         try:
             async with database.engine.connect() as conn:
-                if database.is_postgresql:
-                    shown = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar()
-                    assert shown == expected
-                else:  # nothing to turn off: the setting changes nothing
-                    assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
+                shown = (await conn.exec_driver_sql("SHOW synchronous_commit")).scalar()
+                assert shown == expected
         finally:
             await database.dispose()
 
@@ -278,3 +262,27 @@ async def test_a_writer_that_cannot_start_answers_503(
         assert result.status == 503
     finally:
         await services.close()
+
+
+async def test_the_writer_answers_an_unknown_operation_and_stops_on_a_malformed_frame(
+    settings: Settings,
+) -> None:
+    """The writer's side of the socket, run here: an operation it does not know gets a
+    "failed" answer (the caller is not left waiting); bytes that are not a frame end the
+    conversation instead of being guessed at."""
+    import socket
+
+    from aivax.wallet.writer import _frame, _read_frame, _serve
+
+    ours, theirs = socket.socketpair()
+    serving = asyncio.ensure_future(_serve(settings, theirs))
+    reader, writer = await asyncio.open_connection(sock=ours)
+    try:
+        writer.write(_frame([7, "drop_tables", []]))
+        answer = await asyncio.wait_for(_read_frame(reader), 10)
+        assert answer == [7, "failed", "unknown operation 'drop_tables'"]
+        writer.write(b"\x00\x00\x00\x05not{}")  # a length, then no JSON
+        await asyncio.wait_for(serving, 10)  # returns: the writer is done with this socket
+        assert await reader.read() == b""
+    finally:
+        writer.close()

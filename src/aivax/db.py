@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,14 +203,6 @@ class Database:
         except sqlite3.Error:
             logger.exception("WAL checkpoint failed; the next one will retry")
 
-    async def run_autocommit(self, work: Callable[[Connection], T]) -> T:
-        """PostgreSQL: run `work` with no transaction around it — each statement commits on
-        its own — so a single-statement write costs one round trip instead of three (BEGIN,
-        the statement, COMMIT). `work` must write with at most one statement."""
-        async with self.engine.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            return await autocommit.run_sync(work)
-
     def write_now(self, work: Callable[[Connection], T]) -> T | NotNow:
         """Run a short `work(connection)` transaction right here, on the calling thread, if
         that costs no waiting: on SQLite, when the write lock is free at once (the connection
@@ -304,12 +296,7 @@ class FastStatement:
             return tuple(row) if row is not None else None
         compiled = self._compiled(conn.dialect, params)
         rows = raw.execute(compiled.sql, compiled.arguments(params)).fetchall()
-        if not rows:
-            return None
-        return tuple(
-            value if process is None else process(value)
-            for value, process in zip(rows[0], compiled.results, strict=True)
-        )
+        return compiled.row(rows[0]) if rows else None
 
     def many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Execute once per row of parameters (no RETURNING); every row has the same keys."""
@@ -327,12 +314,7 @@ class FastStatement:
         commits on its own); the first row it returns, if any."""
         compiled = self._compiled(dialect, params)
         row = await driver.fetchrow(compiled.sql, *compiled.arguments(params))
-        if row is None:
-            return None
-        return tuple(
-            value if process is None else process(value)
-            for value, process in zip(row, compiled.results, strict=True)
-        )
+        return compiled.row(row) if row is not None else None
 
     def _compiled(self, dialect: Any, params: dict[str, Any]) -> _Compiled:
         key = (dialect.name, tuple(params))
@@ -379,6 +361,13 @@ class _Compiled:
             params[name] if process is None else process(params[name])
             for name, process in self.binds
         ]
+
+    def row(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """A returned row, each value through its column's result processor."""
+        return tuple(
+            value if process is None else process(value)
+            for value, process in zip(values, self.results, strict=True)
+        )
 
 
 def _pysqlite(conn: Connection) -> sqlite3.Connection | None:

@@ -38,10 +38,11 @@ class HoldQueue:
         self.settler = settler
         self.writer = writer
         # Calls being served right now (kept by the chat route). A lone call writes its hold
-        # directly; with company, holds wait one loop iteration to be written together.
+        # directly; with company, holds queue for the writer's next batch.
         self.calls_in_flight = 0
         self._pending: list[tuple[HoldRequest, asyncio.Future[uuid.UUID]]] = []
         self._writing = False
+        self._task: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
 
     async def hold(
         self,
@@ -67,7 +68,7 @@ class HoldQueue:
         self._pending.append((request, future))
         if not self._writing:
             self._writing = True
-            asyncio.get_running_loop().create_task(self._write_all())
+            self._task = asyncio.get_running_loop().create_task(self._write_all())
         return await future
 
     async def _write_all(self) -> None:

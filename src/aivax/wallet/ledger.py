@@ -320,9 +320,10 @@ def hold_many(
     conn: Connection, requests: list[HoldRequest]
 ) -> list[uuid.UUID | InsufficientBalance | WalletAccountNotFound]:
     """Each request's hold, or the refusal it got, in one transaction (group commit): one
-    conditional UPDATE per hold, then every hold row and hold entry in two multi-row inserts.
-    Accounts are updated in id order, so concurrent batches on PostgreSQL lock rows in one order
-    and cannot deadlock."""
+    conditional UPDATE per hold, then every hold row and hold entry in two multi-row inserts
+    (on PostgreSQL, where each statement is a round trip, one `HOLD_ONE_STATEMENT` per hold
+    instead). Accounts are updated in id order, so concurrent batches on PostgreSQL lock rows
+    in one order and cannot deadlock."""
     for request in requests:
         check_hold_amount(request.amount_micros)
     results: dict[int, uuid.UUID | InsufficientBalance | WalletAccountNotFound] = {}
@@ -467,10 +468,11 @@ def settle(conn: Connection, hold_id: uuid.UUID, actual_micros: int) -> int:
 
 def settle_many(conn: Connection, items: list[tuple[uuid.UUID, int]]) -> None:
     """Settle each `(hold, actual)` — released untouched when `actual` is 0 — in one
-    transaction (group commit): one UPDATE per hold, one balance UPDATE per account (in id
-    order), every entry in one multi-row insert. Entries and balances come out exactly as
-    `settle` and `release` one at a time would write them. A hold that is no longer open
-    (expired by the reaper, or closed already) goes through `settle`/`release` afterwards."""
+    transaction (group commit): one UPDATE per hold (one for them all on PostgreSQL), one
+    balance UPDATE per account (in id order), every entry in one multi-row insert. Entries and
+    balances come out exactly as `settle` and `release` one at a time would write them. A hold
+    that is no longer open (expired by the reaper, or closed already) goes through
+    `settle`/`release` afterwards."""
     moved: dict[uuid.UUID, list[tuple[uuid.UUID, int, int, int]]] = {}
     others: list[tuple[uuid.UUID, int]] = []
     if any(actual < 0 for _, actual in items):

@@ -40,6 +40,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
+import uvloop
 from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 
@@ -86,10 +87,6 @@ class WalletWriter(Protocol):
 # --- the database side, shared by both writers ----------------------------------------------
 
 
-def _holds(conn: Connection, requests: Sequence[HoldRequest]) -> list[HoldResult]:
-    return list(ledger.hold_many(conn, list(requests)))
-
-
 def _settle(conn: Connection, items: Sequence[SettleItem]) -> None:
     holds = [(hold_id, cost) for hold_id, cost, _ in items if hold_id is not None]
     if holds:
@@ -105,19 +102,19 @@ async def _write_holds(database: Database, requests: Sequence[HoldRequest]) -> l
     committed before it went, the retry holds twice; the extra hold is never settled and the
     reaper releases it.)"""
 
-    def work(conn: Connection) -> list[HoldResult]:
-        return _holds(conn, requests)
+    async def attempt() -> list[HoldResult]:
+        if database.is_postgresql and len(requests) == 1:
+            return [await _lone_hold_on_postgresql(database, requests[0])]
+        taken = await database.write(lambda conn: ledger.hold_many(conn, list(requests)))
+        return list(taken)
 
-    for attempt in (1, 2):
-        try:
-            if database.is_postgresql and len(requests) == 1:
-                return [await _lone_hold_on_postgresql(database, requests[0])]
-            return await database.write(work)
-        except Exception as exc:
-            if attempt == 2 or not connection_lost(exc):
-                raise
-            logger.warning("the database connection was lost (%s); retrying the holds", exc)
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:
+        return await attempt()
+    except Exception as exc:
+        if not connection_lost(exc):
+            raise
+        logger.warning("the database connection was lost (%s); retrying the holds", exc)
+    return await attempt()
 
 
 async def _lone_hold_on_postgresql(database: Database, request: HoldRequest) -> HoldResult:
@@ -137,11 +134,11 @@ async def _lone_hold_on_postgresql(database: Database, request: HoldRequest) -> 
             if connection_lost(exc):  # the others in the pool are likely gone too
                 await database.engine.dispose()
             raise
-    if taken is not None:
-        return hold_id
-    return await database.run_autocommit(
-        lambda c: ledger.refusal(c, request.account_id, request.amount_micros)
-    )
+        if taken is not None:
+            return hold_id
+        return await conn.run_sync(
+            lambda c: ledger.refusal(c, request.account_id, request.amount_micros)
+        )
 
 
 async def _hold_with_retry(database: Database, requests: Sequence[HoldRequest]) -> list[HoldResult]:
@@ -268,6 +265,9 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
                 request_id, op, payload = await _read_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the server closed its end, or died
+            except ValueError:  # not a frame of ours: nothing more on this socket can be
+                logger.exception("the wallet writer got a malformed frame; stopping")
+                return
             try:
                 if op == "hold":
                     requests = [
@@ -302,12 +302,7 @@ def _child_main(settings: Settings, sock: socket.socket) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    try:
-        import uvloop
-
-        uvloop.run(_serve(settings, sock))
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_serve(settings, sock))
+    uvloop.run(_serve(settings, sock))
 
 
 def _context() -> Any:
@@ -324,12 +319,11 @@ class ProcessWriter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._process: Any = None
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._replies: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()
 
     async def hold_many(self, requests: Sequence[HoldRequest]) -> list[HoldResult]:
         payload = [[r.account_id, r.amount_micros, r.ref, r.minimum_balance] for r in requests]
@@ -372,8 +366,6 @@ class ProcessWriter:
     async def _ensure_started(self) -> None:
         if self._replies is not None and not self._replies.done():
             return
-        if self._starting is None:
-            self._starting = asyncio.Lock()
         async with self._starting:
             if self._replies is not None and not self._replies.done():
                 return
@@ -393,13 +385,11 @@ class ProcessWriter:
             finally:
                 theirs.close()  # the writer has its own copy
             self._process = process
-            self._reader, self._writer = await asyncio.open_connection(sock=ours)
-            self._replies = asyncio.get_running_loop().create_task(self._read_replies())
+            reader, self._writer = await asyncio.open_connection(sock=ours)
+            self._replies = asyncio.get_running_loop().create_task(self._read_replies(reader))
             logger.info("wallet writer started (pid %s)", process.pid)
 
-    async def _read_replies(self) -> None:
-        assert self._reader is not None  # noqa: S101 - set before the task starts
-        reader = self._reader
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 request_id, status, result = await _read_frame(reader)
