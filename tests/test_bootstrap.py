@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,10 @@ from sqlalchemy import func, select
 
 from aivax.bootstrap import bootstrap
 from aivax.config import Settings
-from aivax.keys import service as key_service
 from aivax.migrate import upgrade_to_head
 from aivax.models import Account, OperatorToken
 from aivax.services import AppServices, load_or_create_secret
+from tests.fixtures.factories import principal_of
 
 
 @pytest.fixture
@@ -49,13 +48,8 @@ async def test_bootstrap_credentials_work_and_fund_the_demo_account(
         assert credentials is not None
         assert credentials.private_key is not None
         assert credentials.public_key is not None
+        principal = await principal_of(fresh_services, credentials.private_key)
         async with fresh_services.database.sessions() as session:
-            principal = await key_service.authenticate(
-                session,
-                credentials.private_key,
-                secret=fresh_services.secret,
-                touch_interval=timedelta(seconds=60),
-            )
             account = await session.get(Account, principal.account_id)
         assert account is not None
         assert account.plan_id == "free"

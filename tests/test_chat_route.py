@@ -4,7 +4,6 @@ must refuse bad input exactly like any other route, and leave everything else to
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -14,7 +13,7 @@ from aivax.config import Settings
 from aivax.services import AppServices
 from tests.conftest import FakeUpstream
 from tests.fixtures.assertions import assert_error
-from tests.fixtures.factories import AccountWithKeys, make_account
+from tests.fixtures.factories import AccountWithKeys, make_account, principal_of
 
 PATH = "/v1/chat/completions"
 HELLO = {"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]}
@@ -166,17 +165,10 @@ async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
 
     from aivax.inference.endpoints import respond
     from aivax.inference.schemas import ChatCompletionRequest
-    from aivax.keys import service as key_service
     from aivax.models import HoldStatus, RequestLog, WalletHold
 
     account = await make_account(services, plan="starter", balance_micros=1_000_000)
-    async with services.database.sessions() as session:
-        principal = await key_service.authenticate(
-            session,
-            account.private_key,
-            secret=services.secret,
-            touch_interval=timedelta(hours=1),
-        )
+    principal = await principal_of(services, account.private_key)
     request_id = f"req_{uuid.uuid4().hex}"
     body = ChatCompletionRequest.model_validate({**HELLO, "model": "test/fake-slow"})
     call = asyncio.ensure_future(respond(services, principal, body, request_id, None))
@@ -241,13 +233,10 @@ async def test_a_client_gone_before_its_body_gets_no_response(
     async def not_reached(*_: Any) -> None:
         raise AssertionError("the chat route passed its own path on")
 
-    principal_state = {"request_id": "req_gone", "principal": None}
-    from aivax.keys import service as key_service
-
-    async with services.database.sessions() as session:
-        principal_state["principal"] = await key_service.authenticate(
-            session, account.private_key, secret=services.secret, touch_interval=timedelta(1)
-        )
+    principal_state = {
+        "request_id": "req_gone",
+        "principal": await principal_of(services, account.private_key),
+    }
     scope = {
         "type": "http",
         "method": "POST",

@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import select, update
 
 from aivax.db import NOT_NOW
-from aivax.models import Account, HoldStatus, LedgerEntry, WalletHold
+from aivax.models import HoldStatus, LedgerEntry, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
 from tests.fixtures.factories import make_account
+from tests.fixtures.wallet import hold_behind_a_lock, hold_statuses_once
 
 
 async def _entries(services: AppServices, account_id: uuid.UUID) -> list[tuple[Any, ...]]:
@@ -78,22 +79,8 @@ async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServic
     assert await _invariant(services, poor.id) == (100, 100)
 
 
-async def _hold_behind_a_lock(services: AppServices, ref: str) -> tuple[Any, Any, Any]:
-    """(account, lock, waiting hold): a hold of 4,000 of 10,000 requested while an open
-    transaction has written the account (SQLite's write lock, PostgreSQL's row lock). Commit
-    `lock` to let the hold through."""
-    account = await make_account(services, balance_micros=10_000)
-    lock = services.database.sessions()
-    await lock.execute(update(Account).where(Account.id == account.id).values(name=Account.name))
-    waiting = asyncio.ensure_future(
-        services.holds.hold(account_id=account.id, amount_micros=4_000, ref=ref)
-    )
-    await asyncio.sleep(0.1)
-    return account, lock, waiting
-
-
 async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None:
-    account, lock, waiting = await _hold_behind_a_lock(services, "waits")
+    account, lock, waiting = await hold_behind_a_lock(services, "waits")
     await asyncio.sleep(0.1)
     assert not waiting.done()  # queued behind the lock, not refused
     await lock.commit()
@@ -103,25 +90,14 @@ async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None
 
 
 async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppServices) -> None:
-    account, lock, waiting = await _hold_behind_a_lock(services, "gone")
+    account, lock, waiting = await hold_behind_a_lock(services, "gone")
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
     await lock.commit()  # the hold is taken now, for nobody
     await lock.close()
-    statuses: list[str] = []
-    for _ in range(100):
-        await services.settler.drain()
-        async with services.database.sessions() as session:
-            statuses = list(
-                await session.scalars(
-                    select(WalletHold.status).where(WalletHold.account_id == account.id)
-                )
-            )
-        if statuses == [HoldStatus.RELEASED.value]:
-            break
-        await asyncio.sleep(0.02)
-    assert statuses == [HoldStatus.RELEASED.value]
+    released = [HoldStatus.RELEASED.value]
+    assert await hold_statuses_once(services, account.id, released) == released
     assert await _invariant(services, account.id) == (10_000, 10_000)
 
 
