@@ -286,3 +286,33 @@ async def test_the_writer_answers_an_unknown_operation_and_stops_on_a_malformed_
         assert await reader.read() == b""
     finally:
         writer.close()
+
+
+async def test_the_writer_serves_a_waiting_hold_before_a_waiting_settlement(
+    settings: Settings, services: AppServices
+) -> None:
+    """A call waits for its hold; nobody waits for a settlement. When both are waiting, the
+    hold is written first, whatever order they came in."""
+    import socket
+
+    from aivax.wallet.writer import _frame, _read_frame, _serve
+
+    account = await make_account(services, balance_micros=10_000)
+    ours, theirs = socket.socketpair()
+    serving = asyncio.ensure_future(_serve(settings, theirs))
+    reader, writer = await asyncio.open_connection(sock=ours)
+    try:
+        # Both frames in one write: both are waiting when the writer picks its next message.
+        writer.write(
+            _frame([1, "settle", [[None, 0, None]]])
+            + _frame([2, "hold", [[account.id.hex, 1_000, "first-call", 0]]])
+        )
+        first = await asyncio.wait_for(_read_frame(reader), 10)
+        second = await asyncio.wait_for(_read_frame(reader), 10)
+        assert first[:2] == [2, "ok"]
+        assert first[2][0][0] == "held"
+        assert second == [1, "ok", None]
+    finally:
+        writer.close()
+        await asyncio.wait_for(serving, 10)
+    assert await _balances(services, account.id) == (9_000, 9_000)

@@ -14,12 +14,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import Depends, Request
+from sqlalchemy import JSON, event
 from sqlalchemy import create_engine as sa_create_engine
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -149,6 +152,7 @@ class Database:
         # connections writing in turn each find the other's changes and re-read the pages
         # (measured: a third less CPU per hold taken alone).
         self._write_engine: Engine | None = None
+        self._write_connection: Connection | None = None  # opened once, used under the lock
         self._write_lock = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None
         self._database_path: str | None = None
@@ -175,8 +179,8 @@ class Database:
     def _write_in_thread(self, work: Callable[[Connection], T]) -> T:
         """The writer thread's transaction: it waits for the write lock like any connection
         (another process, or the app's other connections, may hold it)."""
-        assert self._write_engine is not None  # noqa: S101 - SQLite only
-        with self._write_lock, self._write_engine.connect() as connection:
+        with self._write_lock:
+            connection = self._writing_connection()
             driver = connection.connection.driver_connection
             assert isinstance(driver, sqlite3.Connection)  # noqa: S101 - pysqlite
             driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -187,6 +191,17 @@ class Database:
                 driver.execute("PRAGMA busy_timeout=0")
         self._checkpoint_if_due()
         return result
+
+    def _writing_connection(self) -> Connection:
+        """The hot-path write connection, under `_write_lock`. It stays checked out for the
+        life of the `Database`: a checkout and a new `Connection` per transaction cost about as
+        much CPU as a lone hold's statements (profile of a concurrency-1 run)."""
+        assert self._write_engine is not None  # noqa: S101 - SQLite only
+        if self._write_connection is None or self._write_connection.invalidated:
+            if self._write_connection is not None:
+                self._write_connection.close()
+            self._write_connection = self._write_engine.connect()
+        return self._write_connection
 
     def _checkpoint_if_due(self) -> None:
         """On the writer thread, outside the write lock, at most once a second: copy the WAL
@@ -213,7 +228,8 @@ class Database:
         if self._write_engine is None or not self._write_lock.acquire(blocking=False):
             return NOT_NOW
         try:
-            with self._write_engine.begin() as connection:
+            connection = self._writing_connection()
+            with connection.begin():
                 return work(connection)
         except (OperationalError, sqlite3.OperationalError) as exc:
             if _is_busy(exc):
@@ -230,6 +246,10 @@ class Database:
     async def dispose(self) -> None:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
+        if self._write_connection is not None:
+            with self._write_lock:
+                self._write_connection.close()
+                self._write_connection = None
         if self._write_engine is not None:
             self._write_engine.dispose()
         if self._checkpointer is not None:
@@ -331,7 +351,7 @@ class FastStatement:
             compiled_for = self._compiled_by[key] = _Compiled(
                 sql=str(compiled),
                 binds=[
-                    (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+                    (name, _bind_processor(compiled.binds[name].type, dialect))
                     for name in positions
                 ],
                 defaults=[
@@ -368,6 +388,46 @@ class _Compiled:
             value if process is None else process(value)
             for value, process in zip(values, self.results, strict=True)
         )
+
+
+def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """SQLAlchemy's bind processor for `type_`, except for the two kinds every wallet row
+    carries on SQLite, done the same way at a fraction of the cost: a UTC timestamp (SQLAlchemy
+    goes through the type decorator and a %-format: a third of the writer's parameter time) and
+    a JSON document (orjson instead of the standard library). Anything else, and any value the
+    fast path does not expect, gets SQLAlchemy's own processor."""
+    from aivax.models.base import UTCDateTime  # the models import this module
+
+    process: Callable[[Any], Any] | None = type_.dialect_impl(dialect).bind_processor(dialect)
+    if dialect.name != "sqlite" or process is None:
+        return process
+    if isinstance(type_, UTCDateTime):
+        return partial(_sqlite_utc_timestamp, process)
+    if isinstance(type_, JSON):
+        return partial(_sqlite_json, process)
+    return process
+
+
+def _sqlite_utc_timestamp(fallback: Callable[[Any], Any], value: Any) -> Any:
+    """SQLAlchemy's SQLite format, "YYYY-MM-DD HH:MM:SS.ffffff", of a UTC timestamp, cut from
+    orjson's RFC 3339 text (0.8 µs, against 2.7 µs through SQLAlchemy; `isoformat` is no
+    faster than SQLAlchemy). orjson leaves out a zero fraction."""
+    if type(value) is datetime and value.tzinfo is UTC:
+        text = orjson.dumps(value).decode()  # "YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00"
+        if len(text) == 34 and text.endswith('+00:00"'):
+            return text[1:11] + " " + text[12:27]
+        if len(text) == 27 and text.endswith('+00:00"'):
+            return text[1:11] + " " + text[12:20] + ".000000"
+    return fallback(value)
+
+
+def _sqlite_json(fallback: Callable[[Any], Any], value: Any) -> Any:
+    if type(value) is dict or type(value) is list:
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
+            pass
+    return fallback(value)
 
 
 def _pysqlite(conn: Connection) -> sqlite3.Connection | None:

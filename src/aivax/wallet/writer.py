@@ -28,6 +28,7 @@ A hold's result is ["held", hold_id] or [error_kind, message, param].
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -155,9 +156,16 @@ async def _hold_with_retry(database: Database, requests: Sequence[HoldRequest]) 
     return [(await _hold_with_retry(database, [request]))[0] for request in requests]
 
 
-async def _settle_with_retry(database: Database, items: Sequence[SettleItem]) -> None:
+async def _settle_with_retry(
+    database: Database, items: Sequence[SettleItem], *, here: bool = False
+) -> None:
+    """`here`: on SQLite, write on the calling thread when the write lock is free (the writer
+    process, whose event loop has nothing else to do) instead of the writer thread."""
     try:
-        await database.run_write(lambda conn: _settle(conn, items))
+        if here:
+            await database.write(lambda conn: _settle(conn, items))
+        else:
+            await database.run_write(lambda conn: _settle(conn, items))
         return
     except Exception:
         if len(items) == 1:
@@ -169,7 +177,7 @@ async def _settle_with_retry(database: Database, items: Sequence[SettleItem]) ->
             return
         logger.exception("batch settlement failed; settling one by one")
     for item in items:
-        await _settle_with_retry(database, [item])
+        await _settle_with_retry(database, [item], here=here)
 
 
 class InlineWriter:
@@ -255,47 +263,83 @@ def _hold_result_from_wire(wire: list[Any]) -> HoldResult:
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:
+    """Answer the server's requests until it closes its end. Frames are read as they arrive
+    and waiting holds go before waiting settlements: a call waits for its hold, while nobody
+    waits for a settlement."""
     # No ping per checkout on PostgreSQL (a round trip per transaction): a lost connection
     # fails its batch, which is retried (holds) or settled item by item (settlements).
     database = Database(settings, pre_ping=False, async_commit=settings.wallet_async_commit)
     reader, writer = await asyncio.open_connection(sock=sock)
+    inbox: collections.deque[list[Any]] = collections.deque()
+    arrived = asyncio.Event()
+    reading = asyncio.get_running_loop().create_task(_read_into(reader, inbox, arrived))
+    try:
+        while True:
+            while not inbox:
+                if reading.done():
+                    return  # the server closed its end, or sent something that is no frame
+                arrived.clear()
+                await arrived.wait()
+            message = _next_message(inbox)
+            writer.write(_frame(await _answer(database, message)))
+            await writer.drain()
+            await asyncio.sleep(0)  # let frames that came meanwhile into the inbox
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        writer.close()
+        await database.dispose()
+
+
+async def _read_into(
+    reader: asyncio.StreamReader, inbox: collections.deque[list[Any]], arrived: asyncio.Event
+) -> None:
     try:
         while True:
             try:
-                request_id, op, payload = await _read_frame(reader)
+                message = await _read_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the server closed its end, or died
             except ValueError:  # not a frame of ours: nothing more on this socket can be
                 logger.exception("the wallet writer got a malformed frame; stopping")
                 return
-            try:
-                if op == "hold":
-                    requests = [
-                        HoldRequest(uuid.UUID(a), int(m), str(r), int(f)) for a, m, r, f in payload
-                    ]
-                    results = await _hold_with_retry(database, requests)
-                    reply: list[Any] = [
-                        request_id,
-                        "ok",
-                        [_hold_result_to_wire(r) for r in results],
-                    ]
-                elif op == "settle":
-                    items = [
-                        (uuid.UUID(h) if h else None, int(c), _log_from_wire(log) if log else None)
-                        for h, c, log in payload
-                    ]
-                    await _settle_with_retry(database, items)
-                    reply = [request_id, "ok", None]
-                else:
-                    reply = [request_id, "failed", f"unknown operation {op!r}"]
-            except Exception as exc:  # a bug: answer, so the caller does not wait forever
-                logger.exception("wallet writer operation %s failed", op)
-                reply = [request_id, "failed", str(exc)]
-            writer.write(_frame(reply))
-            await writer.drain()
+            if not (isinstance(message, list) and len(message) == 3):
+                logger.error("the wallet writer got a malformed message; stopping")
+                return
+            inbox.append(message)
+            arrived.set()
     finally:
-        writer.close()
-        await database.dispose()
+        arrived.set()  # wake the loop to see that reading ended
+
+
+def _next_message(inbox: collections.deque[list[Any]]) -> list[Any]:
+    """The oldest waiting hold, else the oldest message."""
+    for message in inbox:
+        if message[1] == "hold":
+            inbox.remove(message)
+            return message
+    return inbox.popleft()
+
+
+async def _answer(database: Database, message: list[Any]) -> list[Any]:
+    request_id, op, payload = message
+    try:
+        if op == "hold":
+            requests = [HoldRequest(uuid.UUID(a), int(m), str(r), int(f)) for a, m, r, f in payload]
+            results = await _hold_with_retry(database, requests)
+            return [request_id, "ok", [_hold_result_to_wire(r) for r in results]]
+        if op == "settle":
+            items = [
+                (uuid.UUID(h) if h else None, int(c), _log_from_wire(log) if log else None)
+                for h, c, log in payload
+            ]
+            await _settle_with_retry(database, items, here=True)
+            return [request_id, "ok", None]
+        return [request_id, "failed", f"unknown operation {op!r}"]
+    except Exception as exc:  # a bug: answer, so the caller does not wait forever
+        logger.exception("wallet writer operation %s failed", op)
+        return [request_id, "failed", str(exc)]
 
 
 def _child_main(settings: Settings, sock: socket.socket) -> None:
