@@ -21,7 +21,8 @@ from aivax.providers.base import (
     UpstreamRequest,
     UsageEvent,
 )
-from aivax.providers.http import AiohttpUpstream, HttpxUpstream, UpstreamHTTP, sse_events
+from aivax.providers.http import HttpxUpstream, UpstreamHTTP, sse_events
+from aivax.providers.http1 import Http1Upstream
 from aivax.providers.openai_compat import OpenAICompatProvider
 from tests.conftest import FakeUpstream
 
@@ -39,12 +40,12 @@ async def _collect(provider: Any, request: UpstreamRequest) -> list[StreamEvent]
     return [event async for event in provider.stream(request)]
 
 
-@pytest.fixture(params=["httpx", "aiohttp"])
+@pytest.fixture(params=["httpx", "http1"])
 async def http(request: pytest.FixtureRequest) -> Any:
     """Every adapter test runs on both clients the registry uses: httpx (account-supplied URLs,
-    behind the SSRF guard) and aiohttp (operator upstreams)."""
-    if request.param == "aiohttp":
-        upstream: UpstreamHTTP = AiohttpUpstream(connect_timeout=5)
+    behind the SSRF guard) and `Http1Upstream` (operator upstreams)."""
+    if request.param == "http1":
+        upstream: UpstreamHTTP = Http1Upstream(connect_timeout=5)
     else:
         upstream = HttpxUpstream(httpx.AsyncClient())
     yield upstream

@@ -1,8 +1,9 @@
 """The HTTP client under the provider adapters: one small interface, two implementations.
 
-- `AiohttpUpstream`: aiohttp directly, for operator upstreams (the hot path). httpx's request
-  and response models, cookie handling and charset sniffing cost more CPU per proxied call than
-  the rest of the pipeline (measured in bench/gateway.py, docs/performance.md).
+- `Http1Upstream` (`providers.http1`): for operator upstreams (the hot path), on asyncio
+  protocols and httptools. httpx's request and response models, and then aiohttp's, cost more
+  CPU per proxied call than large parts of the pipeline (measured in bench/gateway.py,
+  docs/performance.md).
 - `HttpxUpstream`: an `httpx.AsyncClient`, for account-supplied (BYOK) URLs, whose transport is
   the SSRF guard, and for anything else that already has an httpx client.
 
@@ -14,13 +15,11 @@ chunks from either client.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-import aiohttp
 import httpx
 from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
@@ -80,85 +79,6 @@ class HttpxUpstream:
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
-
-class AiohttpUpstream:
-    """`connect_timeout` bounds the connection; `timeout` on each call bounds every read."""
-
-    def __init__(self, *, connect_timeout: float, max_connections: int = 200) -> None:
-        self.connect_timeout = connect_timeout
-        self.max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-
-    def _client(self) -> aiohttp.ClientSession:
-        # Built on first use: a ClientSession belongs to the running event loop.
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
-            # No cookie jar: one session serves every account, and an upstream's cookies must
-            # never travel with another caller's request (it also skips cookie work per call).
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=True,
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
-    @asynccontextmanager
-    async def post(
-        self, url: str, *, headers: Mapping[str, str], body: bytes, timeout: float
-    ) -> AsyncIterator[UpstreamResponse]:
-        limits = self._timeouts.get(timeout)
-        if limits is None:
-            limits = aiohttp.ClientTimeout(
-                total=None, sock_connect=min(self.connect_timeout, timeout), sock_read=timeout
-            )
-            if len(self._timeouts) < 64:
-                self._timeouts[timeout] = limits
-        request = self._client().post(
-            url,
-            data=body,
-            headers={"content-type": "application/json", **headers},
-            timeout=limits,
-            allow_redirects=False,
-        )
-        try:
-            async with request as response:
-                yield UpstreamResponse(response.status, response.headers, _body(response))
-        except httpx.HTTPError:
-            raise
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _as_httpx(exc) from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-async def _body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _as_httpx(exc) from exc
-
-
-def _as_httpx(exc: BaseException) -> httpx.HTTPError:
-    """aiohttp's failure in httpx's terms (what the adapters handle)."""
-    message = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(message)
-    if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
-        return httpx.ReadTimeout(message)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(message)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return httpx.RemoteProtocolError(message)
-    if isinstance(exc, aiohttp.InvalidURL):
-        return httpx.UnsupportedProtocol(message)
-    return httpx.ReadError(message)
 
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[ServerSentEvent]:

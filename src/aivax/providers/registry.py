@@ -17,7 +17,8 @@ from aivax.config import Settings
 from aivax.kit.ssrf import GuardedTransport
 from aivax.providers.anthropic import AnthropicProvider
 from aivax.providers.base import Provider, UpstreamError
-from aivax.providers.http import AiohttpUpstream, HttpxUpstream, UpstreamHTTP
+from aivax.providers.http import HttpxUpstream, UpstreamHTTP
+from aivax.providers.http1 import Http1Upstream
 from aivax.providers.local_gguf import LocalModelRuntime, resolve_gguf_path
 from aivax.providers.openai_compat import OpenAICompatProvider
 
@@ -45,7 +46,7 @@ class ProviderRegistry:
         self.settings = settings
         self._factories: dict[str, ProviderFactory] = {}
         self._clients: dict[tuple[str, bool], httpx.AsyncClient] = {}
-        self._upstreams: dict[str, AiohttpUpstream] = {}  # operator upstreams, by origin
+        self._upstreams: dict[str, Http1Upstream] = {}  # operator upstreams, by origin
         self._runtimes: dict[str, LocalModelRuntime] = {}
         self.internal_http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
         self.register("openai", _openai)
@@ -92,16 +93,14 @@ class ProviderRegistry:
         return client
 
     def upstream(self, base_url: str, *, guarded: bool) -> UpstreamHTTP:
-        """The client a chat adapter calls `base_url` with: aiohttp for operator upstreams,
-        the SSRF-guarded httpx client for account-supplied URLs."""
+        """The client a chat adapter calls `base_url` with: `Http1Upstream` for operator
+        upstreams, the SSRF-guarded httpx client for account-supplied URLs."""
         if guarded:
             return HttpxUpstream(self.client(base_url, guarded=True))
         origin = _origin(base_url)
         upstream = self._upstreams.get(origin)
         if upstream is None:
-            upstream = AiohttpUpstream(
-                connect_timeout=self.settings.upstream_connect_timeout_seconds
-            )
+            upstream = Http1Upstream(connect_timeout=self.settings.upstream_connect_timeout_seconds)
             self._upstreams[origin] = upstream
         return upstream
 
