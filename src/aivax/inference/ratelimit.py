@@ -25,9 +25,41 @@ class Decision:
     reset_seconds: float
 
 
+class SweptMemoryStorage(MemoryStorage):
+    """`limits`' in-process storage, with its expired counters dropped at most once a second.
+
+    The library sweeps after every hit: a new asyncio task that walks every key it holds. That
+    makes each hit cost O(keys): 49 µs per call with 10 keys, 0.93 ms with 10,000 and 6 ms with
+    50,000 (two accounts' limits each; bench in docs/performance.md), so a server with many
+    active accounts would spend most of its time sweeping. Here a hit never sweeps; `RateLimiter`
+    calls `sweep` at most once a second. Counters are still exact without it: the library checks
+    a key's expiry whenever it reads it. (The override is of a private method, checked by the
+    tests against the pinned `limits` version.)
+    """
+
+    SWEEP_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swept_at = time.monotonic()
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        return None
+
+    def sweep(self, now: float) -> int:
+        """Drop every counter whose window has passed; how many were dropped."""
+        self.swept_at = time.monotonic()
+        expired = [key for key, at in self.expirations.items() if at <= now]
+        for key in expired:
+            self.storage.pop(key, None)
+            self.expirations.pop(key, None)
+            self.locks.pop(key, None)
+        return len(expired)
+
+
 def _storage(redis_url: str | None) -> Storage:
     if redis_url is None:
-        return MemoryStorage()
+        return SweptMemoryStorage()
     scheme, _, rest = redis_url.partition("://")
     uri = f"async+{scheme}://{rest}"
     return RedisStorage(uri, implementation="redispy", key_prefix="aivax")
@@ -47,6 +79,12 @@ class RateLimiter:
     async def _hit(self, item: RateLimitItem, scope: str, cost: int) -> Decision:
         if item.amount <= 0:
             return Decision(False, 0, 0, 60.0)
+        storage = self.storage
+        if (
+            isinstance(storage, SweptMemoryStorage)
+            and time.monotonic() - storage.swept_at >= storage.SWEEP_SECONDS
+        ):
+            storage.sweep(time.time())
         allowed = await self._strategy.hit(item, scope, cost=cost)
         stats = await self._strategy.get_window_stats(item, scope)
         return Decision(

@@ -1,0 +1,48 @@
+"""The in-process rate-limit storage: hits never sweep (the library's sweep walks every key on
+every hit), and expired counters are still dropped, at most once a second."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+from limits.aio.storage import MemoryStorage
+
+from aivax.inference.ratelimit import RateLimiter, SweptMemoryStorage
+
+
+def test_the_override_still_replaces_the_libraries_sweep() -> None:
+    """The pinned `limits` schedules its sweep from `incr` through this private name; if a new
+    version renames it, the override would silently stop working, so fail here instead."""
+    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
+    incr = inspect.unwrap(MemoryStorage.incr)  # the library wraps it to translate errors
+    assert "_MemoryStorage__schedule_expiry" in incr.__code__.co_names
+
+
+async def test_hits_schedule_no_sweep_and_stay_exact() -> None:
+    limiter = RateLimiter(None)
+    storage = limiter.storage
+    assert isinstance(storage, SweptMemoryStorage)
+    for n in range(3):
+        decision = await limiter.hit_requests("rpm:account:model", 3)
+        assert (decision.allowed, decision.remaining) == (True, 2 - n)
+    refused = await limiter.hit_requests("rpm:account:model", 3)
+    assert (refused.allowed, refused.remaining) == (False, 0)
+    assert storage.timer is None  # the library's per-hit sweep task was never created
+
+
+async def test_expired_counters_are_dropped_once_a_second() -> None:
+    limiter = RateLimiter(None)
+    storage = limiter.storage
+    assert isinstance(storage, SweptMemoryStorage)
+    for account in range(50):
+        await limiter.hit_requests(f"rpm:{account}:model", 10)
+    assert len(storage.storage) == 50
+    for key in list(storage.expirations)[:40]:
+        storage.expirations[key] = time.time() - 1  # these windows have passed
+    await limiter.hit_requests("rpm:fresh:model", 10)
+    assert len(storage.storage) == 51  # swept less than a second ago: nothing dropped yet
+    storage.swept_at -= SweptMemoryStorage.SWEEP_SECONDS
+    await limiter.hit_requests("rpm:fresh:model", 10)
+    assert len(storage.storage) == 11
+    assert set(storage.expirations) == set(storage.storage)
