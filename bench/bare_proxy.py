@@ -1,10 +1,11 @@
 """The thinnest proxy this stack allows, for benchmarks (run as its own process).
 
 The same HTTP server (uvicorn with httptools and uvloop) and upstream client (AIVAX's own
-`Http1Upstream`, pooled keep-alive connections) as AIVAX, with nothing in between: the request body is forwarded as it came and the
-upstream's answer is returned as it came. No key check, no parsing, no rate limits, no wallet,
-no log. What it costs per call is what any Python proxy on this stack costs before doing any work
-of its own, so its row in `make bench` is the ceiling for AIVAX's figures.
+`Http1Upstream`, pooled keep-alive connections) as AIVAX, with nothing in between: the request
+body is forwarded as it came and the upstream's answer is returned as it came. No key check, no
+parsing, no rate limits, no wallet, no log. What it costs per call is what any Python proxy on
+this stack costs before doing any work of its own, so its row in `make bench` is the ceiling for
+AIVAX's figures.
 
 Usage: bare_proxy.py PORT UPSTREAM_ORIGIN
 """
