@@ -9,6 +9,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
@@ -316,3 +317,50 @@ async def test_the_writer_serves_a_waiting_hold_before_a_waiting_settlement(
         writer.close()
         await asyncio.wait_for(serving, 10)
     assert await _balances(services, account.id) == (9_000, 9_000)
+
+
+async def test_a_hold_is_answered_between_chunks_of_a_long_settlement(
+    settings: Settings, services: AppServices, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settlement batch is written in chunks; a hold that arrives while one is being written
+    is answered before the rest of the batch (it waits for one chunk, not the whole batch).
+    The WAL is checkpointed by the writer itself as it goes."""
+    import socket
+
+    from aivax.db import Database
+    from aivax.wallet import writer as writer_module
+    from aivax.wallet.writer import SETTLE_CHUNK, _frame, _read_frame, _serve
+
+    account = await make_account(services, balance_micros=10_000)
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    real = writer_module._settle_with_retry
+    chunks: list[int] = []
+
+    async def settle_chunk(database: Database, items: Any, *, here: bool = False) -> None:
+        if not chunks:  # while the first chunk is being written, a call asks for its hold
+            writer.write(_frame([2, "hold", [[account.id.hex, 1_000, "during", 0]]]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        chunks.append(len(items))
+        await real(database, items, here=here)
+
+    checkpoints: list[bool] = []
+    checkpoint = Database.checkpoint_if_due
+    monkeypatch.setattr(writer_module, "_settle_with_retry", settle_chunk)
+    monkeypatch.setattr(
+        Database, "checkpoint_if_due", lambda self: checkpoints.append(True) or checkpoint(self)
+    )
+    serving = asyncio.ensure_future(_serve(settings, theirs))
+    try:
+        writer.write(_frame([1, "settle", [[None, 0, None]] * (3 * SETTLE_CHUNK)]))
+        first = await asyncio.wait_for(_read_frame(reader), 10)
+        second = await asyncio.wait_for(_read_frame(reader), 10)
+    finally:
+        writer.close()
+        await asyncio.wait_for(serving, 10)
+    assert first[:2] == [2, "ok"]
+    assert first[2][0][0] == "held"
+    assert second == [1, "ok", None]
+    assert chunks == [SETTLE_CHUNK] * 3
+    assert len(checkpoints) == 2  # after each message

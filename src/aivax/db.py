@@ -189,7 +189,7 @@ class Database:
                     result = work(connection)
             finally:
                 driver.execute("PRAGMA busy_timeout=0")
-        self._checkpoint_if_due()
+        self.checkpoint_if_due()
         return result
 
     def _writing_connection(self) -> Connection:
@@ -203,10 +203,12 @@ class Database:
             self._write_connection = self._write_engine.connect()
         return self._write_connection
 
-    def _checkpoint_if_due(self) -> None:
-        """On the writer thread, outside the write lock, at most once a second: copy the WAL
-        back into the database on a connection of its own, so the disk sync never holds up a
-        write (PASSIVE: it waits for no reader or writer)."""
+    def checkpoint_if_due(self) -> None:
+        """At most once a second, outside the write lock: copy the WAL back into the database
+        on a connection of its own, so the disk sync never holds up a write (PASSIVE: it waits
+        for no reader or writer). Called by the writer thread after each transaction, and by
+        the wallet-writer process after each message (never on the server's event loop). A
+        no-op on PostgreSQL."""
         now = time.monotonic()
         if self._database_path is None or now - self._checkpointed < WAL_CHECKPOINT_SECONDS:
             return

@@ -263,54 +263,107 @@ def _hold_result_from_wire(wire: list[Any]) -> HoldResult:
 
 
 async def _serve(settings: Settings, sock: socket.socket) -> None:
-    """Answer the server's requests until it closes its end. Frames are read as they arrive
-    and waiting holds go before waiting settlements: a call waits for its hold, while nobody
-    waits for a settlement."""
+    """Answer the server's requests until it closes its end (see `_Session`)."""
     # No ping per checkout on PostgreSQL (a round trip per transaction): a lost connection
     # fails its batch, which is retried (holds) or settled item by item (settlements).
     database = Database(settings, pre_ping=False, async_commit=settings.wallet_async_commit)
     reader, writer = await asyncio.open_connection(sock=sock)
-    inbox: collections.deque[list[Any]] = collections.deque()
-    arrived = asyncio.Event()
-    reading = asyncio.get_running_loop().create_task(_read_into(reader, inbox, arrived))
     try:
-        while True:
-            while not inbox:
-                if reading.done():
-                    return  # the server closed its end, or sent something that is no frame
-                arrived.clear()
-                await arrived.wait()
-            message = _next_message(inbox)
-            writer.write(_frame(await _answer(database, message)))
-            await writer.drain()
-            await asyncio.sleep(0)  # let frames that came meanwhile into the inbox
+        await _Session(database, reader, writer).run()
     finally:
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
         writer.close()
         await database.dispose()
 
 
-async def _read_into(
-    reader: asyncio.StreamReader, inbox: collections.deque[list[Any]], arrived: asyncio.Event
-) -> None:
-    try:
-        while True:
-            try:
-                message = await _read_frame(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the server closed its end, or died
-            except ValueError:  # not a frame of ours: nothing more on this socket can be
-                logger.exception("the wallet writer got a malformed frame; stopping")
-                return
-            if not (isinstance(message, list) and len(message) == 3):
-                logger.error("the wallet writer got a malformed message; stopping")
-                return
-            inbox.append(message)
-            arrived.set()
-    finally:
-        arrived.set()  # wake the loop to see that reading ended
+# Settlements are written this many calls per transaction, so a hold that arrives meanwhile
+# waits for one of these at most, not for a whole batch.
+SETTLE_CHUNK = 16
+
+
+class _Session:
+    """The writer's side of the socket. Frames are read as they arrive; a waiting hold goes
+    before a waiting settlement, and between two chunks of a settlement: a call waits for its
+    hold, while nobody waits for a settlement. Everything is written on this process's own
+    thread (its event loop has nothing else to do), and the WAL is checkpointed when due."""
+
+    def __init__(
+        self, database: Database, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.database = database
+        self.reader = reader
+        self.writer = writer
+        self.inbox: collections.deque[list[Any]] = collections.deque()
+        self.arrived = asyncio.Event()
+
+    async def run(self) -> None:
+        reading = asyncio.get_running_loop().create_task(self._read())
+        try:
+            while True:
+                while not self.inbox:
+                    if reading.done():
+                        return  # the server closed its end, or sent something not a frame
+                    self.arrived.clear()
+                    await self.arrived.wait()
+                await self._reply(_next_message(self.inbox))
+        finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await _read_frame(self.reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the server closed its end, or died
+                except ValueError:  # not a frame of ours: nothing more on this socket can be
+                    logger.exception("the wallet writer got a malformed frame; stopping")
+                    return
+                if not (isinstance(message, list) and len(message) == 3):
+                    logger.error("the wallet writer got a malformed message; stopping")
+                    return
+                self.inbox.append(message)
+                self.arrived.set()
+        finally:
+            self.arrived.set()  # wake the loop to see that reading ended
+
+    async def _reply(self, message: list[Any]) -> None:
+        self.writer.write(_frame(await self._answer(message)))
+        await self.writer.drain()
+        self.database.checkpoint_if_due()
+        await asyncio.sleep(0)  # let frames that came meanwhile into the inbox
+
+    async def _answer(self, message: list[Any]) -> list[Any]:
+        request_id, op, payload = message
+        try:
+            if op == "hold":
+                requests = [
+                    HoldRequest(uuid.UUID(a), int(m), str(r), int(f)) for a, m, r, f in payload
+                ]
+                results = await _hold_with_retry(self.database, requests)
+                return [request_id, "ok", [_hold_result_to_wire(r) for r in results]]
+            if op == "settle":
+                items = [
+                    (uuid.UUID(h) if h else None, int(c), _log_from_wire(log) if log else None)
+                    for h, c, log in payload
+                ]
+                for start in range(0, len(items), SETTLE_CHUNK):
+                    if start:
+                        await self._holds_waiting()
+                    chunk = items[start : start + SETTLE_CHUNK]
+                    await _settle_with_retry(self.database, chunk, here=True)
+                return [request_id, "ok", None]
+            return [request_id, "failed", f"unknown operation {op!r}"]
+        except Exception as exc:  # a bug: answer, so the caller does not wait forever
+            logger.exception("wallet writer operation %s failed", op)
+            return [request_id, "failed", str(exc)]
+
+    async def _holds_waiting(self) -> None:
+        """Answer the holds that arrived while a settlement was being written."""
+        await asyncio.sleep(0)  # let them into the inbox
+        while any(message[1] == "hold" for message in self.inbox):
+            await self._reply(_next_message(self.inbox))
 
 
 def _next_message(inbox: collections.deque[list[Any]]) -> list[Any]:
@@ -320,26 +373,6 @@ def _next_message(inbox: collections.deque[list[Any]]) -> list[Any]:
             inbox.remove(message)
             return message
     return inbox.popleft()
-
-
-async def _answer(database: Database, message: list[Any]) -> list[Any]:
-    request_id, op, payload = message
-    try:
-        if op == "hold":
-            requests = [HoldRequest(uuid.UUID(a), int(m), str(r), int(f)) for a, m, r, f in payload]
-            results = await _hold_with_retry(database, requests)
-            return [request_id, "ok", [_hold_result_to_wire(r) for r in results]]
-        if op == "settle":
-            items = [
-                (uuid.UUID(h) if h else None, int(c), _log_from_wire(log) if log else None)
-                for h, c, log in payload
-            ]
-            await _settle_with_retry(database, items, here=True)
-            return [request_id, "ok", None]
-        return [request_id, "failed", f"unknown operation {op!r}"]
-    except Exception as exc:  # a bug: answer, so the caller does not wait forever
-        logger.exception("wallet writer operation %s failed", op)
-        return [request_id, "failed", str(exc)]
 
 
 def _child_main(settings: Settings, sock: socket.socket) -> None:
