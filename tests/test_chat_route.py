@@ -4,6 +4,7 @@ must refuse bad input exactly like any other route, and leave everything else to
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -257,3 +258,100 @@ async def test_a_client_gone_before_its_body_gets_no_response(
             select(func.count()).where(WalletHold.account_id == account.id)
         )
     assert holds == 0
+
+
+@pytest.fixture
+async def lane_and_stack(app: Any) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    """The same application twice: the chat route taken by the lane (as served), and through
+    Starlette's middleware stack (as when telemetry is configured)."""
+    from aivax.app import AivaxApp
+
+    assert isinstance(app, AivaxApp)
+    assert app.chat_lane is not None  # no telemetry in the tests: the lane is on
+
+    class Stacked:
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await super(AivaxApp, app).__call__(scope, receive, send)
+
+    clients = {
+        "lane": httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t"),
+        "stack": httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=Stacked()), base_url="http://t"
+        ),
+    }
+    yield clients
+    for client in clients.values():
+        await client.aclose()
+
+
+VARYING = {"date", "x-request-id", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"}
+
+
+@pytest.mark.parametrize("origin", [None, "https://app.example"])
+async def test_the_lane_answers_with_the_stacks_headers(
+    lane_and_stack: dict[str, httpx.AsyncClient],
+    services: AppServices,
+    fake_models: list[str],
+    origin: str | None,
+) -> None:
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    headers = {**account.headers, **({"origin": origin} if origin else {})}
+    answers = {}
+    for name, client in lane_and_stack.items():
+        ok = await client.post(PATH, headers=headers, json={**HELLO, "max_tokens": 5})
+        bad = await client.post(PATH, headers=headers, json={"model": "test/fake-ok"})
+        unauthenticated = await client.post(PATH, json=HELLO)
+        answers[name] = [
+            (r.status_code, {k: v for k, v in r.headers.items() if k not in VARYING})
+            for r in (ok, bad, unauthenticated)
+        ]
+    lane, stack = answers["lane"], answers["stack"]
+    assert [status for status, _ in lane] == [200, 400, 401]
+    for (_, ours), (_, theirs) in zip(lane, stack, strict=True):
+        ours.pop("x-ratelimit-remaining-requests", None)  # one more call was counted
+        theirs.pop("x-ratelimit-remaining-requests", None)
+        ours.pop("x-ratelimit-remaining-tokens", None)
+        theirs.pop("x-ratelimit-remaining-tokens", None)
+        assert ours == theirs
+    if origin:
+        assert lane[0][1]["access-control-allow-origin"] == "*"
+        assert "x-request-id" in lane[0][1]["access-control-expose-headers"]
+
+
+async def test_an_unexpected_error_in_the_lane_is_the_500_envelope(
+    app: Any, services: AppServices, fake_models: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the server-error middleware does: the envelope with the request id, then the
+    exception goes on (to the server's log)."""
+    from aivax.inference import route
+
+    async def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(route, "respond", broken)
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post(
+            PATH, headers={**account.headers, "x-request-id": "req-broken"}, json=HELLO
+        )
+    error = assert_error(response, 500, "internal_error")
+    assert "req-broken" in error["message"]
+    assert response.headers["x-request-id"] == "req-broken"
+    raising = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=raising, base_url="http://t") as client:
+        with pytest.raises(RuntimeError, match="a bug"):
+            await client.post(PATH, headers=account.headers, json=HELLO)
+
+
+def test_no_lane_when_telemetry_may_be_on(
+    settings: Settings, services: AppServices, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With telemetry configured, FastAPI's telemetry middleware must see the chat route too,
+    so it stays in the stack (served by `ChatRoute`)."""
+    from aivax import app as app_module
+
+    monkeypatch.setattr(app_module, "telemetry_config", lambda: None)
+    built = app_module.create_app(settings, services=services)
+    assert isinstance(built, app_module.AivaxApp)
+    assert built.chat_lane is None

@@ -9,11 +9,13 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from sqlalchemy.exc import IntegrityError
+from starlette.types import Receive, Scope, Send
 
 from aivax import __version__, handlers
 from aivax.accounts.endpoints import router as account_router
@@ -26,7 +28,7 @@ from aivax.config import Settings
 from aivax.gateways.endpoints import router as gateways_router
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
-from aivax.inference.route import ChatRoute
+from aivax.inference.route import ChatLane, ChatRoute, takes
 from aivax.keys.endpoints import router as keys_router
 from aivax.migrate import head_revision
 from aivax.rag import indexer, mcp_server
@@ -92,9 +94,43 @@ def telemetry_config() -> TelemetryConfig | None:
     return None
 
 
+# Browsers may call with public keys: CORS is answered for any origin, and the real check — the
+# key's and the gateway's allowed origins — is made server-side on each request.
+CORS: dict[str, Any] = {
+    "allow_origins": ["*"],
+    "allow_methods": ["GET", "POST", "OPTIONS"],
+    "allow_headers": ["authorization", "content-type", "x-api-key", "x-request-id"],
+    "expose_headers": [
+        "x-request-id",
+        "x-aivax-cost-micros",
+        "x-aivax-cost-usd",
+        "x-ratelimit-remaining-requests",
+        "retry-after",
+    ],
+    "max_age": 600,
+}
+
+
+class AivaxApp(FastAPI):
+    """FastAPI, with `POST /v1/chat/completions` taken before the middleware stack by
+    `chat_lane` when there is one (see `inference.route.ChatLane`)."""
+
+    chat_lane: ChatLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = self.chat_lane
+        if lane is not None and takes(scope):
+            scope["app"] = self  # as Starlette does
+            await lane(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, *, services: AppServices | None = None) -> FastAPI:
     """Build the ASGI app. Pass `services` to share them (tests); otherwise the lifespan builds
     them from `settings` and disposes of them on shutdown."""
+
+    telemetry = telemetry_config()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,12 +152,12 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
             if owned:
                 await app.state.services.close()
 
-    app = FastAPI(
+    app = AivaxApp(
         title="AIVAX",
         version=__version__,
         description="OpenAI-compatible AI orchestration: gateways, wallet, keys.",
         lifespan=lifespan,
-        telemetry=telemetry_config(),
+        telemetry=telemetry,
     )
     app.state.migration_head = head_revision()
     if services is not None:
@@ -130,22 +166,10 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     app.add_middleware(ChatRoute)  # innermost: after the key and body-size middlewares
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccountKeyMiddleware)
-    # Browsers may call with public keys: CORS is answered for any origin, and the real check —
-    # the key's and the gateway's allowed origins — is made server-side on each request.
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=["*"],
-        allow_methods=["GET", "POST", "OPTIONS"],
-        allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
-        expose_headers=[
-            "x-request-id",
-            "x-aivax-cost-micros",
-            "x-aivax-cost-usd",
-            "x-ratelimit-remaining-requests",
-            "retry-after",
-        ],
-        max_age=600,
-    )
+    app.add_middleware(CORSMiddleware, **CORS)
+    if telemetry is not None:  # telemetry settled as off: the chat route can skip the stack
+        cors = CORSMiddleware(app.router, **CORS)  # the headers it adds for any origin
+        app.chat_lane = ChatLane(ChatRoute(app.router), cors.simple_headers)
     for router in (
         health_router,
         inference_router,

@@ -51,6 +51,31 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
+async def identify(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """Give the request its id and resolve a presented API key into `scope["state"]`
+    (`request_id`; `principal` or `auth_error`); the headers every response to it carries."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    state = scope.setdefault("state", {})
+    request_id = _request_id(headers)
+    state["request_id"] = request_id
+    extra = [(b"x-request-id", request_id.encode())]
+    token = presented_token(headers)
+    if token is not None and not token.startswith(ADMIN_TOKEN_PREFIX):
+        extra += await AccountKeyMiddleware._resolve(scope["app"].state.services, token, state)
+    return extra
+
+
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, adding `extra` to the response's headers."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), *extra]
+        await send(message)
+
+    return send_with_headers
+
+
 class AccountKeyMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -59,21 +84,8 @@ class AccountKeyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        state = scope.setdefault("state", {})
-        request_id = _request_id(headers)
-        state["request_id"] = request_id
-        extra = [(b"x-request-id", request_id.encode())]
-        token = presented_token(headers)
-        if token is not None and not token.startswith(ADMIN_TOKEN_PREFIX):
-            extra += await self._resolve(scope["app"].state.services, token, state)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        extra = await identify(scope)
+        await self.app(scope, receive, with_headers(send, extra))
 
     @staticmethod
     async def _resolve(
@@ -123,39 +135,58 @@ OWN_BODY_LIMIT = re.compile(r"^/v1/collections/[^/]+/import$")
 UPLOAD_PATH = re.compile(r"^/v1/collections/[^/]+/documents/upload$")
 
 
+def body_limit(scope: Scope) -> int | None:
+    """The most bytes a request's body may have (None: the route enforces its own)."""
+    if OWN_BODY_LIMIT.match(scope["path"]):
+        return None
+    settings = scope["app"].state.services.settings
+    limit: int = (
+        settings.rag_upload_max_bytes
+        if UPLOAD_PATH.match(scope["path"])
+        else settings.max_body_bytes
+    )
+    return limit
+
+
+def announced_too_large(scope: Scope, limit: int) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            return True
+    return False
+
+
+def limited(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises `RequestBodyTooLarge` once the body passes `limit` bytes."""
+    received = 0
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise RequestBodyTooLarge(limit)
+        return message
+
+    return limited_receive
+
+
 class BodySizeLimitMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or OWN_BODY_LIMIT.match(scope["path"]):
+        limit = body_limit(scope) if scope["type"] == "http" else None
+        if limit is None:
             await self.app(scope, receive, send)
             return
-        settings = scope["app"].state.services.settings
-        limit: int = (
-            settings.rag_upload_max_bytes
-            if UPLOAD_PATH.match(scope["path"])
-            else settings.max_body_bytes
-        )
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_413(send, limit)
-                return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise RequestBodyTooLarge(limit)
-            return message
-
-        await self.app(scope, limited_receive, send)
+        if announced_too_large(scope, limit):
+            await send_413(send, limit)
+            return
+        await self.app(scope, limited(receive, limit), send)
 
 
-async def _send_413(send: Send, limit: int) -> None:
+async def send_413(send: Send, limit: int) -> None:
     error = PayloadTooLarge(
         f"Request body is larger than the {limit}-byte limit (AIVAX_MAX_BODY_BYTES)."
     )
