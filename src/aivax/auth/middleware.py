@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aivax.errors import AppError, PayloadTooLarge, ServiceUnavailable
 from aivax.keys import service as key_service
 from aivax.keys.schemas import ADMIN_TOKEN_PREFIX
+from aivax.kit.crypto import token_hash
 from aivax.services import AppServices
 
 logger = logging.getLogger("aivax.auth")
@@ -91,12 +92,15 @@ class AccountKeyMiddleware:
     async def _resolve(
         services: AppServices, token: str, state: dict[str, object]
     ) -> list[tuple[bytes, bytes]]:
-        interval = timedelta(seconds=services.settings.key_touch_interval_seconds)
         caches = services.caches
         try:
-            digest = key_service.checked_hash(token, services.secret)
+            # A cached key was well formed when it was cached: its format and checksum are
+            # checked (before any I/O) only when the cache does not know it.
+            digest = token_hash(services.secret, token)
             principal = caches.principals.get(digest) if caches.enabled else None
             if principal is None:
+                key_service.checked_hash(token, services.secret)
+                interval = timedelta(seconds=services.settings.key_touch_interval_seconds)
                 async with services.database.sessions() as session:
                     principal = await key_service.authenticate(
                         session, token, secret=services.secret, touch_interval=interval
