@@ -14,6 +14,10 @@ route, and then does only what this route needs:
 - errors rendered by the application's own exception handlers, so every refusal has the
   envelope, status and headers it has on any other route. Anything unexpected propagates to
   the server-error handler, as it would from a FastAPI route.
+
+When no telemetry is configured, `ChatLane` goes one step further and takes the route before
+Starlette's middleware stack altogether, doing the middlewares' part for it with their own
+functions (see its docstring); `ChatRoute` then serves inside it.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ batches (`ledger.settle_many` plus request-log rows).
   then settlement). What crosses is small: a hold is an account, an amount and a reference; a
   settlement is a hold id, a cost and the request-log row.
 
+The writer process answers a waiting hold before a waiting settlement, and on SQLite writes
+settlements a chunk at a time with the holds that came meanwhile answered in between: a call
+waits for its hold, nobody waits for a settlement (`_Session`).
+
 The writer process is forked from a fork server that has already imported this module, so
 starting one takes milliseconds. It ends when the server closes its socket, or when the server
 dies (its end of the socket closes with it). If the writer dies, the calls waiting on it fail
