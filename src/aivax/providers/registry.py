@@ -83,8 +83,9 @@ class ProviderRegistry:
                     allowlist=frozenset(self.settings.ssrf_allowlist),
                 )
             else:
-                # Operator upstreams: aiohttp's I/O under the httpx API costs a fraction of
-                # httpcore's CPU per request (measured in bench/gateway.py).
+                # Operator upstreams called through httpx (embeddings, moderation; chat goes
+                # through `Http1Upstream`): aiohttp's I/O under the httpx API costs a fraction
+                # of httpcore's CPU per request (measured in bench/gateway.py).
                 transport = AiohttpTransport(limits=limits)
             client = httpx.AsyncClient(
                 timeout=timeout, transport=transport, follow_redirects=False, cookies=no_cookies()
