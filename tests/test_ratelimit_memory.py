@@ -1,5 +1,5 @@
-"""The in-process rate-limit storage: hits never sweep (the library's sweep walks every key on
-every hit), and expired counters are still dropped, at most once a second."""
+"""The in-process rate-limit storage: no hit starts the library's sweep task (which walks every
+key on every hit); the same hook drops expired counters in place, at most once a second."""
 
 from __future__ import annotations
 

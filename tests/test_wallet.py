@@ -15,14 +15,9 @@ from aivax.models import EntryKind, HoldStatus, LedgerEntry, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import service as wallet
 from tests.fixtures.factories import make_account
+from tests.fixtures.wallet import balance_and_ledger_sum
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _balance_and_sum(services: AppServices, account_id: uuid.UUID) -> tuple[int, int]:
-    async with services.database.sessions() as session:
-        report = await wallet.check_invariant(session, account_id)
-        return report.cached_balance_micros, report.ledger_sum_micros
 
 
 async def _hold(services: AppServices, account_id: uuid.UUID, amount: int) -> uuid.UUID | None:
@@ -50,7 +45,7 @@ async def test_50_concurrent_holds_against_balance_for_10_admit_exactly_10(
     results = await asyncio.gather(*(_hold(services, account.id, 1_000) for _ in range(50)))
     admitted = [hold_id for hold_id in results if hold_id is not None]
     assert len(admitted) == 10
-    balance, ledger_sum = await _balance_and_sum(services, account.id)
+    balance, ledger_sum = await balance_and_ledger_sum(services, account.id)
     assert balance == 0
     assert ledger_sum == balance
     async with services.database.sessions() as session:
@@ -79,7 +74,7 @@ async def test_hold_refused_with_402_and_no_retry_when_balance_is_short(
     assert raised.value.status == 402
     assert raised.value.response_headers()["x-should-retry"] == "false"
     assert "0.000500 USD available" in raised.value.message
-    assert await _balance_and_sum(services, account.id) == (500, 500)
+    assert await balance_and_ledger_sum(services, account.id) == (500, 500)
 
 
 async def test_topup_replay_with_same_key_creates_one_entry(services: AppServices) -> None:
@@ -101,7 +96,7 @@ async def test_topup_replay_with_same_key_creates_one_entry(services: AppService
     assert first.created
     assert not second.created
     assert second.entry.id == first.entry.id
-    assert await _balance_and_sum(services, account.id) == (2_500_000, 2_500_000)
+    assert await balance_and_ledger_sum(services, account.id) == (2_500_000, 2_500_000)
 
 
 async def test_concurrent_topups_with_one_key_credit_once(services: AppServices) -> None:
@@ -121,7 +116,7 @@ async def test_concurrent_topups_with_one_key_credit_once(services: AppServices)
 
     created = await asyncio.gather(*(top_up() for _ in range(12)))
     assert created.count(True) == 1
-    assert await _balance_and_sum(services, account.id) == (700, 700)
+    assert await balance_and_ledger_sum(services, account.id) == (700, 700)
 
 
 async def test_reusing_a_key_for_a_different_amount_is_a_conflict(services: AppServices) -> None:
@@ -150,13 +145,13 @@ async def test_settle_charges_actual_returns_rest_and_is_idempotent(
     account = await make_account(services, balance_micros=10_000)
     hold_id = await _hold(services, account.id, 4_000)
     assert hold_id is not None
-    assert (await _balance_and_sum(services, account.id))[0] == 6_000
+    assert (await balance_and_ledger_sum(services, account.id))[0] == 6_000
     for _ in range(3):
         settled = await _run(services, lambda s: wallet.settle(s, hold_id, 1_500))
         assert isinstance(settled, WalletHold)
         assert settled.status == HoldStatus.SETTLED.value
         assert settled.actual_micros == 1_500
-    assert await _balance_and_sum(services, account.id) == (8_500, 8_500)
+    assert await balance_and_ledger_sum(services, account.id) == (8_500, 8_500)
     async with services.database.sessions() as session:
         kinds = (
             await session.scalars(
@@ -173,7 +168,7 @@ async def test_settle_never_charges_more_than_the_hold(services: AppServices) ->
     hold_id = await _hold(services, account.id, 1_000)
     assert hold_id is not None
     await _run(services, lambda s: wallet.settle(s, hold_id, 5_000))
-    assert await _balance_and_sum(services, account.id) == (9_000, 9_000)
+    assert await balance_and_ledger_sum(services, account.id) == (9_000, 9_000)
     async with services.database.sessions() as session:
         usage = await session.scalar(
             select(LedgerEntry).where(
@@ -194,7 +189,7 @@ async def test_release_is_idempotent_and_settle_after_release_is_refused(
         released = await _run(services, lambda s: wallet.release(s, hold_id))
         assert isinstance(released, WalletHold)
         assert released.status == HoldStatus.RELEASED.value
-    assert await _balance_and_sum(services, account.id) == (3_000, 3_000)
+    assert await balance_and_ledger_sum(services, account.id) == (3_000, 3_000)
     async with services.database.sessions() as session:
         with pytest.raises(wallet.HoldAlreadyReleased):
             await wallet.settle(session, hold_id, 10)
@@ -208,7 +203,7 @@ async def test_release_after_settle_changes_nothing(services: AppServices) -> No
     released = await _run(services, lambda s: wallet.release(s, hold_id))
     assert isinstance(released, WalletHold)
     assert released.status == HoldStatus.SETTLED.value
-    assert await _balance_and_sum(services, account.id) == (2_500, 2_500)
+    assert await balance_and_ledger_sum(services, account.id) == (2_500, 2_500)
 
 
 async def test_concurrent_settle_and_release_of_one_hold_close_it_once(
@@ -230,7 +225,7 @@ async def test_concurrent_settle_and_release_of_one_hold_close_it_once(
                 await session.rollback()
 
     await asyncio.gather(*(close(i % 2 == 0) for i in range(10)))
-    balance, ledger_sum = await _balance_and_sum(services, account.id)
+    balance, ledger_sum = await balance_and_ledger_sum(services, account.id)
     assert balance == ledger_sum
     assert balance in (4_000, 5_000)  # settled once (charged 1,000) or released once
 
@@ -252,10 +247,10 @@ async def test_reaper_releases_stale_holds_only(services: AppServices) -> None:
     async with services.database.sessions() as session:
         assert (await session.get(WalletHold, stale)).status == HoldStatus.EXPIRED.value  # type: ignore[union-attr]
         assert (await session.get(WalletHold, fresh)).status == HoldStatus.OPEN.value  # type: ignore[union-attr]
-    assert await _balance_and_sum(services, account.id) == (8_000, 8_000)
+    assert await balance_and_ledger_sum(services, account.id) == (8_000, 8_000)
     # The request that owned the stale hold finishes late: its usage is still billed.
     await _run(services, lambda s: wallet.settle(s, stale, 1_200))
-    assert await _balance_and_sum(services, account.id) == (6_800, 6_800)
+    assert await balance_and_ledger_sum(services, account.id) == (6_800, 6_800)
 
 
 async def test_negative_adjustment_cannot_overdraw(services: AppServices) -> None:
@@ -304,7 +299,7 @@ async def test_invariant_holds_after_mixed_concurrent_traffic(services: AppServi
         )
 
     await asyncio.gather(*(request(i) for i in range(40)), *(top_up(i) for i in range(12)))
-    balance, ledger_sum = await _balance_and_sum(services, account.id)
+    balance, ledger_sum = await balance_and_ledger_sum(services, account.id)
     assert balance == ledger_sum
     assert balance >= 0
     async with services.database.sessions() as session:

@@ -16,9 +16,8 @@ from aivax.db import NOT_NOW
 from aivax.models import HoldStatus, LedgerEntry, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
-from aivax.wallet import service as wallet
 from tests.fixtures.factories import make_account
-from tests.fixtures.wallet import hold_behind_a_lock, hold_statuses_once
+from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock, hold_statuses_once
 
 
 async def _entries(services: AppServices, account_id: uuid.UUID) -> list[tuple[Any, ...]]:
@@ -34,12 +33,6 @@ async def _entries(services: AppServices, account_id: uuid.UUID) -> list[tuple[A
         ]
 
 
-async def _invariant(services: AppServices, account_id: uuid.UUID) -> tuple[int, int]:
-    async with services.database.sessions() as session:
-        report = await wallet.check_invariant(session, account_id)
-    return report.cached_balance_micros, report.ledger_sum_micros
-
-
 async def test_hold_queue_admits_exactly_what_the_balance_covers(services: AppServices) -> None:
     account = await make_account(services, balance_micros=10_000)
 
@@ -53,7 +46,7 @@ async def test_hold_queue_admits_exactly_what_the_balance_covers(services: AppSe
 
     results = await asyncio.gather(*(take() for _ in range(60)))
     assert len([r for r in results if r is not None]) == 10
-    balance, total = await _invariant(services, account.id)
+    balance, total = await balance_and_ledger_sum(services, account.id)
     assert (balance, total) == (0, 0)
     assert min(entry[2] for entry in await _entries(services, account.id)) == 0
 
@@ -75,8 +68,8 @@ async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServic
     assert isinstance(outcomes[2], ledger.WalletAccountNotFound)
     assert isinstance(outcomes[3], ValueError)
     assert isinstance(outcomes[4], uuid.UUID)
-    assert await _invariant(services, rich.id) == (47_000, 47_000)
-    assert await _invariant(services, poor.id) == (100, 100)
+    assert await balance_and_ledger_sum(services, rich.id) == (47_000, 47_000)
+    assert await balance_and_ledger_sum(services, poor.id) == (100, 100)
 
 
 async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None:
@@ -86,7 +79,7 @@ async def test_a_hold_waits_for_a_locked_database(services: AppServices) -> None
     await lock.commit()
     await lock.close()
     assert isinstance(await waiting, uuid.UUID)
-    assert await _invariant(services, account.id) == (6_000, 6_000)
+    assert await balance_and_ledger_sum(services, account.id) == (6_000, 6_000)
 
 
 async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppServices) -> None:
@@ -98,7 +91,7 @@ async def test_a_hold_taken_for_a_caller_that_left_is_given_back(services: AppSe
     await lock.close()
     released = [HoldStatus.RELEASED.value]
     assert await hold_statuses_once(services, account.id, released) == released
-    assert await _invariant(services, account.id) == (10_000, 10_000)
+    assert await balance_and_ledger_sum(services, account.id) == (10_000, 10_000)
 
 
 async def test_settle_many_writes_what_one_at_a_time_writes(services: AppServices) -> None:
@@ -137,7 +130,7 @@ async def test_settle_many_writes_what_one_at_a_time_writes(services: AppService
                     )
                 )
         written.append(await _entries(services, account.id))
-        balance, total = await _invariant(services, account.id)
+        balance, total = await balance_and_ledger_sum(services, account.id)
         assert balance == total == 100_000 - 300 - 1_000 - 700 - 250
     # The same movements (a late settlement may come last in a batch) …
     movements = [
@@ -186,7 +179,7 @@ async def test_a_failed_wallet_transaction_leaves_nothing_behind(services: AppSe
     except RuntimeError:
         outcome = "rolled back"
     assert outcome in ("rolled back", NOT_NOW)
-    assert await _invariant(services, account.id) == (10_000, 10_000)
+    assert await balance_and_ledger_sum(services, account.id) == (10_000, 10_000)
     async with services.database.sessions() as session:
         holds = await session.scalars(
             select(WalletHold.id).where(WalletHold.account_id == account.id)

@@ -20,11 +20,10 @@ from aivax.kit.clock import utcnow
 from aivax.models import Account, HoldStatus, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
-from aivax.wallet import service as wallet
 from aivax.wallet.ledger import HoldRequest
 from aivax.wallet.writer import ProcessWriter, WalletWriterUnavailable
 from tests.fixtures.factories import make_account
-from tests.fixtures.wallet import hold_behind_a_lock, hold_statuses_once
+from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock, hold_statuses_once
 
 
 @pytest.fixture(params=["process", "inline"])
@@ -32,12 +31,6 @@ async def built(request: pytest.FixtureRequest, settings: Settings) -> AsyncIter
     services = AppServices.build(settings.model_copy(update={"wallet_writer": request.param}))
     yield services
     await services.close()
-
-
-async def _balances(services: AppServices, account_id: uuid.UUID) -> tuple[int, int]:
-    async with services.database.sessions() as session:
-        report = await wallet.check_invariant(session, account_id)
-    return report.cached_balance_micros, report.ledger_sum_micros
 
 
 async def test_holds_and_settlements_through_either_writer(built: AppServices) -> None:
@@ -48,7 +41,7 @@ async def test_holds_and_settlements_through_either_writer(built: AppServices) -
     assert len(held) == 3
     assert isinstance(results[3], ledger.InsufficientBalance)
     assert "0.001000 USD available" in str(results[3])
-    assert await _balances(built, account.id) == (1_000, 1_000)
+    assert await balance_and_ledger_sum(built, account.id) == (1_000, 1_000)
 
     missing, too_big = await built.writer.hold_many(
         [HoldRequest(uuid.uuid4(), 1, "nobody"), HoldRequest(account.id, 10**13, "cap")]
@@ -87,7 +80,10 @@ async def test_holds_and_settlements_through_either_writer(built: AppServices) -
     ]:
         built.settler.submit(item)
     await built.settler.drain()
-    assert await _balances(built, account.id) == (10_000 - 500 - 3_000, 10_000 - 500 - 3_000)
+    assert await balance_and_ledger_sum(built, account.id) == (
+        10_000 - 500 - 3_000,
+        10_000 - 500 - 3_000,
+    )
     async with built.database.sessions() as session:
         statuses = await session.scalars(
             select(WalletHold.status).where(WalletHold.id.in_(held)).order_by(WalletHold.id)
@@ -150,7 +146,7 @@ async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: S
         assert isinstance(held, uuid.UUID)
         assert writer._process is not None
         assert writer._process.pid != first.pid
-        assert await _balances(services, account.id) == (6_000, 6_000)
+        assert await balance_and_ledger_sum(services, account.id) == (6_000, 6_000)
         async with services.database.sessions() as session:
             count = await session.scalar(
                 select(func.count())
@@ -179,7 +175,7 @@ async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
     await lock.close()
     released = [HoldStatus.RELEASED.value]
     assert await hold_statuses_once(built, account.id, released) == released
-    assert await _balances(built, account.id) == (10_000, 10_000)
+    assert await balance_and_ledger_sum(built, account.id) == (10_000, 10_000)
 
 
 async def test_a_lone_hold_survives_a_lost_database_connection(settings: Settings) -> None:
@@ -200,7 +196,7 @@ async def test_a_lone_hold_survives_a_lost_database_connection(settings: Setting
         second = await services.holds.hold(account_id=account.id, amount_micros=1_000, ref="b")
         assert isinstance(first, uuid.UUID)
         assert isinstance(second, uuid.UUID)
-        assert await _balances(services, account.id) == (8_000, 8_000)
+        assert await balance_and_ledger_sum(services, account.id) == (8_000, 8_000)
     finally:
         services.holds.calls_in_flight = 0
         await services.close()
@@ -316,7 +312,7 @@ async def test_the_writer_serves_a_waiting_hold_before_a_waiting_settlement(
     finally:
         writer.close()
         await asyncio.wait_for(serving, 10)
-    assert await _balances(services, account.id) == (9_000, 9_000)
+    assert await balance_and_ledger_sum(services, account.id) == (9_000, 9_000)
 
 
 async def test_a_hold_is_answered_between_chunks_of_a_long_settlement(
@@ -366,3 +362,26 @@ async def test_a_hold_is_answered_between_chunks_of_a_long_settlement(
     assert second == [1, "ok", None]
     assert chunks == [SETTLE_CHUNK] * 3
     assert len(checkpoints) >= 2  # after each message (and after a transaction the thread wrote)
+
+
+@pytest.mark.parametrize(
+    "message", [{"op": "hold"}, [1, "hold"], "hold"], ids=["object", "short", "string"]
+)
+async def test_the_writer_stops_on_json_that_is_no_message(
+    settings: Settings, message: object
+) -> None:
+    """A frame of valid JSON that is not [id, op, payload] ends the conversation too: nothing
+    after it on this socket can be trusted, and it has no id to answer."""
+    import socket
+
+    from aivax.wallet.writer import _frame, _serve
+
+    ours, theirs = socket.socketpair()
+    serving = asyncio.ensure_future(_serve(settings, theirs))
+    reader, writer = await asyncio.open_connection(sock=ours)
+    try:
+        writer.write(_frame(message))
+        await asyncio.wait_for(serving, 10)  # returns: the writer is done with this socket
+        assert await reader.read() == b""
+    finally:
+        writer.close()

@@ -62,8 +62,43 @@ async def identify(scope: Scope) -> list[tuple[bytes, bytes]]:
     extra = [(b"x-request-id", request_id.encode())]
     token = presented_token(headers)
     if token is not None and not token.startswith(ADMIN_TOKEN_PREFIX):
-        extra += await AccountKeyMiddleware._resolve(scope["app"].state.services, token, state)
+        extra += await _resolve(scope["app"].state.services, token, state)
     return extra
+
+
+async def _resolve(
+    services: AppServices, token: str, state: dict[str, object]
+) -> list[tuple[bytes, bytes]]:
+    caches = services.caches
+    try:
+        # A cached key was well formed when it was cached: its format and checksum are
+        # checked (before any I/O) only when the cache does not know it.
+        digest = token_hash(services.secret, token)
+        principal = caches.principals.get(digest) if caches.enabled else None
+        if principal is None:
+            key_service.checked_hash(token, services.secret)
+            interval = timedelta(seconds=services.settings.key_touch_interval_seconds)
+            async with services.database.sessions() as session:
+                principal = await key_service.authenticate(
+                    session, token, secret=services.secret, touch_interval=interval
+                )
+                await session.commit()
+            if caches.enabled:
+                caches.principals[digest] = principal
+    except AppError as exc:
+        state["auth_error"] = exc
+        return []
+    except SQLAlchemyError:
+        logger.exception("database unavailable while checking an API key")
+        state["auth_error"] = ServiceUnavailable(
+            "The service cannot check API keys right now; retry shortly."
+        )
+        return []
+    state["principal"] = principal
+    return [
+        (b"x-aivax-account-id", str(principal.account_id).encode()),
+        (b"x-aivax-key-id", str(principal.key_id).encode()),
+    ]
 
 
 def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -87,41 +122,6 @@ class AccountKeyMiddleware:
             return
         extra = await identify(scope)
         await self.app(scope, receive, with_headers(send, extra))
-
-    @staticmethod
-    async def _resolve(
-        services: AppServices, token: str, state: dict[str, object]
-    ) -> list[tuple[bytes, bytes]]:
-        caches = services.caches
-        try:
-            # A cached key was well formed when it was cached: its format and checksum are
-            # checked (before any I/O) only when the cache does not know it.
-            digest = token_hash(services.secret, token)
-            principal = caches.principals.get(digest) if caches.enabled else None
-            if principal is None:
-                key_service.checked_hash(token, services.secret)
-                interval = timedelta(seconds=services.settings.key_touch_interval_seconds)
-                async with services.database.sessions() as session:
-                    principal = await key_service.authenticate(
-                        session, token, secret=services.secret, touch_interval=interval
-                    )
-                    await session.commit()
-                if caches.enabled:
-                    caches.principals[digest] = principal
-        except AppError as exc:
-            state["auth_error"] = exc
-            return []
-        except SQLAlchemyError:
-            logger.exception("database unavailable while checking an API key")
-            state["auth_error"] = ServiceUnavailable(
-                "The service cannot check API keys right now; retry shortly."
-            )
-            return []
-        state["principal"] = principal
-        return [
-            (b"x-aivax-account-id", str(principal.account_id).encode()),
-            (b"x-aivax-key-id", str(principal.key_id).encode()),
-        ]
 
 
 class RequestBodyTooLarge(HTTPException):

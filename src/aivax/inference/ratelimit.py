@@ -31,10 +31,10 @@ class SweptMemoryStorage(MemoryStorage):
     The library sweeps after every hit: a new asyncio task that walks every key it holds. That
     makes each hit cost O(keys): 49 µs per call with 10 keys, 0.93 ms with 10,000 and 6 ms with
     50,000 (two accounts' limits each; bench in docs/performance.md), so a server with many
-    active accounts would spend most of its time sweeping. Here a hit never sweeps; `RateLimiter`
-    calls `sweep` at most once a second. Counters are still exact without it: the library checks
-    a key's expiry whenever it reads it. (The override is of a private method, checked by the
-    tests against the pinned `limits` version.)
+    active accounts would spend most of its time sweeping. Here the same hook sweeps in place,
+    at most once a second. Counters are still exact between sweeps: the library checks a key's
+    expiry whenever it reads it. (The hook is a private method, checked by the tests against the
+    pinned `limits` version.)
     """
 
     SWEEP_SECONDS = 1.0
@@ -44,17 +44,16 @@ class SweptMemoryStorage(MemoryStorage):
         self.swept_at = time.monotonic()
 
     async def _MemoryStorage__schedule_expiry(self) -> None:
-        return None
-
-    def sweep(self, now: float) -> int:
-        """Drop every counter whose window has passed; how many were dropped."""
+        """Called by the library on every counted hit: drop every counter whose window has
+        passed, if a second has gone by since the last time."""
+        if time.monotonic() - self.swept_at < self.SWEEP_SECONDS:
+            return
         self.swept_at = time.monotonic()
-        expired = [key for key, at in self.expirations.items() if at <= now]
-        for key in expired:
+        now = time.time()
+        for key in [key for key, at in self.expirations.items() if at <= now]:
             self.storage.pop(key, None)
             self.expirations.pop(key, None)
             self.locks.pop(key, None)
-        return len(expired)
 
 
 def _storage(redis_url: str | None) -> Storage:
@@ -79,12 +78,6 @@ class RateLimiter:
     async def _hit(self, item: RateLimitItem, scope: str, cost: int) -> Decision:
         if item.amount <= 0:
             return Decision(False, 0, 0, 60.0)
-        storage = self.storage
-        if (
-            isinstance(storage, SweptMemoryStorage)
-            and time.monotonic() - storage.swept_at >= storage.SWEEP_SECONDS
-        ):
-            storage.sweep(time.time())
         allowed = await self._strategy.hit(item, scope, cost=cost)
         stats = await self._strategy.get_window_stats(item, scope)
         return Decision(

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import cast
@@ -179,18 +180,11 @@ class _Connection(asyncio.Protocol):
         exchange = self.exchange
         assert exchange is not None  # noqa: S101 - data arrives only during an exchange
         if exchange.decoder is not None:
-            try:
-                body = exchange.decoder.decompress(body)
-            except zlib.error as exc:
-                self._fail(_undecodable(exc))
+            decoded = self._decoded(functools.partial(exchange.decoder.decompress, body))
+            if decoded is None:
                 return
-        if body:
-            exchange.chunks.append(body)
-            exchange.buffered += len(body)
-            if exchange.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-                self.transport.pause_reading()
-                self.paused = True
-            exchange.wake()
+            body = decoded
+        self._add(exchange, body)
 
     def on_message_complete(self) -> None:
         exchange = self.exchange
@@ -203,16 +197,37 @@ class _Connection(asyncio.Protocol):
 
     def _finish_body(self, exchange: _Exchange, *, keep_alive: bool) -> None:
         if exchange.decoder is not None:
-            try:
-                tail = exchange.decoder.flush()
-            except zlib.error as exc:
-                self._fail(_undecodable(exc))
+            tail = self._decoded(exchange.decoder.flush)
+            if tail is None:
                 return
-            if tail:
-                exchange.chunks.append(tail)
-                exchange.buffered += len(tail)
+            self._add(exchange, tail)
         exchange.complete = True
         exchange.keep_alive = keep_alive
+        exchange.wake()
+
+    def _decoded(self, step: Callable[[], bytes]) -> bytes | None:
+        """What a step of the body's decoder gives, or None when the body cannot be decoded
+        (the exchange has failed)."""
+        try:
+            return step()
+        except zlib.error as exc:
+            self._fail(
+                httpx.RemoteProtocolError(
+                    f"the upstream's compressed body cannot be decoded: {exc}"
+                )
+            )
+            return None
+
+    def _add(self, exchange: _Exchange, data: bytes) -> None:
+        """Buffer a piece of the body for the caller; stop reading the socket while the caller
+        lags more than HIGH_WATER bytes behind."""
+        if not data:
+            return
+        exchange.chunks.append(data)
+        exchange.buffered += len(data)
+        if exchange.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
         exchange.wake()
 
     def _fail(self, error: Exception) -> None:
@@ -224,8 +239,7 @@ class _Connection(asyncio.Protocol):
 
     def begin(self, exchange: _Exchange, head: bytes, body: bytes) -> None:
         assert self.transport is not None  # noqa: S101 - connected
-        self.exchange = exchange
-        self.parser = httptools.HttpResponseParser(self)
+        self.exchange = exchange  # the connection's parser goes on from the previous response
         self.transport.writelines((head, body))
 
     def taken(self, exchange: _Exchange, size: int) -> None:
@@ -248,10 +262,6 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-
-def _undecodable(error: zlib.error) -> httpx.RemoteProtocolError:
-    return httpx.RemoteProtocolError(f"the upstream's compressed body cannot be decoded: {error}")
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -454,11 +464,6 @@ def _drain(chunks: collections.deque[bytes]) -> list[bytes]:
     return taken
 
 
-_DEFAULT_SSL: ssl.SSLContext | None = None
-
-
+@functools.cache
 def _default_ssl_context() -> ssl.SSLContext:
-    global _DEFAULT_SSL
-    if _DEFAULT_SSL is None:
-        _DEFAULT_SSL = ssl.create_default_context()
-    return _DEFAULT_SSL
+    return ssl.create_default_context()

@@ -41,7 +41,6 @@ class HoldQueue:
         # directly; with company, holds queue for the writer's next batch.
         self.calls_in_flight = 0
         self._pending: list[tuple[HoldRequest, asyncio.Future[uuid.UUID]]] = []
-        self._writing = False
         self._task: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
 
     async def hold(
@@ -54,7 +53,8 @@ class HoldQueue:
     ) -> uuid.UUID:
         """Reserve `amount_micros` (see `ledger.hold`); raises what `ledger.hold` raises."""
         request = HoldRequest(account_id, amount_micros, ref, minimum_balance)
-        if not self._writing and self.calls_in_flight <= 1:
+        writing = self._task is not None and not self._task.done()
+        if not writing and self.calls_in_flight <= 1:
             # A lone call is written right here if the database lets us at once. Anything that
             # has to wait goes through the queue, whose writer outlives a caller that leaves
             # (and gives back a hold taken for it).
@@ -66,25 +66,22 @@ class HoldQueue:
                 return result
         future: asyncio.Future[uuid.UUID] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
-        if not self._writing:
-            self._writing = True
+        if not writing:
             self._task = asyncio.get_running_loop().create_task(self._write_all())
         return await future
 
     async def _write_all(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[:MAX_BATCH]
-                del self._pending[:MAX_BATCH]
-                results: list[HoldResult]
-                try:
-                    results = await self.writer.hold_many([request for request, _ in batch])
-                except Exception as exc:  # never leave a caller waiting
-                    results = [exc for _ in batch]
-                for (_, future), result in zip(batch, results, strict=True):
-                    self._deliver(future, result)
-        finally:
-            self._writing = False
+        """Write batches until none is waiting; while this task runs, new holds join it."""
+        while self._pending:
+            batch = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            results: list[HoldResult]
+            try:
+                results = await self.writer.hold_many([request for request, _ in batch])
+            except Exception as exc:  # never leave a caller waiting
+                results = [exc for _ in batch]
+            for (_, future), result in zip(batch, results, strict=True):
+                self._deliver(future, result)
 
     def _deliver(self, future: asyncio.Future[uuid.UUID], result: HoldResult) -> None:
         if future.cancelled():
