@@ -11,9 +11,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from sqlalchemy import func, select, update
 
+from aivax.app import create_app
 from aivax.config import Settings
 from aivax.inference.settlement import Settlement
 from aivax.kit.clock import utcnow
@@ -21,6 +24,7 @@ from aivax.models import Account, HoldStatus, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
 from aivax.wallet.ledger import HoldRequest
+from aivax.wallet import writer as writer_module
 from aivax.wallet.writer import ProcessWriter, WalletWriterUnavailable
 from tests.fixtures.factories import make_account
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock, hold_statuses_once
@@ -385,3 +389,30 @@ async def test_the_writer_stops_on_json_that_is_no_message(
         assert await reader.read() == b""
     finally:
         writer.close()
+
+
+async def test_the_server_starts_its_writer_before_the_first_request(settings: Settings) -> None:
+    application = create_app(settings.model_copy(update={"wallet_writer": "process"}))
+    async with LifespanManager(application):
+        writer = application.state.services.writer
+        assert isinstance(writer, ProcessWriter)
+        assert writer._process is not None
+        assert writer._process.is_alive()
+
+
+async def test_a_writer_that_cannot_start_at_boot_does_not_stop_the_server(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_processes() -> None:
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(writer_module, "_context", no_processes)
+    application = create_app(settings.model_copy(update={"wallet_writer": "process"}))
+    async with LifespanManager(application):
+        services = application.state.services
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://aivax.test") as http:
+            assert (await http.get("/healthz")).status_code == 200
+        account = await make_account(services, balance_micros=1_000)
+        (result,) = await services.writer.hold_many([HoldRequest(account.id, 1, "boot")])
+        assert isinstance(result, WalletWriterUnavailable)  # each call tries again, and says so

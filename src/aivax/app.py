@@ -137,6 +137,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         owned = services is None
         app.state.services = services or AppServices.build(settings)
         await seed_models(app.state.services)
+        await app.state.services.writer.start()  # before the first request, not during it
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
         indexer.register(app.state.services)
         if app.state.services.settings.jobs_enabled:

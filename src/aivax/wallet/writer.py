@@ -86,6 +86,11 @@ class WalletWriter(Protocol):
         the reaper)."""
         ...
 
+    async def start(self) -> None:
+        """Get ready for the first call, so the first requests after boot do not wait for it
+        (a failure is logged; the first call then tries again)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -195,6 +200,9 @@ class InlineWriter:
 
     async def settle(self, items: Sequence[SettleItem]) -> None:
         await _settle_with_retry(self.database, items)
+
+    async def start(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -446,6 +454,12 @@ class ProcessWriter:
         # Shielded: a caller that leaves does not take the answer with it (a hold taken for
         # it is given back by the hold queue).
         return await asyncio.shield(future)
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_started()
+        except Exception:
+            logger.exception("the wallet writer could not be started; the first call retries")
 
     async def _ensure_started(self) -> None:
         if self._replies is not None and not self._replies.done():
