@@ -23,8 +23,8 @@ from aivax.kit.clock import utcnow
 from aivax.models import Account, HoldStatus, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
-from aivax.wallet.ledger import HoldRequest
 from aivax.wallet import writer as writer_module
+from aivax.wallet.ledger import HoldRequest
 from aivax.wallet.writer import ProcessWriter, WalletWriterUnavailable
 from tests.fixtures.factories import make_account
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock, hold_statuses_once
