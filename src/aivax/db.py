@@ -38,6 +38,11 @@ T = TypeVar("T")
 logger = logging.getLogger("aivax.db")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Pages are read through a memory map instead of a read() call each: after the other process
+# (the wallet writer) commits, the next transaction here re-reads the pages it changed, and on
+# the chat path that is a handful of system calls per call (bench/gateway.py at concurrency 1:
+# +8% calls per second). Writes still go through the WAL. Address space only, not memory.
+SQLITE_MMAP_BYTES = 256 * 1024 * 1024
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -46,6 +51,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
     cursor.close()
 
 
