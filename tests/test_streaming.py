@@ -1,5 +1,7 @@
 """EventStreamResponse: the body stops, and its `finally` runs, whenever the client leaves —
-whether the server says so on `receive` (ASGI 2.3, uvicorn) or by failing a send (ASGI 2.4)."""
+whether the server says so on `receive` (ASGI 2.3, uvicorn) or by failing a send (ASGI 2.4).
+Chunks ready together leave in one send, and a chunk alone is never held back
+(`in_ready_batches`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aivax.kit.streaming import EventStreamResponse
+import pytest
+
+from aivax.kit.streaming import EventStreamResponse, in_ready_batches
 
 SCOPE: dict[str, Any] = {"type": "http", "asgi": {"spec_version": "2.3"}}
 
@@ -58,7 +62,7 @@ async def test_a_failed_send_closes_the_body() -> None:
     assert log == ["body closed"]
 
 
-async def test_a_complete_stream_ends_with_an_empty_last_body() -> None:
+async def test_a_complete_stream_ends_with_its_last_chunk() -> None:
     async def body() -> AsyncIterator[bytes]:
         yield b"data: only\n\n"
 
@@ -72,7 +76,125 @@ async def test_a_complete_stream_ends_with_an_empty_last_body() -> None:
         sent.append(message)
 
     await EventStreamResponse(body())(SCOPE, receive, send)
+    assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [(b"data: only\n\n", False)]
+
+
+async def test_a_stream_that_ends_after_a_wait_ends_with_an_empty_body() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0.01)
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await EventStreamResponse(body())(SCOPE, receive, send)
     assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [
-        (b"data: only\n\n", True),
+        (b"data: 1\n\n", True),
         (b"", False),
     ]
+
+
+async def test_chunks_ready_together_leave_together() -> None:
+    upstream = asyncio.Queue[list[str]]()
+
+    async def source() -> AsyncIterator[str]:
+        while (read := await upstream.get()) != ["end"]:
+            for event in read:  # one network read, several events
+                yield event
+
+    delivered: list[tuple[list[str], bool]] = []
+
+    async def deliver(batch: list[str], last: bool) -> None:
+        delivered.append((batch, last))
+        if len(delivered) == 1:
+            upstream.put_nowait(["c", "d"])
+            upstream.put_nowait(["e"])
+        elif len(delivered) == 2:
+            upstream.put_nowait(["end"])
+
+    upstream.put_nowait(["a", "b"])
+    await asyncio.wait_for(in_ready_batches(source(), deliver), timeout=5)
+    assert delivered == [(["a", "b"], False), (["c", "d", "e"], False), ([], True)]
+
+
+async def test_a_chunk_alone_is_not_held_back_for_the_next() -> None:
+    answered = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "question"
+        await answered.wait()  # the next chunk comes only after the first was delivered
+        yield "answer"
+
+    delivered: list[tuple[list[str], bool]] = []
+
+    async def deliver(batch: list[str], last: bool) -> None:
+        delivered.append((batch, last))
+        answered.set()
+
+    await asyncio.wait_for(in_ready_batches(source(), deliver), timeout=5)
+    assert delivered == [(["question"], False), (["answer"], True)]
+
+
+async def test_a_delivery_that_fails_ends_the_waiting_source_at_once() -> None:
+    log: list[str] = []
+
+    async def deliver(batch: list[bytes], last: bool) -> None:
+        raise OSError("client gone")
+
+    with pytest.raises(OSError, match="client gone"):
+        await asyncio.wait_for(in_ready_batches(_body(log), deliver), timeout=5)
+    assert log == ["body closed"]  # not left for the garbage collector
+
+
+async def test_cancelled_while_delivering_ends_the_waiting_source_with_the_cancellation() -> None:
+    log: list[str] = []
+    stuck = asyncio.Event()
+
+    async def deliver(batch: list[bytes], last: bool) -> None:
+        stuck.set()
+        await asyncio.sleep(60)  # a slow client
+
+    task = asyncio.ensure_future(in_ready_batches(_body(log), deliver))
+    await stuck.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
+    assert log == ["body closed"]
+
+
+async def test_cancelled_while_the_source_waits() -> None:
+    log: list[str] = []
+    delivered: list[list[bytes]] = []
+
+    async def deliver(batch: list[bytes], last: bool) -> None:
+        delivered.append(batch)
+
+    task = asyncio.ensure_future(in_ready_batches(_body(log), deliver))
+    while not delivered:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)  # the source is now waiting for its upstream
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
+    assert task.cancelled()
+    assert log == ["body closed"]
+    assert delivered == [[b"data: 1\n\n"]]
+
+
+async def test_an_error_of_the_source_reaches_the_caller() -> None:
+    async def source() -> AsyncIterator[str]:
+        yield "a"
+        await asyncio.sleep(0)
+        raise ValueError("upstream broke")
+
+    async def deliver(batch: list[str], last: bool) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="upstream broke"):
+        await in_ready_batches(source(), deliver)

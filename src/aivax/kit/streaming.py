@@ -7,15 +7,87 @@ with one plain asyncio task. When the client disconnects, the body's generator i
 the point where it waits (for the upstream, typically), so its `finally` blocks run — the
 pipeline settles what was generated — and the response ends quietly. A server that reports the
 disconnect by failing a send (ASGI 2.4) gets the same: the body is closed at once.
+
+Chunks the body has ready together leave in one send (`in_ready_batches`): an upstream that
+delivers several events in one network read costs one write to the client, not one per event,
+and a chunk that is alone is sent at once, never held back for the next. The last chunk ends
+the body in the same send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterable, Awaitable, Callable, Generator
+from typing import Any, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+
+class _Drive:
+    """Awaiting it finishes `step` — an awaitable's iterator that already ran up to its first
+    suspension, which yielded `waiting` — exactly as the task would have driven it (what the
+    task sends or throws goes on to `step`); with `error`, that is thrown into `step` first."""
+
+    def __init__(self, step: Any, waiting: Any, error: BaseException | None = None) -> None:
+        self.step = step
+        self.waiting = waiting
+        self.error = error
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        try:
+            waiting = self.waiting if self.error is None else self.step.throw(self.error)
+            while True:
+                try:
+                    sent = yield waiting
+                except GeneratorExit:
+                    self.step.close()
+                    raise
+                except BaseException as exc:  # cancellation, above all: it belongs to `step`
+                    waiting = self.step.throw(exc)
+                else:
+                    waiting = self.step.send(sent)
+        except StopIteration as done:
+            return done.value
+
+
+async def in_ready_batches(
+    source: AsyncIterable[T], deliver: Callable[[list[T], bool], Awaitable[None]]
+) -> None:
+    """Pass the items of `source` to `deliver` in lists of the items that were ready together:
+    each next item is taken at once if `source` can give it without waiting, and as soon as it
+    would wait, what is ready is delivered first. `deliver`'s flag says the list is the last
+    (`source` is exhausted). If `deliver` fails, `source` is mid-step: the same error is thrown
+    into it there, so its cleanup runs now rather than whenever it is collected."""
+    items = aiter(source)
+    batch: list[T] = []
+    while True:
+        step = items.__anext__().__await__()
+        try:
+            waiting = step.send(None)
+        except StopIteration as ready:
+            batch.append(ready.value)
+            continue
+        except StopAsyncIteration:
+            await deliver(batch, True)
+            return
+        if batch:
+            try:
+                await deliver(batch, False)
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    await _Drive(step, waiting, exc)
+                raise
+            batch = []
+        try:
+            item = await _Drive(step, waiting)
+        except StopAsyncIteration:
+            await deliver([], True)
+            return
+        batch.append(item)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -34,6 +106,14 @@ class EventStreamResponse(StreamingResponse):
                 state["gone"] = True
                 streaming.cancel()
 
+        async def deliver(chunks: list[Any], last: bool) -> None:
+            body = b"".join(
+                c if isinstance(c, bytes | memoryview) else c.encode(self.charset) for c in chunks
+            )
+            if last:
+                state["done"] = True
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send(
@@ -43,12 +123,7 @@ class EventStreamResponse(StreamingResponse):
                     "headers": self.raw_headers,
                 }
             )
-            async for chunk in self.body_iterator:
-                if not isinstance(chunk, bytes | memoryview):
-                    chunk = chunk.encode(self.charset)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            state["done"] = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await in_ready_batches(self.body_iterator, deliver)
         except asyncio.CancelledError:
             if not state["gone"]:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
