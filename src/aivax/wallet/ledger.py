@@ -28,6 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import Select
 
 from aivax.db import FastStatement, insert_ignoring_conflicts
 from aivax.errors import BadRequest, Conflict, NotFound, PaymentRequired
@@ -35,6 +36,7 @@ from aivax.kit.clock import utcnow
 from aivax.kit.ids import uuid7
 from aivax.kit.money import micros_to_usd
 from aivax.models import Account, EntryKind, HoldStatus, LedgerEntry, WalletHold
+from aivax.models.wallet import OPEN_HOLD
 
 MAX_MOVEMENT_MICROS = 10**12  # one million USD in a single movement
 ACCOUNTS = cast(Table, Account.__table__)
@@ -632,21 +634,28 @@ def _closing_entries(
     return entries, balance
 
 
-def stale_hold_ids(conn: Connection, *, created_before: Any, limit: int) -> list[uuid.UUID]:
-    query = (
+def stale_holds_query(*, created_before: Any, limit: int) -> Select[Any]:
+    return (
         select(HOLDS.c.id)
-        .where(HOLDS.c.status == HoldStatus.OPEN.value, HOLDS.c.created_at < created_before)
+        .where(text(OPEN_HOLD), HOLDS.c.created_at < created_before)
         .order_by(HOLDS.c.created_at)
         .limit(limit)
     )
+
+
+def stale_hold_ids(conn: Connection, *, created_before: Any, limit: int) -> list[uuid.UUID]:
+    query = stale_holds_query(created_before=created_before, limit=limit)
     return list(conn.execute(query).scalars())
 
 
-def open_hold_total(conn: Connection, account_id: uuid.UUID) -> int:
-    query = select(func.coalesce(func.sum(HOLDS.c.amount_micros), 0)).where(
-        HOLDS.c.account_id == account_id, HOLDS.c.status == HoldStatus.OPEN.value
+def open_total_query(account_id: uuid.UUID) -> Select[Any]:
+    return select(func.coalesce(func.sum(HOLDS.c.amount_micros), 0)).where(
+        HOLDS.c.account_id == account_id, text(OPEN_HOLD)
     )
-    return int(conn.execute(query).scalar() or 0)
+
+
+def open_hold_total(conn: Connection, account_id: uuid.UUID) -> int:
+    return int(conn.execute(open_total_query(account_id)).scalar() or 0)
 
 
 def ledger_sum(conn: Connection, account_id: uuid.UUID) -> int:
