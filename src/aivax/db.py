@@ -39,9 +39,9 @@ logger = logging.getLogger("aivax.db")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Pages are read through a memory map instead of a read() call each: after the other process
-# (the wallet writer) commits, the next transaction here re-reads the pages it changed, and on
-# the chat path that is a handful of system calls per call (bench/gateway.py at concurrency 1:
-# +8% calls per second). Writes still go through the WAL. Address space only, not memory.
+# (the wallet writer) commits, the next transaction here re-reads the pages it changed, which
+# on the chat path was about five read calls per call. Writes still go through the WAL.
+# Address space only, not memory.
 SQLITE_MMAP_BYTES = 256 * 1024 * 1024
 
 
