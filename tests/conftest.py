@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from sqlalchemy.engine import make_url
 
 from aivax.app import create_app
 from aivax.config import Settings
 from aivax.migrate import upgrade_to_head
 from aivax.services import AppServices
+from tests.fixtures.databases import create_database, drop_database
 from tests.fixtures.factories import (
     AccountWithKeys,
     install_fake_models,
@@ -32,21 +30,6 @@ from tests.fixtures.servers import ThreadedServer
 TEST_SECRET = "test-secret-" + "x" * 40
 
 
-def _asyncpg_dsn(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
-async def _admin_sql(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(_asyncpg_dsn(url))
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server_url = os.environ.get("AIVAX_TEST_DATABASE_URL")
@@ -55,14 +38,12 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         upgrade_to_head(url)
         yield url
         return
-    name = f"aivax_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_sql(server_url, f'CREATE DATABASE "{name}"'))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    name, url = asyncio.run(create_database(server_url, "aivax_test"))
     try:
         upgrade_to_head(url)
         yield url
     finally:
-        asyncio.run(_admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_database(server_url, name))
 
 
 @pytest.fixture(scope="session")

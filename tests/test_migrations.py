@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import Connection, inspect, make_url, select
+from sqlalchemy import Connection, inspect, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from aivax.db import Database
@@ -21,7 +21,7 @@ from aivax.migrate import alembic_config, upgrade_to_head
 from aivax.models import WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
-from tests.conftest import _admin_sql
+from tests.fixtures.databases import create_database, drop_database
 from tests.fixtures.factories import make_account
 
 OLD = {"ix_wallet_holds_account_id_status", "ix_wallet_holds_status_created_at"}
@@ -55,12 +55,11 @@ async def fresh_database_url(tmp_path: Path) -> AsyncIterator[str]:
     if not server_url:
         yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
         return
-    name = f"aivax_migrations_{uuid.uuid4().hex[:12]}"
-    await _admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    name, url = await create_database(server_url, "aivax_migrations")
     try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        await _admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(server_url, name)
 
 
 async def test_0005_goes_down_and_up_with_holds_in_place(
