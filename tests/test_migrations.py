@@ -37,7 +37,7 @@ async def test_open_holds_are_looked_up_through_the_partial_index(services: AppS
     async with engine.connect() as conn:
         assert await conn.run_sync(_hold_indexes) == NEW
     if engine.dialect.name != "sqlite":
-        return  # PostgreSQL picks plans by table statistics; the index and its use are shown
+        return  # PostgreSQL picks plans by table statistics: there the index is what is checked
     queries = [
         ledger.open_total_query(uuid.uuid4()),
         ledger.stale_holds_query(created_before=datetime.now(UTC), limit=10),

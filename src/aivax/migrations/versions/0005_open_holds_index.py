@@ -25,10 +25,9 @@ depends_on: str | Sequence[str] | None = None
 OPEN = sa.text("status = 'open'")
 
 
-def _online() -> dict[str, bool]:
-    return (
-        {"postgresql_concurrently": True} if op.get_context().dialect.name == "postgresql" else {}
-    )
+def _online() -> bool:
+    """CONCURRENTLY on PostgreSQL (other dialects ignore the option)."""
+    return op.get_context().dialect.name == "postgresql"
 
 
 def upgrade() -> None:
