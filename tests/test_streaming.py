@@ -16,6 +16,22 @@ from aivax.kit.streaming import EventStreamResponse, in_ready_batches
 SCOPE: dict[str, Any] = {"type": "http", "asgi": {"spec_version": "2.3"}}
 
 
+async def _client_stays() -> dict[str, Any]:
+    await asyncio.sleep(60)
+    return {"type": "http.disconnect"}
+
+
+async def _bodies_sent(body: AsyncIterator[bytes]) -> list[tuple[bytes, bool]]:
+    """(body, more_body) of each body message the response sends to a client that stays."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await EventStreamResponse(body)(SCOPE, _client_stays, send)
+    return [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+
+
 def _body(log: list[str]) -> AsyncIterator[bytes]:
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -50,15 +66,12 @@ async def test_a_disconnect_on_receive_cancels_the_waiting_body() -> None:
 async def test_a_failed_send_closes_the_body() -> None:
     log: list[str] = []
 
-    async def receive() -> dict[str, Any]:
-        await asyncio.sleep(60)
-        return {"type": "http.disconnect"}
-
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
             raise OSError("client gone")
 
-    await asyncio.wait_for(EventStreamResponse(_body(log))(SCOPE, receive, send), timeout=5)
+    response = EventStreamResponse(_body(log))
+    await asyncio.wait_for(response(SCOPE, _client_stays, send), timeout=5)
     assert log == ["body closed"]
 
 
@@ -66,17 +79,7 @@ async def test_a_complete_stream_ends_with_its_last_chunk() -> None:
     async def body() -> AsyncIterator[bytes]:
         yield b"data: only\n\n"
 
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        await asyncio.sleep(60)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await EventStreamResponse(body())(SCOPE, receive, send)
-    assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [(b"data: only\n\n", False)]
+    assert await _bodies_sent(body()) == [(b"data: only\n\n", False)]
 
 
 async def test_a_stream_that_ends_after_a_wait_ends_with_an_empty_body() -> None:
@@ -84,20 +87,7 @@ async def test_a_stream_that_ends_after_a_wait_ends_with_an_empty_body() -> None
         yield b"data: 1\n\n"
         await asyncio.sleep(0.01)
 
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        await asyncio.sleep(60)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await EventStreamResponse(body())(SCOPE, receive, send)
-    assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [
-        (b"data: 1\n\n", True),
-        (b"", False),
-    ]
+    assert await _bodies_sent(body()) == [(b"data: 1\n\n", True), (b"", False)]
 
 
 async def test_chunks_ready_together_leave_together() -> None:

@@ -27,9 +27,9 @@ class HoldStatus(enum.StrEnum):
     EXPIRED = "expired"
 
 
-# The open holds, as SQL text: queries must spell it as the partial index does (a bound
-# parameter in its place would keep SQLite from using the index).
-OPEN_HOLD = f"status = '{HoldStatus.OPEN.value}'"
+# The open holds' status as an SQL literal: the partial index's condition, and the one queries
+# must use to be served by it (a bound parameter in its place would keep SQLite from it).
+OPEN_HOLD_STATUS = f"'{HoldStatus.OPEN.value}'"
 
 
 class LedgerEntry(Base):
@@ -76,8 +76,8 @@ class WalletHold(Base):
             "ix_wallet_holds_open",
             "account_id",
             "created_at",
-            sqlite_where=text(OPEN_HOLD),
-            postgresql_where=text(OPEN_HOLD),
+            sqlite_where=text(f"status = {OPEN_HOLD_STATUS}"),
+            postgresql_where=text(f"status = {OPEN_HOLD_STATUS}"),
         ),
         CheckConstraint("amount_micros > 0", name="amount_positive"),
     )

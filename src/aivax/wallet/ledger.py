@@ -23,6 +23,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
     text,
     update,
@@ -36,7 +37,7 @@ from aivax.kit.clock import utcnow
 from aivax.kit.ids import uuid7
 from aivax.kit.money import micros_to_usd
 from aivax.models import Account, EntryKind, HoldStatus, LedgerEntry, WalletHold
-from aivax.models.wallet import OPEN_HOLD
+from aivax.models.wallet import OPEN_HOLD_STATUS
 
 MAX_MOVEMENT_MICROS = 10**12  # one million USD in a single movement
 ACCOUNTS = cast(Table, Account.__table__)
@@ -101,6 +102,10 @@ _CLOSE_HOLD = FastStatement(
     .returning(HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
 )
 _INSERT_ENTRY: dict[str, Any] = {}
+# Open holds, in the words of their partial index (`ix_wallet_holds_open`): a literal, since
+# SQLite uses a partial index only when the query's condition matches it, and a bound
+# parameter cannot be known to.
+_OPEN = HOLDS.c.status == literal_column(OPEN_HOLD_STATUS)
 
 
 def _hold_in_one_statement() -> Any:
@@ -637,7 +642,7 @@ def _closing_entries(
 def stale_holds_query(*, created_before: Any, limit: int) -> Select[Any]:
     return (
         select(HOLDS.c.id)
-        .where(text(OPEN_HOLD), HOLDS.c.created_at < created_before)
+        .where(_OPEN, HOLDS.c.created_at < created_before)
         .order_by(HOLDS.c.created_at)
         .limit(limit)
     )
@@ -650,7 +655,7 @@ def stale_hold_ids(conn: Connection, *, created_before: Any, limit: int) -> list
 
 def open_total_query(account_id: uuid.UUID) -> Select[Any]:
     return select(func.coalesce(func.sum(HOLDS.c.amount_micros), 0)).where(
-        HOLDS.c.account_id == account_id, text(OPEN_HOLD)
+        HOLDS.c.account_id == account_id, _OPEN
     )
 
 
