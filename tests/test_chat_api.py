@@ -58,10 +58,16 @@ def sdk(server: ThreadedServer, key: str, *, max_retries: int = 0) -> openai.Asy
     return CountingClient(server, key, max_retries=max_retries).sdk
 
 
-async def _balance(services: AppServices, account_id: uuid.UUID) -> int:
+async def _balance(server: ThreadedServer, services: AppServices, account: AccountWithKeys) -> int:
+    """The balance as GET /v1/wallet reports it once no call is in flight — reading the wallet
+    closes the server's idle wallet lease, so every call is charged and nothing is held — and
+    the same in the database, where the ledger must sum to it."""
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        read = (await http.get("/v1/wallet", headers=account.headers)).json()
     async with services.database.sessions() as session:
-        report = await wallet.check_invariant(session, account_id)
+        report = await wallet.check_invariant(session, account.id)
     assert report.holds, report
+    assert (read["balance_micros"], read["held_micros"]) == (report.cached_balance_micros, 0)
     return report.cached_balance_micros
 
 
@@ -123,7 +129,7 @@ async def test_non_streaming_call_bills_upstream_usage(
     assert raw.headers["x-aivax-cost-micros"] == "17"
     assert raw.headers["x-ratelimit-limit-requests"] == "60"
     [log] = await _wait_for_logs(services, starter.id, 1)
-    assert await _balance(services, starter.id) == 1_000_000 - 17
+    assert await _balance(live_server, services, starter) == 1_000_000 - 17
     assert (log.status, log.cost_micros, log.estimated, log.stream) == (200, 17, False, False)
     assert log.key_id == starter.private_key_id
     async with services.database.sessions() as session:
@@ -156,7 +162,7 @@ async def test_streaming_call_with_usage_chunk(
     assert extra is not None
     assert extra["aivax"]["cost_micros"] == 17
     await _wait_for_logs(services, starter.id, 1)
-    assert await _balance(services, starter.id) == 1_000_000 - 17
+    assert await _balance(live_server, services, starter) == 1_000_000 - 17
 
 
 async def test_streaming_without_usage_request_is_still_billed(
@@ -399,7 +405,7 @@ async def test_upstream_failure_before_first_byte_bills_nothing(
             )
         assert raised.value.status_code == 502
     logs = await _wait_for_logs(services, starter.id, 2)
-    assert await _balance(services, starter.id) == 1_000_000
+    assert await _balance(live_server, services, starter) == 1_000_000
     assert [(log.status, log.cost_micros) for log in logs] == [(502, 0), (502, 0)]
 
 
@@ -420,7 +426,7 @@ async def test_failure_after_first_byte_is_an_sse_error_event(
     assert log.status == 502
     assert log.estimated is True
     assert log.output_tokens >= 1  # what was generated is billed
-    assert await _balance(services, starter.id) == 1_000_000 - (log.cost_micros or 0)
+    assert await _balance(live_server, services, starter) == 1_000_000 - (log.cost_micros or 0)
 
 
 async def test_client_disconnect_mid_stream_settles_what_was_generated(
@@ -440,6 +446,7 @@ async def test_client_disconnect_mid_stream_settles_what_was_generated(
     assert any('"Hello"' in line for line in seen)
     [log] = await _wait_for_logs(services, starter.id, 1)
     assert log.status == 499
+    assert await _balance(live_server, services, starter) == 1_000_000 - (log.cost_micros or 0)
     async with services.database.sessions() as session:
         open_holds = await session.scalar(
             select(func.count()).where(
@@ -447,7 +454,6 @@ async def test_client_disconnect_mid_stream_settles_what_was_generated(
             )
         )
     assert open_holds == 0
-    assert await _balance(services, starter.id) == 1_000_000 - (log.cost_micros or 0)
 
 
 async def _drain(stream: Any, received: list[str]) -> None:
@@ -495,11 +501,18 @@ async def test_40_parallel_requests_against_a_balance_for_10(
     probe = await make_account(services, plan=plan, balance_micros=1_000_000)
     client = sdk(live_server, probe.private_key)
     await client.chat.completions.create(model="test/fake-slow", messages=HELLO, max_tokens=100)  # type: ignore[arg-type]
-    async with services.database.sessions() as session:
-        hold = await session.scalar(
-            select(WalletHold.amount_micros).where(WalletHold.account_id == probe.id)
+    # One call's worst case (what it holds): its input and 100 output tokens at the model's prices.
+    [probe_log] = await _wait_for_logs(services, probe.id, 1)
+    listed = await client.models.retrieve("test/fake-slow")
+    assert listed.model_extra is not None
+    pricing = listed.model_extra["aivax"]["pricing"]
+    hold = -(
+        -(
+            probe_log.input_tokens * pricing["input_micros_per_m"]
+            + 100 * pricing["output_micros_per_m"]
         )
-    assert hold is not None
+        // 1_000_000
+    )  # rounded up, as prices are
     account = await make_account(services, plan=plan, balance_micros=hold * 10)
     client = sdk(live_server, account.private_key)
 
@@ -517,10 +530,11 @@ async def test_40_parallel_requests_against_a_balance_for_10(
     statuses = await asyncio.gather(*(one() for _ in range(40)))
     assert set(statuses) <= {200, 402}
     assert statuses.count(200) >= 10
-    # Never more served than the money pays for (how many get a 402 depends on timing:
-    # each finished call returns most of its hold).
-    assert 17 * statuses.count(200) <= hold * 10
-    await _wait_for_logs(services, account.id, statuses.count(200))
-    balance = await _balance(services, account.id)  # also checks ledger sum == balance
-    assert balance >= 0
-    assert balance == hold * 10 - 17 * statuses.count(200)
+    # How many get a 402 depends on timing: each finished call returns most of what it held,
+    # and a call that arrives then is served with max_tokens clamped to what is left (and
+    # charged at most what it held).
+    logs = await _wait_for_logs(services, account.id, statuses.count(200))
+    assert all(log.status == 200 and 0 < (log.cost_micros or 0) <= 17 for log in logs)
+    balance = await _balance(live_server, services, account)  # also checks ledger sum == balance
+    assert balance >= 0  # never more served than the money pays for
+    assert balance == hold * 10 - sum(log.cost_micros or 0 for log in logs)

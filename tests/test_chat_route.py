@@ -167,6 +167,7 @@ async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
     from aivax.inference.endpoints import respond
     from aivax.inference.schemas import ChatCompletionRequest
     from aivax.models import HoldStatus, RequestLog, WalletHold
+    from aivax.wallet import service as wallet
 
     account = await make_account(services, plan="starter", balance_micros=1_000_000)
     principal = await principal_of(services, account.private_key)
@@ -177,15 +178,19 @@ async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await services.settler.drain()
+    await services.leases.flush(account.id)
     async with services.database.sessions() as session:
         log = await session.scalar(select(RequestLog).where(RequestLog.request_id == request_id))
         statuses = list(
-            await session.scalars(select(WalletHold.status).where(WalletHold.ref == request_id))
+            await session.scalars(
+                select(WalletHold.status).where(WalletHold.account_id == account.id)
+            )
         )
+        balance = await wallet.summary(session, account.id)
     assert log is not None
     assert (log.status, log.error_code, log.cost_micros) == (499, "cancelled", 0)
-    assert statuses == [HoldStatus.RELEASED.value]
+    assert statuses == [HoldStatus.RELEASED.value]  # the account's lease, closed unused
+    assert (balance.balance_micros, balance.held_micros) == (1_000_000, 0)
 
 
 async def test_in_memory_rate_limits_expire_and_old_windows_are_swept(

@@ -305,7 +305,7 @@ async def test_the_writer_serves_a_waiting_hold_before_a_waiting_settlement(
     try:
         # Both frames in one write: both are waiting when the writer picks its next message.
         writer.write(
-            _frame([1, "settle", [[None, 0, None]]])
+            _frame([1, "settle", [[None, 0, None, "hold"]]])
             + _frame([2, "hold", [[account.id.hex, 1_000, "first-call", 0]]])
         )
         first = await asyncio.wait_for(_read_frame(reader), 10)
@@ -355,7 +355,7 @@ async def test_a_hold_is_answered_between_chunks_of_a_long_settlement(
     )
     serving = asyncio.ensure_future(_serve(settings, theirs))
     try:
-        writer.write(_frame([1, "settle", [[None, 0, None]] * (3 * SETTLE_CHUNK)]))
+        writer.write(_frame([1, "settle", [[None, 0, None, "hold"]] * (3 * SETTLE_CHUNK)]))
         first = await asyncio.wait_for(_read_frame(reader), 10)
         second = await asyncio.wait_for(_read_frame(reader), 10)
     finally:

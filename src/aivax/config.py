@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError as SourceError
 
@@ -63,6 +63,26 @@ class Settings(BaseSettings):
         default="process",
         description="Where wallet holds and settlements are written: a wallet-writer process "
         "of the server's own (process) or the server process itself (inline).",
+    )
+    wallet_lease_calls: int = Field(
+        default=16,
+        ge=0,
+        le=10_000,
+        description="Each server process reserves an account's balance for about this many "
+        "calls at once (a wallet lease) and admits its calls against it in memory; 0: one "
+        "database hold per call.",
+    )
+    wallet_lease_idle_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="A wallet lease with no call for this long gives its balance back.",
+    )
+    wallet_lease_max_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A wallet lease takes no new call after this long, and closes when its "
+        "last call ends (must be well under hold_max_age_seconds).",
     )
     max_keys_per_account: int = Field(default=100, ge=1, description="API keys per account.")
     cache_seconds: float = Field(
@@ -130,6 +150,15 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("must be at least 32 characters")
         return value
+
+    @model_validator(mode="after")
+    def _lease_shorter_than_hold(self) -> Settings:
+        if self.wallet_lease_max_seconds * 2 > self.hold_max_age_seconds:
+            raise ValueError(
+                "wallet_lease_max_seconds must be at most half of hold_max_age_seconds "
+                "(a lease's calls must end before the reaper may expire its hold)"
+            )
+        return self
 
     @field_validator("redis_url")
     @classmethod

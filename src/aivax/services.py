@@ -18,6 +18,7 @@ from aivax.providers.registry import ProviderRegistry
 from aivax.rag.jobs import JobRunner
 from aivax.rag.vectors import VectorIndex
 from aivax.wallet.hold_queue import HoldQueue
+from aivax.wallet.leases import LeaseBook
 from aivax.wallet.writer import WalletWriter, build_writer
 
 logger = logging.getLogger("aivax")
@@ -37,6 +38,7 @@ class AppServices:
     writer: WalletWriter
     settler: Settler
     holds: HoldQueue
+    leases: LeaseBook
     vectors: VectorIndex
     jobs: JobRunner
 
@@ -57,6 +59,13 @@ class AppServices:
             writer=writer,
             settler=settler,
             holds=HoldQueue(database, settler, writer),
+            leases=LeaseBook(
+                database,
+                settler,
+                calls=settings.wallet_lease_calls,
+                idle_seconds=settings.wallet_lease_idle_seconds,
+                max_seconds=settings.wallet_lease_max_seconds,
+            ),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
             jobs=JobRunner(
                 database,
@@ -67,6 +76,7 @@ class AppServices:
 
     async def close(self) -> None:
         await self.jobs.stop()
+        await self.leases.close()
         await self.settler.close()
         await self.writer.close()
         await self.registry.close()

@@ -113,7 +113,10 @@ async def adjust(
 
 
 @router.get("/accounts/{account_id}/wallet", response_model=WalletRead)
-async def get_wallet(account_id: uuid.UUID, _: Operator, session: SessionDep) -> WalletRead:
+async def get_wallet(
+    account_id: uuid.UUID, _: Operator, session: SessionDep, services: Services
+) -> WalletRead:
+    await services.leases.flush(account_id)  # as in GET /v1/wallet
     summary = await wallet_service.summary(session, account_id)
     return WalletRead(
         account_id=summary.account_id,
@@ -127,11 +130,13 @@ async def list_ledger(
     account_id: uuid.UUID,
     _: Operator,
     session: SessionDep,
+    services: Services,
     limit: PageLimit = 20,
     after: int | None = None,
     kind: EntryKind | None = None,
 ) -> ListPage[LedgerEntryRead]:
     await account_service.get(session, account_id)
+    await services.leases.flush(account_id)
     entries = await wallet_service.list_entries(
         session, account_id, limit=limit, after=after, kind=kind
     )

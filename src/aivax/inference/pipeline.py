@@ -34,6 +34,7 @@ from aivax.structured import grammar_support
 from aivax.structured import pipeline as structured
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
+from aivax.wallet.leases import Reservation
 
 logger = logging.getLogger("aivax.inference")
 
@@ -145,6 +146,7 @@ class PreparedCall:
     upstream: UpstreamRequest
     admission: admission.Admission
     hold_id: uuid.UUID | None
+    reservation: Reservation | None = None
     gateway_id: uuid.UUID | None = None
     requested_model: str = ""
     fallbacks: list[Attempt] = field(default_factory=list)
@@ -242,7 +244,7 @@ async def prepare(
             for f in fallbacks
         ]
     )
-    hold_id, hold_amount, max_tokens, money_headers = await _hold(
+    held, hold_amount, max_tokens, money_headers = await _hold(
         services,
         principal,
         limits,
@@ -285,7 +287,8 @@ async def prepare(
             stream=request.stream,
         ),
         admission=admitted,
-        hold_id=hold_id,
+        hold_id=held if isinstance(held, uuid.UUID) else None,
+        reservation=held if isinstance(held, Reservation) else None,
         input_tokens=input_tokens,
         gateway_id=gateway.id if gateway is not None else None,
         requested_model=requested_model,
@@ -439,12 +442,32 @@ async def _hold(
     request_id: str,
     *,
     worst: int,
-) -> tuple[uuid.UUID | None, int, int, dict[str, str]]:
-    """Reserve `worst` in one conditional UPDATE; only when that is refused, read the balance
-    to clamp `max_tokens` to what it affords on `model` (or refuse with 402)."""
+) -> tuple[uuid.UUID | Reservation | None, int, int, dict[str, str]]:
+    """Reserve `worst` from the account's wallet lease, or in a hold of the call's own when
+    leases are off; only when that is refused, read the balance to clamp `max_tokens` to what
+    it affords on `model` (or refuse with 402)."""
     if not worst:
         return None, 0, max_tokens, {}
     minimum = limits.multimodal_min_balance_micros if media else limits.min_balance_micros
+    leases = services.leases
+    if leases.enabled:
+        account_id = principal.account_id
+        try:
+            return await leases.reserve(account_id, worst, minimum), worst, max_tokens, {}
+        except ledger.InsufficientBalance:
+            pass
+        async with services.database.sessions() as session:
+            balance = await wallet.summary(session, account_id)
+        amount, clamped, headers = admission.clamp_to_balance(
+            model,
+            balance.balance_micros + leases.free(account_id),
+            minimum,
+            input_tokens,
+            max_tokens,
+            media,
+        )
+        reservation = await leases.reserve(account_id, amount, minimum, exact=True)
+        return reservation, amount, clamped, headers
     try:
         return (
             await _try_hold(services, principal, worst, minimum, request_id),
@@ -617,27 +640,26 @@ async def finish(
     cost = admission.cost_micros(call.model, input_tokens, output_tokens) or 0
     if not (input_tokens or output_tokens):
         cost = 0
-    charge = min(cost, call.admission.hold_micros) if call.hold_id is not None else 0
+    held = call.hold_id is not None or call.reservation is not None
+    charge = min(cost, call.admission.hold_micros) if held else 0
     call.input_tokens, call.output_tokens, call.estimated = input_tokens, output_tokens, estimated
     call.cost_micros = charge if call.model.priced else None
-    call.services.settler.submit(
-        Settlement(
-            hold_id=call.hold_id,
-            cost_micros=charge,
-            log=_log_values(
-                call,
-                model=call.model,
-                status=status,
-                error_code=error_code,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cached=cached,
-                cost=call.cost_micros,
-                estimated=estimated,
-                first=accumulator.first_token_at,
-            ),
-        )
+    log = _log_values(
+        call,
+        model=call.model,
+        status=status,
+        error_code=error_code,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached=cached,
+        cost=call.cost_micros,
+        estimated=estimated,
+        first=accumulator.first_token_at,
     )
+    if call.reservation is not None:
+        call.services.leases.finish(call.reservation, charge, log)
+    else:
+        call.services.settler.submit(Settlement(hold_id=call.hold_id, cost_micros=charge, log=log))
 
 
 def _usage(call: PreparedCall, accumulator: Accumulator) -> tuple[int, int, int, bool]:

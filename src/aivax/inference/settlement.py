@@ -19,7 +19,7 @@ from typing import Any
 
 from aivax.catalog.service import ResolvedModel
 from aivax.kit.clock import utcnow
-from aivax.wallet.writer import WalletWriter
+from aivax.wallet.writer import SettleMode, WalletWriter
 
 logger = logging.getLogger("aivax.settlement")
 
@@ -77,11 +77,14 @@ def log_row(
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """Settle `hold_id` at `cost_micros` (0 releases it) and write the request-log row `log`
-    (None: a hold whose request never reached the pipeline's end, released without a row)."""
+    (None: a hold whose request never reached the pipeline's end, released without a row).
+    `mode` "lease": record the cost against the lease `hold_id` instead; "close": close that
+    lease at what was recorded (`wallet.leases`)."""
 
     hold_id: uuid.UUID | None
     cost_micros: int
     log: dict[str, Any] | None
+    mode: SettleMode = "hold"
 
 
 class Settler:
@@ -118,7 +121,7 @@ class Settler:
                 batch.append(queue.get_nowait())
             try:
                 await self.writer.settle(
-                    [(item.hold_id, item.cost_micros, item.log) for item in batch]
+                    [(item.hold_id, item.cost_micros, item.log, item.mode) for item in batch]
                 )
             except Exception:  # the writer logs what it could not write; keep settling
                 logger.exception("a settlement batch failed")

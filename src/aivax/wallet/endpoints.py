@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from aivax.auth.dependencies import PrivateKey
+from aivax.auth.dependencies import PrivateKey, Services
 from aivax.db import SessionDep
 from aivax.kit.pagination import ListPage, PageLimit, page_of
 from aivax.models import EntryKind
@@ -13,7 +13,10 @@ router = APIRouter(prefix="/v1/wallet", tags=["wallet"])
 
 
 @router.get("", response_model=WalletRead)
-async def get_wallet(auth: PrivateKey, session: SessionDep) -> WalletRead:
+async def get_wallet(auth: PrivateKey, session: SessionDep, services: Services) -> WalletRead:
+    """The balance, with this server's idle wallet lease for the account closed first, so it
+    reads as if every call had been charged on its own (`wallet.leases`)."""
+    await services.leases.flush(auth.account.id)
     summary = await service.summary(session, auth.account.id)
     return WalletRead(
         account_id=summary.account_id,
@@ -26,10 +29,12 @@ async def get_wallet(auth: PrivateKey, session: SessionDep) -> WalletRead:
 async def list_ledger(
     auth: PrivateKey,
     session: SessionDep,
+    services: Services,
     limit: PageLimit = 20,
     after: int | None = None,
     kind: EntryKind | None = None,
 ) -> ListPage[LedgerEntryRead]:
+    await services.leases.flush(auth.account.id)
     entries = await service.list_entries(
         session, auth.account.id, limit=limit, after=after, kind=kind
     )

@@ -16,6 +16,7 @@ from typing import Any, cast
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     Table,
     Uuid,
     bindparam,
@@ -637,6 +638,155 @@ def _closing_entries(
             )
         )
     return entries, balance
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Money moved from an account's spendable balance into an open hold (`wallet.leases`)."""
+
+    hold_id: uuid.UUID
+    amount: int  # added to the hold by this grant (0: only the minimum was checked)
+    balance: int  # the spendable balance after it
+
+
+class HoldNotOpen(Conflict):
+    code = "hold_not_open"
+
+
+_GROW_HOLD = FastStatement(
+    update(HOLDS)
+    .where(HOLDS.c.id == bindparam("hold_id"), _OPEN)
+    .values(amount_micros=HOLDS.c.amount_micros + bindparam("amount", type_=BigInteger))
+    .returning(HOLDS.c.id)
+)
+
+
+def grant(
+    conn: Connection,
+    *,
+    account_id: uuid.UUID,
+    hold_id: uuid.UUID | None,
+    need: int,
+    want: int,
+    minimum: int,
+    ref: str,
+) -> Grant | InsufficientBalance | WalletAccountNotFound:
+    """Move at least `need` and, as far as the balance allows, `want` micros of the spendable
+    balance into open hold `hold_id` (a new hold when None), only while the balance is at least
+    `minimum`. At most a quarter of the balance is taken beyond `need`, so that other server
+    processes sharing the account still find money to lease. Raises `HoldNotOpen` (rolling the
+    transaction back) when `hold_id` was closed meanwhile."""
+    balance = cached_balance(conn, account_id)
+    if balance is None:
+        return WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
+    amount = max(need, min(want, balance // 4))
+    if amount > MAX_MOVEMENT_MICROS:
+        amount = max(need, MAX_MOVEMENT_MICROS)
+    check_hold_amount(max(amount, 1))
+    if amount == 0:
+        if hold_id is None or balance < minimum:
+            return refusal(conn, account_id, max(need, 1))
+        return Grant(hold_id, 0, balance)
+    after = change_balance(conn, account_id, -amount, floor=0, minimum=minimum)
+    if after is None:
+        return refusal(conn, account_id, amount)
+    now = utcnow()
+    if hold_id is None:
+        hold_id = uuid7()
+        key = f"hold:{hold_id}"
+        _INSERT_HOLD.many(
+            conn,
+            [
+                {
+                    "id": hold_id,
+                    "account_id": account_id,
+                    "amount_micros": amount,
+                    "ref": ref[:200],
+                    "status": HoldStatus.OPEN.value,
+                    "created_at": now,
+                }
+            ],
+        )
+    else:
+        if _GROW_HOLD.one(conn, {"hold_id": hold_id, "amount": amount}) is None:
+            raise HoldNotOpen(f"Hold {str(hold_id)!r} is no longer open.")
+        key = f"hold:{hold_id}:{uuid7().hex}"
+    entry = entry_values(
+        account_id, EntryKind.HOLD, -amount, after, key, details={"ref": ref[:200]}, hold_id=hold_id
+    )
+    _INSERT_NEW_ENTRY.many(conn, [entry])
+    return Grant(hold_id, amount, after)
+
+
+_ADD_CHARGE = FastStatement(
+    update(HOLDS)
+    .where(HOLDS.c.id == bindparam("hold_id"), _OPEN)
+    .values(
+        actual_micros=func.coalesce(HOLDS.c.actual_micros, 0) + bindparam("cost", type_=BigInteger)
+    )
+    .returning(HOLDS.c.id)
+)
+
+
+def charge_holds(conn: Connection, charges: dict[uuid.UUID, int]) -> None:
+    """Record calls' costs against open holds (leases), to be charged when each closes
+    (`close_recorded`); the balance does not move, the money is already held. A cost that
+    arrives after its hold was closed (the reaper expired it) is charged at once, as a usage
+    entry of its own, even if that takes the balance below zero: the work was done."""
+    for hold_id in sorted(charges):
+        cost = charges[hold_id]
+        if cost < 0:
+            raise ValueError("a charge cannot be negative")
+        if not cost or _ADD_CHARGE.one(conn, {"hold_id": hold_id, "cost": cost}) is not None:
+            continue
+        account_id = conn.execute(
+            select(HOLDS.c.account_id).where(HOLDS.c.id == hold_id)
+        ).scalar_one_or_none()
+        if account_id is None:
+            raise HoldNotFound(f"No hold {str(hold_id)!r}.")
+        balance = change_balance(conn, account_id, -cost, floor=None)
+        assert balance is not None  # noqa: S101 - the hold's account exists (foreign key)
+        key = f"usage:{hold_id}:{uuid7().hex}"
+        insert_entry(
+            conn,
+            entry_values(
+                account_id,
+                EntryKind.USAGE,
+                -cost,
+                balance,
+                key,
+                details={"late": True},
+                hold_id=hold_id,
+            ),
+        )
+
+
+_CLOSE_RECORDED = FastStatement(
+    update(HOLDS)
+    .where(HOLDS.c.id == bindparam("hold_id"), _OPEN)
+    .values(
+        status=case(
+            (bindparam("expire", type_=Boolean), literal(HoldStatus.EXPIRED.value)),
+            (func.coalesce(HOLDS.c.actual_micros, 0) > 0, literal(HoldStatus.SETTLED.value)),
+            else_=literal(HoldStatus.RELEASED.value),
+        ),
+        actual_micros=func.coalesce(HOLDS.c.actual_micros, 0),
+        closed_at=bindparam("closed_at"),
+    )
+    .returning(HOLDS.c.account_id, HOLDS.c.amount_micros, HOLDS.c.actual_micros)
+)
+
+
+def close_recorded(conn: Connection, hold_id: uuid.UUID, *, expire: bool = False) -> bool:
+    """Close an open hold, charging what was recorded against it (`charge_holds`; nothing for
+    a call's own hold, which records none while open) and giving back the rest: settled or
+    released, or expired (`expire`, the reaper). True if this call closed it."""
+    row = _CLOSE_RECORDED.one(conn, {"hold_id": hold_id, "expire": expire, "closed_at": utcnow()})
+    if row is None:
+        return False
+    account_id, amount, charge = row
+    _return_and_charge(conn, account_id, hold_id, amount, charge, charge)
+    return True
 
 
 def stale_holds_query(*, created_before: Any, limit: int) -> Select[Any]:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from aivax.kit.clock import utcnow
-from aivax.models import EntryKind, HoldStatus, LedgerEntry, WalletHold
+from aivax.models import EntryKind, LedgerEntry, WalletHold
 from aivax.wallet import ledger, repository
 from aivax.wallet.ledger import (  # noqa: F401 - the errors are part of this API
     MAX_MOVEMENT_MICROS,
@@ -116,11 +116,12 @@ async def _load_hold(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold:
 
 
 async def reap_stale_holds(session: AsyncSession, *, max_age: timedelta, batch: int = 500) -> int:
-    """Expire open holds older than `max_age` (a crashed request must not lock money forever)."""
+    """Expire open holds older than `max_age` (a crashed request must not lock money forever):
+    what was recorded against a hold (a lease's calls) is charged, the rest given back."""
 
     def reap(conn: Any) -> int:
         ids = ledger.stale_hold_ids(conn, created_before=utcnow() - max_age, limit=batch)
-        return sum(ledger.release(conn, hold_id, HoldStatus.EXPIRED) for hold_id in ids)
+        return sum(ledger.close_recorded(conn, hold_id, expire=True) for hold_id in ids)
 
     return await _run(session, reap)
 

@@ -24,7 +24,7 @@ next write starts a new writer.
 
 Wire format: frames of a 4-byte big-endian length and a JSON array (orjson):
   request  [id, "hold", [[account_id, amount, ref, minimum], ...]]
-           [id, "settle", [[hold_id | null, cost, log_row | null], ...]]
+           [id, "settle", [[hold_id | null, cost, log_row | null, mode], ...]]
   reply    [id, "ok", results]  |  [id, "failed", message]
 A hold's result is ["held", hold_id] or [error_kind, message, param].
 """
@@ -42,7 +42,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 import uvloop
@@ -59,9 +59,11 @@ from aivax.wallet.ledger import HoldRequest
 logger = logging.getLogger("aivax.wallet.writer")
 
 HoldResult = uuid.UUID | Exception
-# What a settlement batch carries per call: the hold to close (None: nothing was held), the
-# amount to charge (0 releases it) and the request-log row (None: no row).
-SettleItem = tuple[uuid.UUID | None, int, dict[str, Any] | None]
+# What a settlement batch carries per call: the hold (None: nothing was held), the amount to
+# charge, the request-log row (None: no row) and what to do with the hold (`SettleMode`).
+SettleMode = Literal["hold", "lease", "close"]
+SettleItem = tuple[uuid.UUID | None, int, dict[str, Any] | None, SettleMode]
+SETTLE_MODES: tuple[SettleMode, ...] = ("hold", "lease", "close")
 
 _INSERT_LOG = FastStatement(insert(RequestLog))  # see the note in wallet.ledger
 _HEADER = struct.Struct(">I")
@@ -98,10 +100,28 @@ class WalletWriter(Protocol):
 
 
 def _settle(conn: Connection, items: Sequence[SettleItem]) -> None:
-    holds = [(hold_id, cost) for hold_id, cost, _ in items if hold_id is not None]
+    """Modes: "hold" settles a call's own hold at the cost (0 releases it); "lease" records
+    the cost against a lease (`ledger.charge_holds`); "close" closes a lease at what was
+    recorded against it (`ledger.close_recorded`), after this batch's charges."""
+    holds: list[tuple[uuid.UUID, int]] = []
+    charges: dict[uuid.UUID, int] = {}
+    closes: list[uuid.UUID] = []
+    for hold_id, cost, _, mode in items:
+        if hold_id is None:
+            continue
+        if mode == "hold":
+            holds.append((hold_id, cost))
+        elif mode == "lease":
+            charges[hold_id] = charges.get(hold_id, 0) + cost
+        else:
+            closes.append(hold_id)
     if holds:
         ledger.settle_many(conn, holds)
-    logs = [log for _, _, log in items if log is not None]
+    if charges:
+        ledger.charge_holds(conn, charges)
+    for hold_id in closes:
+        ledger.close_recorded(conn, hold_id)
+    logs = [log for _, _, log, _ in items if log is not None]
     if logs:
         _INSERT_LOG.many(conn, logs)
 
@@ -178,7 +198,7 @@ async def _settle_with_retry(
         return
     except Exception:
         if len(items) == 1:
-            hold_id, _, log = items[0]
+            hold_id, _, log, _ = items[0]
             logger.exception(
                 "settling %s failed; the reaper will release its hold",
                 log.get("request_id") if log else hold_id,
@@ -359,8 +379,13 @@ class _Session:
                 return [request_id, "ok", [_hold_result_to_wire(r) for r in results]]
             if op == "settle":
                 items = [
-                    (uuid.UUID(h) if h else None, int(c), _log_from_wire(log) if log else None)
-                    for h, c, log in payload
+                    (
+                        uuid.UUID(h) if h else None,
+                        int(c),
+                        _log_from_wire(log) if log else None,
+                        _settle_mode(mode),
+                    )
+                    for h, c, log, mode in payload
                 ]
                 size = len(items) if self.database.is_postgresql else SETTLE_CHUNK
                 for start in range(0, len(items), size):
@@ -379,6 +404,13 @@ class _Session:
         await asyncio.sleep(0)  # let them into the inbox
         while any(message[1] == "hold" for message in self.inbox):
             await self._reply(_next_message(self.inbox))
+
+
+def _settle_mode(wire: Any) -> SettleMode:
+    for mode in SETTLE_MODES:
+        if wire == mode:
+            return mode
+    raise ValueError(f"unknown settlement mode {wire!r}")
 
 
 def _next_message(inbox: collections.deque[list[Any]]) -> list[Any]:
@@ -426,7 +458,7 @@ class ProcessWriter:
         return [_hold_result_from_wire(result) for result in wire]
 
     async def settle(self, items: Sequence[SettleItem]) -> None:
-        payload = [[hold_id, cost, log] for hold_id, cost, log in items]
+        payload = [list(item) for item in items]
         try:
             await self._call("settle", payload)
         except WalletWriterUnavailable:
