@@ -174,13 +174,14 @@ class LeaseBook:
         await self.settler.drain()
 
     async def close(self) -> None:
-        """At shutdown (no call in flight): close every lease."""
+        """At shutdown: close every lease now, or when its last call ends."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                 await self._sweeper
             self._sweeper = None
-        self.close_idle()
+        for lease in list(self._current.values()):
+            self._retire(lease)
 
     # --- inside ----------------------------------------------------------------------------
 
@@ -245,6 +246,8 @@ class LeaseBook:
             return self._take(lease, amount)
         finally:
             lease.growing = None
+            if lease.retired and lease.calls == 0:  # retired meanwhile (shutdown)
+                self._close(lease)
 
     def _give_back(self, task: asyncio.Task[Reservation | None]) -> None:
         """A grant whose caller left while it was taken: its reservation ends unused."""
