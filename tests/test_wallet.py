@@ -312,3 +312,17 @@ async def test_hold_for_unknown_account_is_not_found(services: AppServices) -> N
         with pytest.raises(AppError) as raised:
             await wallet.hold(session, account_id=uuid.uuid4(), amount_micros=1, ref="x")
     assert raised.value.status == 404
+
+
+async def test_usd_strings_are_exact_for_every_amount() -> None:
+    """Micro-units as USD strings, checked against `Decimal` arithmetic, and back."""
+    from decimal import Decimal
+
+    from aivax.kit.money import micros_to_usd, usd_to_micros
+
+    amounts = [0, 1, -1, 999_999, 1_000_000, -1_000_001, 1_250_000, 10**12, -(10**12)]
+    amounts += [7**n for n in range(25)] + [-(3**n) for n in range(30)]
+    for micros in amounts:
+        expected = str((Decimal(micros) / 1_000_000).quantize(Decimal("0.000001")))
+        assert micros_to_usd(micros) == expected, micros
+        assert usd_to_micros(micros_to_usd(micros)) == micros
