@@ -8,9 +8,7 @@ MICROS_PER_USD = 1_000_000
 
 
 def micros_to_usd(micros: int) -> str:
-    """Render micro-units as a USD decimal string without float rounding, e.g. '1.250000'
-    (integer arithmetic: every response carries its cost, and `Decimal` took five times as
-    long)."""
+    """Render micro-units as a USD decimal string without float rounding, e.g. '1.250000'."""
     whole, fraction = divmod(abs(micros), MICROS_PER_USD)
     return f"{'-' if micros < 0 else ''}{whole}.{fraction:06d}"
 
