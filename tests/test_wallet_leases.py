@@ -290,3 +290,32 @@ def test_a_lease_must_end_well_before_the_reaper_may_take_it(settings: Settings)
             wallet_lease_max_seconds=1_000,
             hold_max_age_seconds=1_800,
         )
+
+
+async def test_reading_the_wallet_charges_the_calls_of_an_idle_lease(
+    client: Any, services: AppServices, admin_headers: dict[str, str], fake_models: list[str]
+) -> None:
+    """Through the API: after a call, the wallet and its ledger (the account's own view and
+    the operator's) show the call charged and nothing held, the lease closed by the read."""
+    account = await make_account(services, plan="starter", balance_micros=1_000_000)
+    answer = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert answer.status_code == 200
+    cost = int(answer.headers["x-aivax-cost-micros"])
+    assert cost > 0
+    await services.settler.drain()
+    assert [status for _, _, status in await holds_of(services, account.id)] == ["open"]
+    operator = await client.get(f"/admin/accounts/{account.id}/wallet", headers=admin_headers)
+    assert (operator.json()["balance_micros"], operator.json()["held_micros"]) == (
+        1_000_000 - cost,
+        0,
+    )
+    own = (await client.get("/v1/wallet", headers=account.headers)).json()
+    assert (own["balance_micros"], own["held_micros"]) == (1_000_000 - cost, 0)
+    ledger_page = (await client.get("/v1/wallet/ledger", headers=account.headers)).json()
+    kinds = [(entry["kind"], entry["details"].get("ref")) for entry in ledger_page["data"]]
+    assert kinds[:3] == [("usage", None), ("release", None), ("hold", "lease")]
+    assert ledger_page["data"][0]["amount_micros"] == -cost
