@@ -18,7 +18,7 @@ from aivax.services import AppServices
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
 from aivax.wallet.leases import LeaseBook
-from tests.fixtures.factories import make_account, principal_of
+from tests.fixtures.factories import make_account, make_plan, principal_of
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock
 
 
@@ -278,6 +278,20 @@ async def test_without_leases_each_call_holds_on_its_own(
             ).one()
         assert (hold.status, hold.actual_micros, log.cost_micros) == ("settled", 17, 17)
         assert await balance_and_ledger_sum(services, account.id) == (999_983, 999_983)
+        # A balance short of the worst case: max_tokens clamped, held on its own.
+        poor = await make_account(services, plan=await make_plan(services), balance_micros=500)
+        clamped: Any = await respond(
+            services, await principal_of(services, poor.private_key), body, "req_poor", None
+        )
+        assert clamped.status_code == 200
+        assert "x-aivax-max-tokens-clamped" in clamped.headers
+        await services.settler.drain()
+        async with services.database.sessions() as session:
+            held = (
+                await session.scalars(select(WalletHold).where(WalletHold.ref == "req_poor"))
+            ).one()
+        assert held.amount_micros <= 500
+        assert await balance_and_ledger_sum(services, poor.id) == (500 - 17, 500 - 17)
     finally:
         await services.close()
 

@@ -443,56 +443,40 @@ async def _hold(
     *,
     worst: int,
 ) -> tuple[uuid.UUID | Reservation | None, int, int, dict[str, str]]:
-    """Reserve `worst` from the account's wallet lease, or in a hold of the call's own when
-    leases are off; only when that is refused, read the balance to clamp `max_tokens` to what
-    it affords on `model` (or refuse with 402)."""
+    """Reserve `worst` (see `_reserve`); only when that is refused, read the balance to clamp
+    `max_tokens` to what it affords on `model` (or refuse with 402)."""
     if not worst:
         return None, 0, max_tokens, {}
     minimum = limits.multimodal_min_balance_micros if media else limits.min_balance_micros
-    leases = services.leases
-    if leases.enabled:
-        account_id = principal.account_id
-        try:
-            return await leases.reserve(account_id, worst, minimum), worst, max_tokens, {}
-        except ledger.InsufficientBalance:
-            pass
-        async with services.database.sessions() as session:
-            balance = await wallet.summary(session, account_id)
-        amount, clamped, headers = admission.clamp_to_balance(
-            model,
-            balance.balance_micros + leases.free(account_id),
-            minimum,
-            input_tokens,
-            max_tokens,
-            media,
-        )
-        reservation = await leases.reserve(account_id, amount, minimum, exact=True)
-        return reservation, amount, clamped, headers
     try:
-        return (
-            await _try_hold(services, principal, worst, minimum, request_id),
-            worst,
-            max_tokens,
-            {},
-        )
+        held = await _reserve(services, principal, worst, minimum, request_id, exact=False)
+        return held, worst, max_tokens, {}
     except ledger.InsufficientBalance:
         pass
+    account_id = principal.account_id
     async with services.database.sessions() as session:
-        balance = await wallet.summary(session, principal.account_id)
+        balance = (await wallet.summary(session, account_id)).balance_micros
+    if services.leases.enabled:
+        balance += services.leases.free(account_id)  # the lease is spendable too
     amount, clamped, headers = admission.clamp_to_balance(
-        model, balance.balance_micros, minimum, input_tokens, max_tokens, media
+        model, balance, minimum, input_tokens, max_tokens, media
     )
-    return (
-        await _try_hold(services, principal, amount, minimum, request_id),
-        amount,
-        clamped,
-        headers,
-    )
+    held = await _reserve(services, principal, amount, minimum, request_id, exact=True)
+    return held, amount, clamped, headers
 
 
-async def _try_hold(
-    services: AppServices, principal: Principal, amount: int, minimum: int, request_id: str
-) -> uuid.UUID:
+async def _reserve(
+    services: AppServices,
+    principal: Principal,
+    amount: int,
+    minimum: int,
+    request_id: str,
+    *,
+    exact: bool,
+) -> uuid.UUID | Reservation:
+    """From the account's wallet lease, or — leases off — in a hold of the call's own."""
+    if services.leases.enabled:
+        return await services.leases.reserve(principal.account_id, amount, minimum, exact=exact)
     return await services.holds.hold(
         account_id=principal.account_id,
         amount_micros=amount,

@@ -14,9 +14,9 @@ however many processes or replicas share the account.
   checked against the lease alone (the lease is part of the spendable balance, so this is
   conservative); a call that fails that check, or does not fit, makes the lease grow.
 - Growing is one transaction (`ledger.grant`): it checks the minimum against the real balance
-  and moves the call's worst case plus room for `calls` more calls into the lease, at most a
-  quarter of the balance beyond what the call needs (other processes may want some). One call
-  grows a lease at a time; the others wait for it.
+  and moves the call's worst case plus room for `calls` more calls into the lease, but no more
+  than a quarter of the balance unless the call needs more (other processes may want some).
+  One call grows a lease at a time; the others wait for it.
 - Each finished call's cost is recorded against the lease with its request-log row, by the
   settler, in the same batch transactions as before (`ledger.charge_holds`). The balance moves
   when the lease closes: the recorded costs are charged as one `usage` entry and the rest comes

@@ -673,9 +673,9 @@ def grant(
 ) -> Grant | InsufficientBalance | WalletAccountNotFound:
     """Move at least `need` and, as far as the balance allows, `want` micros of the spendable
     balance into open hold `hold_id` (a new hold when None), only while the balance is at least
-    `minimum`. At most a quarter of the balance is taken beyond `need`, so that other server
-    processes sharing the account still find money to lease. Raises `HoldNotOpen` (rolling the
-    transaction back) when `hold_id` was closed meanwhile."""
+    `minimum`. No more than a quarter of the balance is taken (or `need`, if that is more), so
+    that other server processes sharing the account still find money to lease. Raises
+    `HoldNotOpen` (rolling the transaction back) when `hold_id` was closed meanwhile."""
     balance = cached_balance(conn, account_id)
     if balance is None:
         return WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
