@@ -333,3 +333,42 @@ async def test_reading_the_wallet_charges_the_calls_of_an_idle_lease(
     kinds = [(entry["kind"], entry["details"].get("ref")) for entry in ledger_page["data"]]
     assert kinds[:3] == [("usage", None), ("release", None), ("hold", "lease")]
     assert ledger_page["data"][0]["amount_micros"] == -cost
+
+
+async def test_a_settlement_batch_takes_a_leases_account_before_its_hold(
+    services: AppServices,
+) -> None:
+    """PostgreSQL: a lease grows by locking its account, then its hold. A settlement batch
+    charging that lease must wait for the account first, never hold the hold's row while it
+    waits (the two would deadlock once the batch also needs the account)."""
+    if not services.database.is_postgresql:
+        pytest.skip("PostgreSQL only: SQLite writes one transaction at a time")
+    from sqlalchemy import update
+
+    from aivax.models import Account
+    from aivax.wallet.writer import _settle
+
+    leases = book(services)
+    account = await make_account(services, balance_micros=10_000)
+    reservation = await leases.reserve(account.id, 100, 0)
+    [hold_id] = await open_hold_ids(services, account.id)
+    growing = services.database.sessions()  # a grant in progress: the account is locked
+    await growing.execute(update(Account).where(Account.id == account.id).values(name=Account.name))
+    batch = asyncio.ensure_future(
+        services.database.run_write(lambda c: _settle(c, [(hold_id, 30, None, "lease")]))
+    )
+    try:
+        await asyncio.sleep(0.3)
+        assert not batch.done()  # waiting for the account
+        async with services.database.sessions() as other:  # the hold's row is not locked
+            await other.execute(
+                select(WalletHold.id).where(WalletHold.id == hold_id).with_for_update(nowait=True)
+            )
+    finally:
+        await growing.rollback()
+        await growing.close()
+    await batch
+    assert await holds_of(services, account.id) == [(400, 30, "open")]
+    leases.finish(reservation, 0, None)
+    await leases.flush()
+    assert await balance_and_ledger_sum(services, account.id) == (9_970, 9_970)

@@ -718,6 +718,25 @@ def grant(
     return Grant(hold_id, amount, after)
 
 
+def lock_accounts_of(conn: Connection, hold_ids: list[uuid.UUID]) -> None:
+    """PostgreSQL: lock the accounts of these holds, in id order, before any of their rows.
+
+    A lease's grant locks its account, then its hold row. A settlement batch that charged one
+    lease's hold and then needed the same account (to close the account's previous lease, say)
+    would wait for the grant while the grant waited for it: a deadlock, which PostgreSQL breaks
+    after a second by failing one of them. With the accounts locked first, every transaction
+    takes the account before the hold. (SQLite writes one transaction at a time.)"""
+    if conn.dialect.name != "postgresql" or not hold_ids:
+        return
+    owners = select(HOLDS.c.account_id).where(HOLDS.c.id.in_(hold_ids))
+    conn.execute(
+        select(ACCOUNTS.c.id)
+        .where(ACCOUNTS.c.id.in_(owners))
+        .order_by(ACCOUNTS.c.id)
+        .with_for_update()
+    )
+
+
 _ADD_CHARGE = FastStatement(
     update(HOLDS)
     .where(HOLDS.c.id == bindparam("hold_id"), _OPEN)

@@ -115,6 +115,7 @@ def _settle(conn: Connection, items: Sequence[SettleItem]) -> None:
             charges[hold_id] = charges.get(hold_id, 0) + cost
         else:
             closes.append(hold_id)
+    ledger.lock_accounts_of(conn, [*charges, *closes])
     if holds:
         ledger.settle_many(conn, holds)
     if charges:
