@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 REDIS_URL = os.environ.get("AIVAX_TEST_REDIS_URL")
 LIMIT = 4
+AIVAX_SERVE = [sys.executable, "-m", "aivax", "serve"]
 
 
 @asynccontextmanager
@@ -121,3 +122,112 @@ async def test_in_process_limits_admit_the_limit_per_replica(
     headers = await account_factory()  # type: ignore[misc]
     async with replicas(settings, tmp_path, None) as urls:
         assert await _admitted(urls, headers, 10) == 2 * LIMIT
+
+
+def _worker_processes(parent: int) -> list[int]:
+    """The uvicorn workers of `parent`: its children started as new interpreters."""
+    children = [
+        int(child)
+        for task in Path(f"/proc/{parent}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+async def test_workers_share_one_port_and_charge_every_call(
+    settings: Settings, services: AppServices, tmp_path: Path, fake_models: list[str]
+) -> None:
+    """`aivax serve --workers 2`: two worker processes behind one port serve concurrent calls,
+    and once their wallet leases close every call is charged exactly once."""
+    if not REDIS_URL:
+        pytest.skip("needs Redis: set AIVAX_TEST_REDIS_URL (.ci/run always does)")
+    from sqlalchemy import func, select
+
+    from aivax.models import RequestLog, WalletHold
+    from aivax.wallet import service as wallet
+
+    account = await make_account(services, plan=await make_plan(services), balance_micros=100_000)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
+    env |= {
+        "AIVAX_DATABASE_URL": settings.database_url,
+        "AIVAX_SECRET_KEY": TEST_SECRET,
+        "AIVAX_DATA_DIR": str(tmp_path),
+        "AIVAX_BOOTSTRAP_DEMO": "false",
+        "AIVAX_LOG_LEVEL": "warning",
+        "AIVAX_REDIS_URL": REDIS_URL,
+        "AIVAX_WALLET_LEASE_IDLE_SECONDS": "0.2",
+    }
+    port = _free_port()
+    server = subprocess.Popen(
+        [*AIVAX_SERVE, "--no-migrate", "--workers", "2", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(300):
+                assert server.poll() is None, "the server exited during start"
+                try:
+                    if (await http.get(f"{url}/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+            for _ in range(100):  # the second worker may still be starting
+                if len(_worker_processes(server.pid)) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(_worker_processes(server.pid)) == 2
+
+            async def call() -> int:
+                async with httpx.AsyncClient(timeout=30) as own:  # a connection of its own
+                    answer = await own.post(
+                        f"{url}/v1/chat/completions", headers=account.headers, json=body
+                    )
+                return answer.status_code
+
+            assert await asyncio.gather(*(call() for _ in range(20))) == [200] * 20
+        for _ in range(100):  # both workers' leases close once idle
+            async with services.database.sessions() as session:
+                still_open = await session.scalar(
+                    select(func.count()).where(
+                        WalletHold.account_id == account.id, WalletHold.status == "open"
+                    )
+                )
+                costs = await session.scalar(
+                    select(func.sum(RequestLog.cost_micros)).where(
+                        RequestLog.account_id == account.id
+                    )
+                )
+                calls = await session.scalar(
+                    select(func.count()).where(RequestLog.account_id == account.id)
+                )
+            if still_open == 0 and calls == 20:
+                break
+            await asyncio.sleep(0.1)
+        assert (still_open, calls) == (0, 20)
+        async with services.database.sessions() as session:
+            report = await wallet.check_invariant(session, account.id)
+        assert report.holds
+        assert report.cached_balance_micros == 100_000 - (costs or 0)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+async def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
+    env |= {"AIVAX_SECRET_KEY": TEST_SECRET, "AIVAX_DATA_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [*AIVAX_SERVE, "--no-migrate", "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "2 workers need AIVAX_REDIS_URL" in done.stderr

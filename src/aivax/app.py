@@ -24,7 +24,7 @@ from aivax.auth.middleware import AccountKeyMiddleware, BodySizeLimitMiddleware
 from aivax.catalog.endpoints import admin_router as admin_models_router
 from aivax.catalog.endpoints import router as credentials_router
 from aivax.catalog.service import seed_from_file
-from aivax.config import Settings
+from aivax.config import Settings, load_settings
 from aivax.gateways.endpoints import router as gateways_router
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
@@ -124,6 +124,12 @@ class AivaxApp(FastAPI):
             await lane(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker of `aivax serve --workers N`: uvicorn imports this in each worker
+    process, which reads the same settings from the environment as the parent did."""
+    return create_app(load_settings())
 
 
 def create_app(settings: Settings, *, services: AppServices | None = None) -> FastAPI:

@@ -127,6 +127,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (AIVAX_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (AIVAX_PORT).")] = None,
     migrate: Annotated[bool, typer.Option(help="Apply migrations before starting.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Server processes (AIVAX_WORKERS); more than one needs AIVAX_REDIS_URL."),
+    ] = None,
 ) -> None:
     """Migrate, bootstrap on first start, and run the HTTP server."""
     import uvicorn
@@ -134,7 +138,12 @@ def serve(
     from aivax.app import create_app
     from aivax.bootstrap import bootstrap
 
-    settings = settings_or_exit(host=host, port=port)
+    settings = settings_or_exit(host=host, port=port, workers=workers)
+    if settings.workers > 1 and settings.redis_url is None:
+        fail(
+            f"{settings.workers} workers need AIVAX_REDIS_URL: without it each worker would "
+            "count rate limits on its own, admitting up to that many times a plan's limits"
+        )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -150,16 +159,21 @@ def serve(
     if credentials is not None:
         typer.echo(credentials.banner(f"http://{settings.host}:{settings.port}"))
     sys.stdout.flush()
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
         # One access-log line per request at info and debug; above that, uvicorn would still
         # format each line's arguments before dropping it.
-        access_log=settings.log_level in ("debug", "info"),
-        server_header=False,
-    )
+        "access_log": settings.log_level in ("debug", "info"),
+        "server_header": False,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # uvicorn binds the port here and starts each worker as a new interpreter, which builds
+    # its own app (services, wallet writer, leases) from the environment.
+    uvicorn.run("aivax.app:app_from_environment", factory=True, workers=settings.workers, **options)
 
 
 async def _bootstrap_and_close(services: AppServices, bootstrap: Callable[..., Any]) -> Any:

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP server binds to.")
     log_level: LogLevel = Field(default="info", description="Log level.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Server processes `aivax serve` runs on one port; more than one needs "
+        "AIVAX_REDIS_URL, so that rate limits are counted across them.",
+    )
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes."
     )
