@@ -14,8 +14,8 @@ router = APIRouter(prefix="/v1/wallet", tags=["wallet"])
 
 @router.get("", response_model=WalletRead)
 async def get_wallet(auth: PrivateKey, session: SessionDep, services: Services) -> WalletRead:
-    """The balance, with this server's idle wallet lease for the account closed first, so it
-    reads as if every call had been charged on its own (`wallet.leases`)."""
+    """The balance. The answering server first closes its idle wallet lease for the account,
+    so calls that have ended show as charged, with nothing held for them."""
     await services.leases.flush(auth.account.id)
     summary = await service.summary(session, auth.account.id)
     return WalletRead(
