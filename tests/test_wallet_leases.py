@@ -372,3 +372,19 @@ async def test_a_settlement_batch_takes_a_leases_account_before_its_hold(
     leases.finish(reservation, 0, None)
     await leases.flush()
     assert await balance_and_ledger_sum(services, account.id) == (9_970, 9_970)
+
+
+async def test_a_negative_adjustment_may_take_what_an_idle_lease_holds(
+    client: Any, services: AppServices, admin_headers: dict[str, str]
+) -> None:
+    account = await make_account(services, balance_micros=10_000)
+    services.leases.finish(await services.leases.reserve(account.id, 100, 0), 0, None)
+    assert (await summary(services, account.id))[1] > 0  # held by the server's idle lease
+    taken = await client.post(
+        f"/admin/accounts/{account.id}/adjustments",
+        headers=admin_headers,
+        json={"amount_micros": -10_000, "description": "the whole balance"},
+    )
+    assert taken.status_code == 201, taken.text
+    assert await summary(services, account.id) == (0, 0)
+    assert await balance_and_ledger_sum(services, account.id) == (0, 0)

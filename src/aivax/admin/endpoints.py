@@ -106,9 +106,12 @@ async def adjust(
     data: CreditCreate,
     _: Operator,
     session: SessionDep,
+    services: Services,
     response: Response,
     idempotency_key: IdempotencyHeader = None,
 ) -> CreditResult:
+    if data.micros < 0:  # may take what this server's idle wallet lease holds: give it back first
+        await services.leases.flush(account_id)
     return await _credit(session, account_id, data, idempotency_key, EntryKind.ADJUSTMENT, response)
 
 
