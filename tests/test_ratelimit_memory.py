@@ -1,11 +1,14 @@
 """The in-process rate-limit storage: no hit starts the library's sweep task (which walks every
-key on every hit); the same hook drops expired counters in place, at most once a second."""
+key on every hit); the same hook drops expired counters in place, at most once a second. And
+the limiter reads a busy limit's window at most once a tenth of a second."""
 
 from __future__ import annotations
 
 import inspect
 import time
+from typing import Any
 
+import pytest
 from limits.aio.storage import MemoryStorage
 
 from aivax.inference.ratelimit import RateLimiter, SweptMemoryStorage
@@ -46,3 +49,32 @@ async def test_expired_counters_are_dropped_once_a_second() -> None:
     await limiter.hit_requests("rpm:fresh:model", 10)
     assert len(storage.storage) == 11
     assert set(storage.expirations) == set(storage.storage)
+
+
+async def test_a_busy_limits_window_is_read_once_a_tenth_of_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every hit is counted; the window's state for the headers is read afresh only when this
+    process has not read it in the last tenth of a second, or when the hit is refused."""
+    from aivax.inference import ratelimit
+
+    limiter = RateLimiter(None)
+    reads = 0
+    read = limiter._strategy.get_window_stats
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(limiter._strategy, "get_window_stats", counted)
+    clock = [1_000.0]
+    limiter.clock = lambda: clock[0]
+    remaining = [(await limiter.hit_requests("rpm:busy", 5)).remaining for _ in range(4)]
+    assert (remaining, reads) == ([4, 3, 2, 1], 1)  # counted down by this process's own hits
+    clock[0] += ratelimit.STATS_SECONDS
+    assert (await limiter.hit_requests("rpm:busy", 5)).remaining == 0
+    assert reads == 2  # a tenth of a second later: read again
+    refused = await limiter.hit_requests("rpm:busy", 5)
+    assert (refused.allowed, refused.remaining, reads) == (False, 0, 3)  # refusals always read
+    assert refused.reset_seconds > 0

@@ -10,6 +10,7 @@ request and, in memory, sweeps them with a thread hop per key — far too slow f
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerMinute
@@ -64,10 +65,31 @@ def _storage(redis_url: str | None) -> Storage:
     return RedisStorage(uri, implementation="redispy", key_prefix="aivax")
 
 
+# A limit's window (remaining, reset) as last read, reused for this long by the same process.
+STATS_SECONDS = 0.1
+
+
+@dataclass(slots=True)
+class _Window:
+    read_at: float  # time.monotonic()
+    remaining: int
+    reset_time: float  # time.time() of the next reset, as read
+
+
 class RateLimiter:
+    """Each call is admitted by an exact, atomic hit on its limits. The window's remaining
+    count and reset time, for the `x-ratelimit-*` headers, are read with the hit only when this
+    process has not read them in the last `STATS_SECONDS`; in between they are counted down by
+    this process's own hits. That halves the storage operations of a busy key (on Redis, two
+    commands per call instead of four) at the price of headers that miss other processes'
+    hits of the last tenth of a second. A refusal always reads them afresh (Retry-After)."""
+
     def __init__(self, redis_url: str | None) -> None:
         self.storage = _storage(redis_url)
         self._strategy = SlidingWindowCounterRateLimiter(self.storage)
+        self._windows: dict[tuple[str, int], _Window] = {}
+        self._windows_swept = time.monotonic()
+        self.clock: Callable[[], float] = time.monotonic  # when windows were read
 
     async def hit_requests(self, scope: str, per_minute: int) -> Decision:
         return await self._hit(RateLimitItemPerMinute(per_minute), scope, 1)
@@ -79,13 +101,30 @@ class RateLimiter:
         if item.amount <= 0:
             return Decision(False, 0, 0, 60.0)
         allowed = await self._strategy.hit(item, scope, cost=cost)
-        stats = await self._strategy.get_window_stats(item, scope)
+        now = self.clock()
+        key = (scope, item.amount)
+        window = self._windows.get(key)
+        if not allowed or window is None or now - window.read_at >= STATS_SECONDS:
+            stats = await self._strategy.get_window_stats(item, scope)
+            window = _Window(now, max(stats.remaining, 0), stats.reset_time)
+            self._windows[key] = window
+            self._sweep_windows(now)
+        else:
+            window.remaining = max(window.remaining - cost, 0)
         return Decision(
             allowed=allowed,
             limit=item.amount,
-            remaining=max(stats.remaining, 0),
-            reset_seconds=max(stats.reset_time - time.time(), 0.0),
+            remaining=window.remaining,
+            reset_seconds=max(window.reset_time - time.time(), 0.0),
         )
+
+    def _sweep_windows(self, now: float) -> None:
+        """Forget windows not read for a second (at most once a second)."""
+        if now - self._windows_swept < 1.0:
+            return
+        self._windows_swept = now
+        for key in [k for k, w in self._windows.items() if now - w.read_at >= STATS_SECONDS]:
+            del self._windows[key]
 
     async def reset(self) -> None:
         await self.storage.reset()
