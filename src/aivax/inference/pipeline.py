@@ -456,8 +456,7 @@ async def _hold(
     account_id = principal.account_id
     async with services.database.sessions() as session:
         balance = (await wallet.summary(session, account_id)).balance_micros
-    if services.leases.enabled:
-        balance += services.leases.free(account_id)  # the lease is spendable too
+    balance += services.leases.free(account_id)  # a lease's unused money is spendable too
     amount, clamped, headers = admission.clamp_to_balance(
         model, balance, minimum, input_tokens, max_tokens, media
     )

@@ -150,12 +150,11 @@ class LeaseBook:
 
     def close_idle(
         self, *, idle_since: float | None = None, account_id: uuid.UUID | None = None
-    ) -> int:
+    ) -> None:
         """Close the leases with no call in flight (of `account_id` only, if given) that have
-        been unused since `idle_since` (a `time.monotonic()` reading; None: any). The number
-        closed."""
+        been unused since `idle_since` (a `time.monotonic()` reading; None: any), or that are
+        past their age."""
         now = time.monotonic()
-        closed = 0
         for lease in list(self._current.values()):
             if account_id is not None and lease.account_id != account_id:
                 continue
@@ -164,8 +163,6 @@ class LeaseBook:
             too_old = now - lease.opened >= self.max_seconds
             if idle_since is None or lease.used <= idle_since or too_old:
                 self._retire(lease)
-                closed += 1
-        return closed
 
     async def flush(self, account_id: uuid.UUID | None = None) -> None:
         """Close the idle leases (of `account_id`, if given) and wait until everything the

@@ -646,7 +646,6 @@ class Grant:
 
     hold_id: uuid.UUID
     amount: int  # added to the hold by this grant (0: only the minimum was checked)
-    balance: int  # the spendable balance after it
 
 
 class HoldNotOpen(Conflict):
@@ -679,14 +678,12 @@ def grant(
     balance = cached_balance(conn, account_id)
     if balance is None:
         return WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
-    amount = max(need, min(want, balance // 4))
-    if amount > MAX_MOVEMENT_MICROS:
-        amount = max(need, MAX_MOVEMENT_MICROS)
-    check_hold_amount(max(amount, 1))
+    # `need` is at most one call's worst case, which the caller checked (`check_hold_amount`).
+    amount = max(need, min(want, balance // 4, MAX_MOVEMENT_MICROS))
     if amount == 0:
         if hold_id is None or balance < minimum:
             return refusal(conn, account_id, max(need, 1))
-        return Grant(hold_id, 0, balance)
+        return Grant(hold_id, 0)
     after = change_balance(conn, account_id, -amount, floor=0, minimum=minimum)
     if after is None:
         return refusal(conn, account_id, amount)
@@ -715,7 +712,7 @@ def grant(
         account_id, EntryKind.HOLD, -amount, after, key, details={"ref": ref[:200]}, hold_id=hold_id
     )
     _INSERT_NEW_ENTRY.many(conn, [entry])
-    return Grant(hold_id, amount, after)
+    return Grant(hold_id, amount)
 
 
 def lock_accounts_of(conn: Connection, hold_ids: list[uuid.UUID]) -> None:

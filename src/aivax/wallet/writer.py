@@ -42,7 +42,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast, get_args
 
 import orjson
 import uvloop
@@ -63,7 +63,7 @@ HoldResult = uuid.UUID | Exception
 # charge, the request-log row (None: no row) and what to do with the hold (`SettleMode`).
 SettleMode = Literal["hold", "lease", "close"]
 SettleItem = tuple[uuid.UUID | None, int, dict[str, Any] | None, SettleMode]
-SETTLE_MODES: tuple[SettleMode, ...] = ("hold", "lease", "close")
+SETTLE_MODES: tuple[SettleMode, ...] = get_args(SettleMode)
 
 _INSERT_LOG = FastStatement(insert(RequestLog))  # see the note in wallet.ledger
 _HEADER = struct.Struct(">I")
@@ -408,10 +408,9 @@ class _Session:
 
 
 def _settle_mode(wire: Any) -> SettleMode:
-    for mode in SETTLE_MODES:
-        if wire == mode:
-            return mode
-    raise ValueError(f"unknown settlement mode {wire!r}")
+    if wire not in SETTLE_MODES:
+        raise ValueError(f"unknown settlement mode {wire!r}")
+    return cast(SettleMode, wire)
 
 
 def _next_message(inbox: collections.deque[list[Any]]) -> list[Any]:
