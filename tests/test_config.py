@@ -21,6 +21,10 @@ from tests.fixtures.assertions import REPO_ROOT
         ("AIVAX_REDIS_URL", "http://localhost"),
         ("AIVAX_LOG_LEVEL", "loud"),
         ("AIVAX_MAX_BODY_BYTES", "10"),
+        ("AIVAX_WORKERS", "0"),
+        ("AIVAX_WORKERS", "65"),
+        ("AIVAX_WALLET_LEASE_CALLS", "-1"),
+        ("AIVAX_WALLET_LEASE_IDLE_SECONDS", "0"),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(
@@ -44,3 +48,33 @@ def test_every_setting_is_documented() -> None:
     documented = set(re.findall(r"AIVAX_[A-Z_]+", operations))
     for name in Settings.model_fields:
         assert f"AIVAX_{name.upper()}" in documented, f"AIVAX_{name.upper()} is undocumented"
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (
+            {"AIVAX_WALLET_LEASE_MAX_SECONDS": "1000", "AIVAX_HOLD_MAX_AGE_SECONDS": "1800"},
+            ["AIVAX_WALLET_LEASE_MAX_SECONDS", "AIVAX_HOLD_MAX_AGE_SECONDS"],
+        ),
+        ({"AIVAX_WORKERS": "2"}, ["AIVAX_REDIS_URL"]),
+    ],
+)
+def test_a_rule_between_settings_names_them_and_echoes_no_value(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, values: dict[str, str], named: list[str]
+) -> None:
+    """Such a rule sees every setting at once; none of their values may reach the message."""
+    monkeypatch.chdir(tmp_path)
+    secret = "hunter2-" + "s" * 40
+    monkeypatch.setenv("AIVAX_SECRET_KEY", secret)
+    monkeypatch.setenv("AIVAX_DATABASE_URL", "postgresql+asyncpg://u:dbpassword@h/db")
+    for variable, value in values.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert message.startswith("invalid settings: ")
+    assert all(variable in message for variable in named)
+    assert "\n" not in message
+    assert secret not in message
+    assert "dbpassword" not in message

@@ -29,10 +29,9 @@ LIMIT = 4
 AIVAX_SERVE = [sys.executable, "-m", "aivax", "serve"]
 
 
-@asynccontextmanager
-async def replicas(
-    settings: Settings, workdir: Path, redis_url: str | None
-) -> AsyncIterator[list[str]]:
+def _server_env(settings: Settings, workdir: Path, **extra: str) -> dict[str, str]:
+    """The environment of an `aivax serve` on the test database: `extra` maps setting names
+    (without the AIVAX_ prefix) to values."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
     env |= {
         "AIVAX_DATABASE_URL": settings.database_url,
@@ -41,30 +40,42 @@ async def replicas(
         "AIVAX_BOOTSTRAP_DEMO": "false",
         "AIVAX_LOG_LEVEL": "warning",
     }
-    if redis_url:
-        env["AIVAX_REDIS_URL"] = redis_url
+    return env | {f"AIVAX_{name}": value for name, value in extra.items()}
+
+
+def _serve(env: dict[str, str], workdir: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*AIVAX_SERVE, "--no-migrate", *args],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def _ready(http: httpx.AsyncClient, url: str, process: subprocess.Popen[bytes]) -> None:
+    for _ in range(300):
+        assert process.poll() is None, "the server exited during start"
+        try:
+            if (await http.get(f"{url}/readyz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} did not become ready")
+
+
+@asynccontextmanager
+async def replicas(
+    settings: Settings, workdir: Path, redis_url: str | None
+) -> AsyncIterator[list[str]]:
+    env = _server_env(settings, workdir, **({"REDIS_URL": redis_url} if redis_url else {}))
     ports = [_free_port(), _free_port()]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "aivax", "serve", "--no-migrate", "--port", str(port)],
-            env=env,
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for port in ports
-    ]
+    processes = [_serve(env, workdir, "--port", str(port)) for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         async with httpx.AsyncClient() as http:
             for url, process in zip(urls, processes, strict=True):
-                for _ in range(300):
-                    assert process.poll() is None, "replica exited during start"
-                    try:
-                        if (await http.get(f"{url}/readyz")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        await asyncio.sleep(0.1)
+                await _ready(http, url, process)
         yield urls
     finally:
         for process in processes:
@@ -147,35 +158,14 @@ async def test_workers_share_one_port_and_charge_every_call(
     from aivax.wallet import service as wallet
 
     account = await make_account(services, plan=await make_plan(services), balance_micros=100_000)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
-    env |= {
-        "AIVAX_DATABASE_URL": settings.database_url,
-        "AIVAX_SECRET_KEY": TEST_SECRET,
-        "AIVAX_DATA_DIR": str(tmp_path),
-        "AIVAX_BOOTSTRAP_DEMO": "false",
-        "AIVAX_LOG_LEVEL": "warning",
-        "AIVAX_REDIS_URL": REDIS_URL,
-        "AIVAX_WALLET_LEASE_IDLE_SECONDS": "0.2",
-    }
+    env = _server_env(settings, tmp_path, REDIS_URL=REDIS_URL, WALLET_LEASE_IDLE_SECONDS="0.2")
     port = _free_port()
-    server = subprocess.Popen(
-        [*AIVAX_SERVE, "--no-migrate", "--workers", "2", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _serve(env, tmp_path, "--workers", "2", "--port", str(port))
     url = f"http://127.0.0.1:{port}"
     body = {"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]}
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            for _ in range(300):
-                assert server.poll() is None, "the server exited during start"
-                try:
-                    if (await http.get(f"{url}/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.1)
+            await _ready(http, url, server)
             for _ in range(100):  # the second worker may still be starting
                 if len(_worker_processes(server.pid)) == 2:
                     break
@@ -218,16 +208,23 @@ async def test_workers_share_one_port_and_charge_every_call(
         server.wait(timeout=30)
 
 
-async def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIVAX_")}
-    env |= {"AIVAX_SECRET_KEY": TEST_SECRET, "AIVAX_DATA_DIR": str(tmp_path)}
-    done = subprocess.run(
-        [*AIVAX_SERVE, "--no-migrate", "--workers", "2"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
-    assert "2 workers need AIVAX_REDIS_URL" in done.stderr
+async def test_bad_worker_counts_are_refused_with_one_clear_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """More than one worker without Redis, or a count out of range, stops `serve` at once."""
+    env = _server_env(settings, tmp_path)
+    for workers, message in [
+        ("2", "2 workers need AIVAX_REDIS_URL"),
+        ("0", "invalid setting AIVAX_WORKERS"),
+        ("65", "invalid setting AIVAX_WORKERS"),
+    ]:
+        done = subprocess.run(
+            [*AIVAX_SERVE, "--no-migrate", "--workers", workers],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (workers, done.stderr)
+        assert message in done.stderr, (workers, done.stderr)

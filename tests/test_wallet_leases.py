@@ -297,7 +297,7 @@ async def test_without_leases_each_call_holds_on_its_own(
 
 
 def test_a_lease_must_end_well_before_the_reaper_may_take_it(settings: Settings) -> None:
-    with pytest.raises(ValidationError, match="at most half of hold_max_age_seconds"):
+    with pytest.raises(ValidationError, match="at most half of AIVAX_HOLD_MAX_AGE_SECONDS"):
         Settings(
             _env_file=None,  # type: ignore[call-arg]
             database_url=settings.database_url,

@@ -139,11 +139,6 @@ def serve(
     from aivax.bootstrap import bootstrap
 
     settings = settings_or_exit(host=host, port=port, workers=workers)
-    if settings.workers > 1 and settings.redis_url is None:
-        fail(
-            f"{settings.workers} workers need AIVAX_REDIS_URL: without it each worker would "
-            "count rate limits on its own, admitting up to that many times a plan's limits"
-        )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )

@@ -159,11 +159,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _lease_shorter_than_hold(self) -> Settings:
+    def _consistent(self) -> Settings:
+        """Rules between settings; the message names the variables."""
         if self.wallet_lease_max_seconds * 2 > self.hold_max_age_seconds:
             raise ValueError(
-                "wallet_lease_max_seconds must be at most half of hold_max_age_seconds "
-                "(a lease's calls must end before the reaper may expire its hold)"
+                "AIVAX_WALLET_LEASE_MAX_SECONDS must be at most half of "
+                "AIVAX_HOLD_MAX_AGE_SECONDS (a lease's calls must end before the reaper may "
+                "expire its hold)"
+            )
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"{self.workers} workers need AIVAX_REDIS_URL: without it each worker would "
+                "count rate limits on its own, admitting up to that many times a plan's limits"
             )
         return self
 
@@ -192,10 +199,14 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        name = f"AIVAX_{field.upper()}" if field else "settings"
+        if not first["loc"]:  # a rule between settings: its input is all of them, never shown
+            message = first["msg"].removeprefix("Value error, ")
+            raise SettingsError(f"invalid settings: {message}") from None
+        field = str(first["loc"][0])
         # Values that may carry credentials are never echoed.
         shown = "" if field in SENSITIVE_SETTINGS else f" (got {first.get('input')!r})"
-        raise SettingsError(f"invalid setting {name}: {first['msg']}{shown}") from None
+        raise SettingsError(
+            f"invalid setting AIVAX_{field.upper()}: {first['msg']}{shown}"
+        ) from None
     except SourceError as exc:
         raise SettingsError(f"invalid settings: {str(exc).splitlines()[0]}") from None
