@@ -268,8 +268,8 @@ async def test_a_writer_that_cannot_start_answers_503(
 async def test_the_writer_answers_an_unknown_operation_and_stops_on_a_malformed_frame(
     settings: Settings,
 ) -> None:
-    """The writer's side of the socket, run here: an operation it does not know gets a
-    "failed" answer (the caller is not left waiting); bytes that are not a frame end the
+    """The writer's side of the socket, run here: an operation or a settlement mode it does not
+    know gets a "failed" answer (the caller is not left waiting); bytes that are not a frame end the
     conversation instead of being guessed at."""
     import socket
 
@@ -282,6 +282,9 @@ async def test_the_writer_answers_an_unknown_operation_and_stops_on_a_malformed_
         writer.write(_frame([7, "drop_tables", []]))
         answer = await asyncio.wait_for(_read_frame(reader), 10)
         assert answer == [7, "failed", "unknown operation 'drop_tables'"]
+        writer.write(_frame([8, "settle", [[None, 0, None, "refund_everyone"]]]))
+        answer = await asyncio.wait_for(_read_frame(reader), 10)
+        assert answer == [8, "failed", "unknown settlement mode 'refund_everyone'"]
         writer.write(b"\x00\x00\x00\x05not{}")  # a length, then no JSON
         await asyncio.wait_for(serving, 10)  # returns: the writer is done with this socket
         assert await reader.read() == b""
