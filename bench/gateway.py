@@ -5,7 +5,8 @@ Starts, each in its own process on loopback:
   - bench/bare_proxy.py     (the thinnest forwarding proxy on AIVAX's own server and client,
                              doing nothing else: the ceiling for any proxy on this stack)
   - `aivax serve`           (SQLite, every pipeline step on: key check, model resolution,
-                             plan check, rate limits, token count, hold, settle, request log)
+                             plan check, rate limits, token count, the wallet reservation
+                             from the account's lease, settlement, request log)
   - LiteLLM's proxy         (only if `make bench-deps` installed it in .bench-venv)
 then drives each with the same requests — non-streaming and streaming, at concurrency 1, 16
 and 64 — and prints RPS, p50/p99 latency, p50 time to first byte, p50 overhead over the direct

@@ -1,10 +1,12 @@
-"""Settlement off the response path: each finished call's hold is settled (or released) and its
-request-log row written by the wallet writer (`wallet.writer`), many calls per transaction.
+"""Settlement off the response path: each finished call's cost is recorded against its wallet
+lease (or its own hold is settled or released) and its request-log row written by the wallet
+writer (`wallet.writer`), many calls per transaction.
 
 The response never waits for the ledger; the amount it reports is already exact (the charge is
-min(cost, hold), computed in memory). If the process dies before a queued settlement is written,
-the hold is released by the reaper — the same guarantee as a crash mid-request. On shutdown the
-queue is drained.
+min(cost, reservation), computed in memory). If the process dies before a queued settlement is
+written, that call goes uncharged — the same guarantee as a crash mid-request: the reaper closes
+its lease with the costs recorded before, or releases its own hold. On shutdown the queue is
+drained.
 """
 
 from __future__ import annotations

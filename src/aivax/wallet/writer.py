@@ -201,7 +201,7 @@ async def _settle_with_retry(
         if len(items) == 1:
             hold_id, _, log, _ = items[0]
             logger.exception(
-                "settling %s failed; the reaper will release its hold",
+                "settling %s failed; it goes uncharged (the reaper closes its hold)",
                 log.get("request_id") if log else hold_id,
             )
             return
@@ -463,7 +463,7 @@ class ProcessWriter:
             await self._call("settle", payload)
         except WalletWriterUnavailable:
             logger.exception(
-                "a settlement batch of %d calls was not written; the reaper will release its holds",
+                "a settlement batch of %d calls was not written; they go uncharged",
                 len(items),
             )
 
