@@ -341,6 +341,20 @@ async def test_reading_the_wallet_charges_the_calls_of_an_idle_lease(
     kinds = [(entry["kind"], entry["details"].get("ref")) for entry in ledger_page["data"]]
     assert kinds[:3] == [("usage", None), ("release", None), ("hold", "lease")]
     assert ledger_page["data"][0]["amount_micros"] == -cost
+    # The operator's ledger view closes an idle lease too, before it reads.
+    again = await client.post(
+        "/v1/chat/completions",
+        headers=account.headers,
+        json={"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert again.status_code == 200
+    await services.settler.drain()
+    operator_ledger = await client.get(
+        f"/admin/accounts/{account.id}/ledger", headers=admin_headers
+    )
+    newest = operator_ledger.json()["data"][0]
+    assert (newest["kind"], newest["amount_micros"]) == ("usage", -cost)
+    assert await summary(services, account.id) == (1_000_000 - 2 * cost, 0)
 
 
 async def test_a_settlement_batch_takes_a_leases_account_before_its_hold(
