@@ -4,7 +4,9 @@ the real database and the real wallet writer."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,11 +25,24 @@ from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock
 
 
 def book(
-    services: AppServices, *, calls: int = 4, idle: float = 600.0, max_seconds: float = 600.0
+    services: AppServices,
+    *,
+    calls: int = 4,
+    idle: float = 600.0,
+    max_seconds: float = 600.0,
+    horizon: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> LeaseBook:
-    """A lease book as a server process has one, on the shared database and settler."""
+    """A lease book as a server process has one, on the shared database and settler; grants
+    sized by calls alone unless `horizon` is given."""
     return LeaseBook(
-        services.database, services.settler, calls=calls, idle_seconds=idle, max_seconds=max_seconds
+        services.database,
+        services.settler,
+        calls=calls,
+        idle_seconds=idle,
+        max_seconds=max_seconds,
+        horizon_seconds=horizon,
+        clock=clock,
     )
 
 
@@ -87,6 +102,35 @@ async def test_calls_within_a_lease_write_nothing_until_it_closes(services: AppS
     ]
     assert await balance_and_ledger_sum(services, account.id) == (99_850, 99_850)
     assert await summary(services, account.id) == (99_850, 0)
+
+
+async def test_a_busy_lease_grows_by_what_its_calls_take_in_a_horizon(
+    services: AppServices,
+) -> None:
+    """After its first grant, a lease grows by what its calls reserved per horizon since the
+    last grant (the rate measured over at least a tenth of a second), so a busy account's lease
+    grows about once per horizon instead of every few calls."""
+    now = [0.0]
+    leases = book(services, calls=4, horizon=1.0, clock=lambda: now[0])
+    account = await make_account(services, balance_micros=1_000_000)
+
+    async def call() -> None:
+        leases.finish(await leases.reserve(account.id, 100, 0), 100, None)
+
+    await call()  # the first grant: room for `calls` calls, 100 * 4
+    now[0] = 0.5
+    for _ in range(4):  # three fit; the fourth grows: 400 taken in 0.5 s, 800 per second
+        await call()
+    now[0] = 0.52
+    for _ in range(8):  # seven fit; the eighth grows: 800 taken in 0.02 s, over 0.1: 8,000
+        await call()
+    assert await entries_of(services, account.id) == [
+        ("hold", -400),
+        ("hold", -800),
+        ("hold", -8_000),
+    ]
+    await leases.flush()
+    assert await summary(services, account.id) == (1_000_000 - 1_300, 0)
 
 
 async def test_the_minimum_balance_is_kept_as_with_one_hold_per_call(

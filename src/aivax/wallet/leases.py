@@ -14,9 +14,11 @@ however many processes or replicas share the account.
   checked against the lease alone (the lease is part of the spendable balance, so this is
   conservative); a call that fails that check, or does not fit, makes the lease grow.
 - Growing is one transaction (`ledger.grant`): it checks the minimum against the real balance
-  and moves the call's worst case plus room for `calls` more calls into the lease, but no more
-  than a quarter of the balance unless the call needs more (other processes may want some).
-  One call grows a lease at a time; the others wait for it.
+  and moves the call's worst case plus room for more calls into the lease: for `calls` more
+  calls, or for what the lease's calls reserved per `horizon_seconds` since its last grant if
+  that is more, so a busy account grows its lease about once per horizon rather than every few
+  calls. No more than a quarter of the balance is taken unless the call needs more (other
+  processes may want some). One call grows a lease at a time; the others wait for it.
 - Each finished call's cost is recorded against the lease with its request-log row, by the
   settler, in the same batch transactions as before (`ledger.charge_holds`). The balance moves
   when the lease closes: the recorded costs are charged as one `usage` entry and the rest comes
@@ -36,6 +38,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,11 @@ from aivax.wallet.writer import WalletWriterUnavailable
 logger = logging.getLogger("aivax.wallet.leases")
 
 LEASE_REF = "lease"
+# A growing lease takes room for what its calls reserved in this long, at the rate since its
+# last grant (the rate measured over at least `RATE_FLOOR_SECONDS`, so a burst of a few calls is
+# not taken for a sustained rate).
+HORIZON_SECONDS = 1.0
+RATE_FLOOR_SECONDS = 0.1
 
 
 @dataclass(eq=False)
@@ -60,6 +68,9 @@ class Lease:
     reserved: int = 0  # the worst cases of the calls in flight
     spent: int = 0  # the costs of the calls that ended
     calls: int = 0  # calls in flight
+    taken: int = 0  # the worst cases of every call admitted so far
+    granted_at: float = 0.0  # the book's clock at the last grant
+    taken_at_grant: int = 0  # `taken` then
     retired: bool = False  # takes no more calls; closes when its last call ends
     closed: bool = False
     growing: asyncio.Task[Reservation | None] | None = None
@@ -86,12 +97,16 @@ class LeaseBook:
         calls: int,
         idle_seconds: float,
         max_seconds: float,
+        horizon_seconds: float = HORIZON_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.database = database
         self.settler = settler
         self.calls = calls
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
+        self.horizon_seconds = horizon_seconds
+        self.clock = clock  # for the rate of demand
         self._current: dict[uuid.UUID, Lease] = {}  # per account, the lease taking calls
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -194,6 +209,7 @@ class LeaseBook:
 
     def _take(self, lease: Lease, amount: int) -> Reservation:
         lease.reserved += amount
+        lease.taken += amount
         lease.calls += 1
         lease.used = time.monotonic()
         return Reservation(lease, amount)
@@ -207,8 +223,8 @@ class LeaseBook:
         try:
             free = lease.free  # only grows while this runs: calls end, none is admitted
             need = max(amount - free, 0)
-            room = amount * max(self.calls, 2 * (lease.calls + 1)) + minimum - free
-            want = need if exact else max(need, room)
+            room = max(amount * max(self.calls, 2 * (lease.calls + 1)), self._demand(lease))
+            want = need if exact else max(need, room + minimum - free)
             hold_id = lease.hold_id
 
             def grant(conn: Any) -> ledger.Grant | AppError:
@@ -240,11 +256,20 @@ class LeaseBook:
                 raise granted
             lease.hold_id = granted.hold_id
             lease.granted += granted.amount
+            lease.granted_at, lease.taken_at_grant = self.clock(), lease.taken
             return self._take(lease, amount)
         finally:
             lease.growing = None
             if lease.retired and lease.calls == 0:  # retired meanwhile (shutdown)
                 self._close(lease)
+
+    def _demand(self, lease: Lease) -> int:
+        """What the lease's calls would reserve in `horizon_seconds` at their rate since its
+        last grant (0 before its first)."""
+        if lease.hold_id is None or not self.horizon_seconds:
+            return 0
+        elapsed = max(self.clock() - lease.granted_at, RATE_FLOOR_SECONDS)
+        return int((lease.taken - lease.taken_at_grant) * self.horizon_seconds / elapsed)
 
     def _give_back(self, task: asyncio.Task[Reservation | None]) -> None:
         """A grant whose caller left while it was taken: its reservation ends unused."""
