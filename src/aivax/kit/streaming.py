@@ -3,7 +3,9 @@
 Starlette's `StreamingResponse` watches for the client's disconnect with an anyio task group
 around every response; on the chat hot path that bookkeeping cost more CPU than streaming the
 body itself. This response runs the body in the request's own task and watches the connection
-with one plain asyncio task. When the client disconnects, the body's generator is cancelled at
+with one plain asyncio task, started only once the stream has run for
+`WATCH_AFTER_SECONDS` (most streams from a fast upstream are over by then). When the client
+disconnects, the body's generator is cancelled at
 the point where it waits (for the upstream, typically), so its `finally` blocks run — the
 pipeline settles what was generated — and the response ends quietly. A server that reports the
 disconnect by failing a send (ASGI 2.4) gets the same: the body is closed at once.
@@ -25,6 +27,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
+
+# The disconnect watcher starts this long after the response: most streams from a fast
+# upstream are over by then and never need the task; a client that leaves before it starts is
+# seen as soon as it does (the server remembers the disconnect).
+WATCH_AFTER_SECONDS = 0.05
 
 
 class _Drive:
@@ -90,6 +97,36 @@ async def in_ready_batches(
         batch.append(item)
 
 
+class _DisconnectWatch:
+    """Cancels `task` when the client disconnects, from `WATCH_AFTER_SECONDS` on."""
+
+    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+        self.task = task
+        self.receive = receive
+        self.done = False  # the response is complete: a disconnect now changes nothing
+        self.gone = False  # the client left, and `task` was cancelled for it
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, self._start)
+
+    def _start(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if not self.done:
+            self.gone = True
+            self.task.cancel()
+
+    async def stop(self) -> None:
+        self.done = True
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+
 class EventStreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,24 +134,16 @@ class EventStreamResponse(StreamingResponse):
             return
         streaming = asyncio.current_task()
         assert streaming is not None  # noqa: S101 - always called from a task
-        state = {"done": False, "gone": False}
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not state["done"]:
-                state["gone"] = True
-                streaming.cancel()
+        watch = _DisconnectWatch(streaming, receive)
 
         async def deliver(chunks: list[Any], last: bool) -> None:
             body = b"".join(
                 c if isinstance(c, bytes | memoryview) else c.encode(self.charset) for c in chunks
             )
             if last:
-                state["done"] = True
+                watch.done = True
             await send({"type": "http.response.body", "body": body, "more_body": not last})
 
-        watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send(
                 {
@@ -125,7 +154,7 @@ class EventStreamResponse(StreamingResponse):
             )
             await in_ready_batches(self.body_iterator, deliver)
         except asyncio.CancelledError:
-            if not state["gone"]:
+            if not watch.gone:
                 raise  # cancelled by someone else (shutdown): not ours to swallow
             streaming.uncancel()
         except OSError:
@@ -135,9 +164,6 @@ class EventStreamResponse(StreamingResponse):
             if close is not None:
                 await close()
         finally:
-            state["done"] = True
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await watch.stop()
         if self.background is not None:
             await self.background()
