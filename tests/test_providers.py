@@ -21,7 +21,7 @@ from aivax.providers.base import (
     UpstreamRequest,
     UsageEvent,
 )
-from aivax.providers.http import HttpxUpstream, UpstreamHTTP, sse_events
+from aivax.providers.http import EventStreamDecoder, HttpxUpstream, UpstreamHTTP
 from aivax.providers.http1 import Http1Upstream
 from aivax.providers.openai_compat import OpenAICompatProvider
 from tests.conftest import FakeUpstream
@@ -273,30 +273,27 @@ async def test_anthropic_error_event_and_bad_key(
     assert refused.value.message == "invalid x-api-key"
 
 
-async def _chunks(*parts: bytes) -> Any:
-    for part in parts:
-        yield part
+def _events_of(*parts: bytes) -> list[tuple[str, str]]:
+    decoder = EventStreamDecoder()
+    events = [event for part in parts for event in decoder.feed(part)] + decoder.end()
+    return [(e.event, e.data) for e in events]
 
 
-async def _events_of(*parts: bytes) -> list[tuple[str, str]]:
-    return [(e.event, e.data) async for e in sse_events(_chunks(*parts))]
-
-
-async def test_sse_parser_handles_any_split_line_ends_comments_and_multiline_data() -> None:
+def test_sse_parser_handles_any_split_line_ends_comments_and_multiline_data() -> None:
     whole = 'data: {"a": "é"}\r\n\r\n: ping\n\nevent: x\ndata: one\ndata: two\r\r'.encode()
     expected = [("message", '{"a": "é"}'), ("x", "one\ntwo")]
-    assert await _events_of(whole) == expected
+    assert _events_of(whole) == expected
     # Split at every byte: inside the UTF-8 of "é", between \r and \n, inside field names.
-    assert await _events_of(*(whole[i : i + 1] for i in range(len(whole)))) == expected
+    assert _events_of(*(whole[i : i + 1] for i in range(len(whole)))) == expected
 
 
-async def test_sse_parser_delivers_a_last_event_without_its_blank_line() -> None:
-    assert await _events_of(b"data: first\n\ndata: last") == [
+def test_sse_parser_delivers_a_last_event_without_its_blank_line() -> None:
+    assert _events_of(b"data: first\n\ndata: last") == [
         ("message", "first"),
         ("message", "last"),
     ]
-    assert await _events_of(b"data: last\n") == [("message", "last")]
-    assert await _events_of(b": only a comment\n") == []
+    assert _events_of(b"data: last\n") == [("message", "last")]
+    assert _events_of(b": only a comment\n") == []
 
 
 async def test_openai_read_timeout_is_504(http: UpstreamHTTP, fake_openai: FakeUpstream) -> None:

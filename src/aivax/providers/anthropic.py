@@ -27,7 +27,7 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
-from aivax.providers.http import UpstreamHTTP, sse_events
+from aivax.providers.http import EventStreamDecoder, UpstreamHTTP
 from aivax.providers.openai_compat import status_error
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -307,10 +307,16 @@ class AnthropicProvider:
                 if response.status >= 400:
                     raise await status_error(response, self.name)
                 state = _StreamState()
-                async for sse in sse_events(response.chunks()):
-                    if not sse.data.strip():
-                        continue
-                    for event in state.events(sse.event, json.loads(sse.data)):
-                        yield event
+                decoder = EventStreamDecoder()
+                chunks = response.chunks()
+                while True:
+                    raw = await anext(chunks, None)
+                    for sse in decoder.feed(raw) if raw is not None else decoder.end():
+                        if not sse.data.strip():
+                            continue
+                        for event in state.events(sse.event, json.loads(sse.data)):
+                            yield event
+                    if raw is None:
+                        break
         except TRANSPORT_ERRORS as exc:
             raise transport_failure(exc, self.name) from exc

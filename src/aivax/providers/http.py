@@ -8,7 +8,7 @@
   the SSRF guard, and for anything else that already has an httpx client.
 
 Both raise httpx's exception classes (connect error, timeouts, broken stream), so an adapter has
-one error taxonomy whatever it runs on. `sse_events` parses an event stream with httpx-sse's
+one error taxonomy whatever it runs on. `EventStreamDecoder` parses an event stream with httpx-sse's
 decoders (comments, keep-alives, multi-line `data:`, `\\r\\n`/`\\r`/`\\n` line ends) over raw
 chunks from either client.
 """
@@ -81,20 +81,32 @@ class HttpxUpstream:
         await self.client.aclose()
 
 
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[ServerSentEvent]:
-    """Server-sent events from raw body chunks (UTF-8, split anywhere)."""
-    text = codecs.getincrementaldecoder("utf-8")("replace")
-    lines = SSELineDecoder()
-    events = SSEDecoder()
-    async for chunk in chunks:
-        for line in lines.decode(text.decode(chunk)):
-            event = events.decode(line)
+class EventStreamDecoder:
+    """Server-sent events from raw body chunks (UTF-8, split anywhere), as they complete: a
+    plain object fed chunk by chunk, so reading a stream costs no generator per event."""
+
+    def __init__(self) -> None:
+        self._text = codecs.getincrementaldecoder("utf-8")("replace")
+        self._lines = SSELineDecoder()
+        self._events = SSEDecoder()
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """The events that `chunk` completes."""
+        found = []
+        for line in self._lines.decode(self._text.decode(chunk)):
+            event = self._events.decode(line)
             if event is not None:
-                yield event
-    # At the end, an event missing its closing blank line is still delivered (an upstream that
-    # ends its last `data:` line without one must not lose, say, its usage chunk).
-    tail = text.decode(b"", final=True)
-    for line in [*(lines.decode(tail) if tail else []), *lines.flush(), ""]:
-        event = events.decode(line)
-        if event is not None:
-            yield event
+                found.append(event)
+        return found
+
+    def end(self) -> list[ServerSentEvent]:
+        """At the end of the body: an event missing its closing blank line is still delivered
+        (an upstream that ends its last `data:` line without one must not lose, say, its usage
+        chunk)."""
+        tail = self._text.decode(b"", final=True)
+        found = []
+        for line in [*(self._lines.decode(tail) if tail else []), *self._lines.flush(), ""]:
+            event = self._events.decode(line)
+            if event is not None:
+                found.append(event)
+        return found

@@ -34,7 +34,12 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
-from aivax.providers.http import ERROR_BODY_LIMIT, UpstreamHTTP, UpstreamResponse, sse_events
+from aivax.providers.http import (
+    ERROR_BODY_LIMIT,
+    EventStreamDecoder,
+    UpstreamHTTP,
+    UpstreamResponse,
+)
 
 MAX_RETRY_AFTER_SECONDS = 5.0
 
@@ -167,26 +172,36 @@ class OpenAICompatProvider:
                 yield event
             return
         done = False
-        async for sse in sse_events(response.chunks()):
+        decoder = EventStreamDecoder()
+        chunks = response.chunks()
+        while True:
             # Read on to the end of the body after [DONE]: a body left unread cannot go back
             # to the keep-alive pool, and every call would open a new connection.
-            data = sse.data
-            done = done or data.strip() == "[DONE]"
-            if done or not data.strip():
-                continue
-            chunk = self._parse(data.encode())
-            if "error" in chunk:
-                error = chunk["error"]
-                message = error.get("message") if isinstance(error, dict) else str(error)
-                raise UpstreamError(
-                    f"upstream stream error: {message}",
-                    status=502,
-                    provider=self.name,
-                    body=data[:4000],
-                    code="upstream_stream_error",
-                )
-            for event in events_from_chunk(chunk):
-                yield event
+            raw = await anext(chunks, None)
+            for sse in decoder.feed(raw) if raw is not None else decoder.end():
+                data = sse.data
+                done = done or data.strip() == "[DONE]"
+                if done or not data.strip():
+                    continue
+                for event in events_from_chunk(self._chunk(data)):
+                    yield event
+            if raw is None:
+                return
+
+    def _chunk(self, data: str) -> dict[str, Any]:
+        """One streamed chunk, or the upstream's error event raised."""
+        chunk = self._parse(data.encode())
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise UpstreamError(
+                f"upstream stream error: {message}",
+                status=502,
+                provider=self.name,
+                body=data[:4000],
+                code="upstream_stream_error",
+            )
+        return chunk
 
     def _parse(self, raw: bytes) -> dict[str, Any]:
         try:
