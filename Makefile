@@ -54,6 +54,10 @@ fmt: $(STAMP) ## Format and auto-fix
 bench: $(STAMP) ## Gateway overhead vs a mock upstream (and LiteLLM when bench-deps ran)
 	$(BIN)/python bench/gateway.py
 
+.PHONY: bench-cold
+bench-cold: $(STAMP) ## Hot-path steps warm (in a loop) and cold (caches flushed), in-process
+	$(BIN)/python bench/cold_steps.py
+
 .PHONY: bench-json
 bench-json: $(STAMP) ## JSON Healing: 400-case corpus and the local model with/without grammar
 	$(BIN)/python bench/json_healing.py

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -16,7 +18,7 @@ from aivax.auth.dependencies import AnyKey
 from aivax.config import Settings
 from aivax.keys.schemas import KEY_PREFIXES, KeyKind
 from aivax.keys.service import kind_of_token
-from aivax.kit.crypto import BASE62, generate_token, token_hash
+from aivax.kit.crypto import BASE62, derive_key, generate_token, token_hash
 from aivax.models import ApiKey
 from aivax.services import AppServices
 from tests.fixtures.assertions import assert_error
@@ -55,6 +57,18 @@ def test_every_single_character_typo_fails_the_checksum() -> None:
         typo = BASE62[(BASE62.index(original) + 1) % 62]
         mistyped = token[:position] + typo + token[position + 1 :]
         assert kind_of_token(mistyped) is None, f"typo at {position} not caught"
+
+
+def test_a_key_hash_is_the_hmac_sha256_of_the_key_under_each_servers_own_sub_key() -> None:
+    """The keyed HMAC is reused across calls: the hash must stay exactly the HMAC of the key,
+    and each server secret must keep its own."""
+    token = generate_token("sk-aivax-")
+    hashes = set()
+    for secret in (b"a" * 32, b"b" * 32):
+        expected = hmac.digest(derive_key(secret, "api-key-hmac"), token.encode(), "sha256").hex()
+        assert token_hash(secret, token) == token_hash(secret, token) == expected
+        hashes.add(expected)
+    assert len(hashes) == 2
 
 
 async def test_mistyped_key_is_rejected_without_a_database_lookup(
@@ -102,7 +116,10 @@ async def test_responses_carry_account_key_and_request_ids(
     response = await client.get("/v1/account", headers=account.headers)
     assert response.headers["x-aivax-account-id"] == str(account.id)
     assert response.headers["x-aivax-key-id"] == str(account.private_key_id)
-    assert response.headers["x-request-id"].startswith("req_")
+    generated = response.headers["x-request-id"]
+    assert re.fullmatch(r"req_[0-9a-f]{32}", generated)
+    again = await client.get("/v1/account", headers=account.headers)
+    assert again.headers["x-request-id"] != generated
     echoed = await client.get(
         "/v1/account", headers={**account.headers, "x-request-id": "trace-123"}
     )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import uuid
 from datetime import timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,7 +49,7 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
             candidate = value.decode("latin-1")
             if REQUEST_ID_PATTERN.match(candidate):
                 return candidate
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{os.urandom(16).hex()}"  # 128 random bits, like a UUIDv4 (which has 122)
 
 
 async def identify(scope: Scope) -> list[tuple[bytes, bytes]]:
