@@ -19,7 +19,7 @@ from aivax.models import EntryKind, LedgerEntry, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
-from aivax.wallet.leases import LeaseBook
+from aivax.wallet.leases import HORIZON_SECONDS, LeaseBook
 from tests.fixtures.factories import make_account, make_plan, principal_of
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock
 
@@ -30,11 +30,11 @@ def book(
     calls: int = 4,
     idle: float = 600.0,
     max_seconds: float = 600.0,
-    horizon: float = 0.0,
+    horizon: float = HORIZON_SECONDS,
     clock: Callable[[], float] = time.monotonic,
 ) -> LeaseBook:
-    """A lease book as a server process has one, on the shared database and settler; grants
-    sized by calls alone unless `horizon` is given."""
+    """A lease book as a server process has one, on the shared database and settler
+    (`horizon=0`: grants sized by calls alone, not by demand)."""
     return LeaseBook(
         services.database,
         services.settler,
@@ -75,7 +75,7 @@ async def summary(services: AppServices, account_id: uuid.UUID) -> tuple[int, in
 
 
 async def test_calls_within_a_lease_write_nothing_until_it_closes(services: AppServices) -> None:
-    leases = book(services, calls=4)
+    leases = book(services, calls=4, horizon=0)  # grants sized by calls alone
     account = await make_account(services, balance_micros=100_000)
     first = await leases.reserve(account.id, 100, 0)
     # One grant: this call's worst case and room for `calls` more calls (100 * 4).
