@@ -3,12 +3,15 @@ and the Anthropic translation both ways."""
 
 from __future__ import annotations
 
+import codecs
+import json
 import socket
 import uuid
 from typing import Any
 
 import httpx
 import pytest
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from aivax.providers.anthropic import AnthropicProvider, translate_request
 from aivax.providers.base import (
@@ -275,8 +278,62 @@ async def test_anthropic_error_event_and_bad_key(
 
 def _events_of(*parts: bytes) -> list[tuple[str, str]]:
     decoder = EventStreamDecoder()
-    events = [event for part in parts for event in decoder.feed(part)] + decoder.end()
-    return [(e.event, e.data) for e in events]
+    return [event for part in parts for event in decoder.feed(part)] + decoder.end()
+
+
+def _reference_events(*parts: bytes) -> list[tuple[str, str]]:
+    """httpx-sse's decoders alone, on the same chunks."""
+    text = codecs.getincrementaldecoder("utf-8")("replace")
+    lines, decoder = SSELineDecoder(), SSEDecoder()
+    found = [decoder.decode(line) for part in parts for line in lines.decode(text.decode(part))]
+    tail = text.decode(b"", final=True)
+    found += [decoder.decode(line) for line in [*lines.decode(tail), *lines.flush(), ""]]
+    return [(event.event, event.data) for event in found if event is not None]
+
+
+OPENAI_STREAM = (
+    b"".join(
+        b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        for chunk in [
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+            {"choices": [{"index": 0, "delta": {"content": "Olá, "}}]},
+            {"choices": [{"index": 0, "delta": {"content": "mundo"}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        ]
+    )
+    + b"data: [DONE]\n\n"
+)
+ANTHROPIC_STREAM = (
+    b'event: message_start\ndata: {"type": "message_start"}\n\n'
+    b"event: ping\ndata: {}\n\n"
+    b'event: content_block_delta\ndata: {"delta": {"text": "\xc3\xa9"}}\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [OPENAI_STREAM],
+        [ANTHROPIC_STREAM],
+        [OPENAI_STREAM[:40], OPENAI_STREAM[40:]],  # an event split across chunks
+        [OPENAI_STREAM, b": keep-alive\n\n", OPENAI_STREAM],  # a comment mid-stream
+        [b"data: a\n\n", b"data:b\n\n", b"data: c\n\n"],  # no space after the colon
+        [b"data: a\n\n", b"id: 7\ndata: b\n\n", b"data: c\n\n"],  # an id is kept after
+        [b"event: \ndata: a\n\n"],  # an empty event name is a message
+        [b"data: a\r\n\r\n", b"data: b\n\n"],
+        [b"data: \xff\n\n", b"data: b\n\n"],  # invalid UTF-8
+        [b"data: a\ndata: b\n\n"],  # two data lines
+        [b"data: a\n\n\ndata: b\n\n"],  # an extra blank line
+        [b"data: a\n\n", b"data: last"],  # no closing blank line
+        [b"retry: 10\n\n", b"data: a\n\n"],
+    ],
+)
+def test_sse_chunks_split_directly_give_the_same_events_as_the_library(
+    parts: list[bytes],
+) -> None:
+    assert _events_of(*parts) == _reference_events(*parts)
+    every_byte = [whole[i : i + 1] for whole in [b"".join(parts)] for i in range(len(whole))]
+    assert _events_of(*every_byte) == _reference_events(*parts)
 
 
 def test_sse_parser_handles_any_split_line_ends_comments_and_multiline_data() -> None:

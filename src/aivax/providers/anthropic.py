@@ -311,10 +311,10 @@ class AnthropicProvider:
                 chunks = response.chunks()
                 while True:
                     raw = await anext(chunks, None)
-                    for sse in decoder.feed(raw) if raw is not None else decoder.end():
-                        if not sse.data.strip():
+                    for kind, data in decoder.feed(raw) if raw is not None else decoder.end():
+                        if not data.strip():
                             continue
-                        for event in state.events(sse.event, json.loads(sse.data)):
+                        for event in state.events(kind, json.loads(data)):
                             yield event
                     if raw is None:
                         break

@@ -178,8 +178,7 @@ class OpenAICompatProvider:
             # Read on to the end of the body after [DONE]: a body left unread cannot go back
             # to the keep-alive pool, and every call would open a new connection.
             raw = await anext(chunks, None)
-            for sse in decoder.feed(raw) if raw is not None else decoder.end():
-                data = sse.data
+            for _, data in decoder.feed(raw) if raw is not None else decoder.end():
                 done = done or data.strip() == "[DONE]"
                 if done or not data.strip():
                     continue
@@ -190,7 +189,7 @@ class OpenAICompatProvider:
 
     def _chunk(self, data: str) -> dict[str, Any]:
         """One streamed chunk, or the upstream's error event raised."""
-        chunk = self._parse(data.encode())
+        chunk = self._parse(data)
         if "error" in chunk:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else str(error)
@@ -203,7 +202,7 @@ class OpenAICompatProvider:
             )
         return chunk
 
-    def _parse(self, raw: bytes) -> dict[str, Any]:
+    def _parse(self, raw: bytes | str) -> dict[str, Any]:
         try:
             parsed = fastjson.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -211,7 +210,7 @@ class OpenAICompatProvider:
                 "the upstream sent invalid JSON",
                 status=502,
                 provider=self.name,
-                body=raw[:4000].decode("utf-8", "replace"),
+                body=(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"))[:4000],
                 code="upstream_bad_response",
             ) from exc
         if not isinstance(parsed, dict):
