@@ -92,10 +92,7 @@ class EventStreamDecoder:
     decoders. Both give the same events for the same bytes (tests/test_providers.py)."""
 
     def __init__(self) -> None:
-        self._text = codecs.getincrementaldecoder("utf-8")("replace")
-        self._lines = SSELineDecoder()
-        self._events = SSEDecoder()
-        self._plain = True  # every chunk so far was whole events: the decoders hold nothing
+        self._plain = True  # every chunk so far was whole events: nothing is buffered
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """The events that `chunk` completes."""
@@ -104,6 +101,9 @@ class EventStreamDecoder:
             if whole is not None:
                 return whole
             self._plain = False
+            self._text = codecs.getincrementaldecoder("utf-8")("replace")
+            self._lines = SSELineDecoder()
+            self._events = SSEDecoder()
         found = []
         for line in self._lines.decode(self._text.decode(chunk)):
             event = self._events.decode(line)

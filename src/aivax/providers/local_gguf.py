@@ -199,4 +199,4 @@ class LocalModelRuntime:
                 provider=self.name,
                 body=json.dumps(item)[:4000],
             )
-        return list(events_from_chunk(item))
+        return events_from_chunk(item)

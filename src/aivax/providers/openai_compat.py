@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -44,31 +44,36 @@ from aivax.providers.http import (
 MAX_RETRY_AFTER_SECONDS = 5.0
 
 
-def events_from_chunk(chunk: dict[str, Any]) -> Iterator[StreamEvent]:
+def events_from_chunk(chunk: dict[str, Any]) -> list[StreamEvent]:
     """Translate one `chat.completion.chunk` (or a whole `chat.completion`) into events."""
-    for choice in chunk.get("choices") or []:
+    events: list[StreamEvent] = []
+    for choice in chunk.get("choices") or ():
         if choice.get("index", 0) != 0:
             continue
-        delta = choice.get("delta") or choice.get("message") or {}
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            yield ReasoningDelta(reasoning)
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            yield TextDelta(content)
-        for position, call in enumerate(delta.get("tool_calls") or []):
-            function = call.get("function") or {}
-            yield ToolCallDelta(
-                index=call.get("index", position),
-                id=call.get("id"),
-                name=function.get("name"),
-                arguments=function.get("arguments") or "",
-            )
+        delta = choice.get("delta") or choice.get("message")
+        if delta:
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                events.append(ReasoningDelta(reasoning))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                events.append(TextDelta(content))
+            for position, call in enumerate(delta.get("tool_calls") or ()):
+                function = call.get("function") or {}
+                events.append(
+                    ToolCallDelta(
+                        index=call.get("index", position),
+                        id=call.get("id"),
+                        name=function.get("name"),
+                        arguments=function.get("arguments") or "",
+                    )
+                )
         if choice.get("finish_reason"):
-            yield FinishEvent(choice["finish_reason"])
+            events.append(FinishEvent(choice["finish_reason"]))
     usage = chunk.get("usage")
     if isinstance(usage, dict) and usage:
-        yield usage_event(usage)
+        events.append(usage_event(usage))
+    return events
 
 
 def usage_event(usage: dict[str, Any]) -> UsageEvent:
@@ -179,11 +184,14 @@ class OpenAICompatProvider:
             # to the keep-alive pool, and every call would open a new connection.
             raw = await anext(chunks, None)
             for _, data in decoder.feed(raw) if raw is not None else decoder.end():
-                done = done or data.strip() == "[DONE]"
-                if done or not data.strip():
+                if done:
                     continue
-                for event in events_from_chunk(self._chunk(data)):
-                    yield event
+                text = data.strip()
+                if text == "[DONE]":
+                    done = True
+                elif text:
+                    for event in events_from_chunk(self._chunk(data)):
+                        yield event
             if raw is None:
                 return
 
