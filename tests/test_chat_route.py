@@ -139,11 +139,17 @@ def test_delta_lines_match_the_whole_chunk_encoding() -> None:
     from aivax.inference import responses
 
     call: Any = SimpleNamespace(
-        request_id='req_a"b\\\\"delta":{}', requested_model='m"delta":{}', model=None
+        request_id='req_a"b\\\\"delta":{}',
+        requested_model='m"delta":{}"finish_reason":null',
+        model=None,
     )
     lines = responses.DeltaLines(call, 123)
-    for delta in ({"content": 'hé "x"\n'}, {"tool_calls": [{"index": 0}]}, {}):
+    opening = {"role": "assistant", "content": ""}
+    for delta in (opening, {"content": 'hé "x"\n'}, {"tool_calls": [{"index": 0}]}, {}):
         assert lines.line(delta) == responses.sse(responses.chunk(call, 123, delta=delta))
+    for reason in ("stop", "length", "tool_calls", 'odd "reason"', None):
+        whole = responses.chunk(call, 123, finish_reason=reason)
+        assert lines.finish_line(reason) == responses.sse(whole)
 
 
 def test_fast_json_takes_what_orjson_refuses() -> None:

@@ -170,11 +170,13 @@ async def _sse(
     code: str | None = "client_disconnected"
     tail: list[bytes] = []
     try:
-        opening = responses.chunk(call, created, delta={"role": "assistant", "content": ""})
-        if retrieved := responses.retrieval_block(call):
-            opening["aivax"] = retrieved
-        head = [responses.sse(opening)]
         lines = responses.DeltaLines(call, created)
+        if retrieved := responses.retrieval_block(call):
+            opening = responses.chunk(call, created, delta={"role": "assistant", "content": ""})
+            opening["aivax"] = retrieved
+            head = [responses.sse(opening)]
+        else:
+            head = [lines.line({"role": "assistant", "content": ""})]
         delta = delta_of(first) if first is not None else None
         if delta is not None:
             head.append(lines.line(delta))
@@ -183,11 +185,7 @@ async def _sse(
             delta = delta_of(event)
             if delta is not None:
                 yield lines.line(delta)
-        tail.append(
-            responses.sse(
-                responses.chunk(call, created, finish_reason=accumulator.final_finish_reason())
-            )
-        )
+        tail.append(lines.finish_line(accumulator.final_finish_reason()))
         if call.structured is not None:
             # Streams are healed locally at the end (no re-ask): the validated document comes
             # in a last chunk, or the stream ends with a json_validation_failed error event.

@@ -126,6 +126,13 @@ class DeltaLines:
     def line(self, delta: dict[str, Any]) -> bytes:
         return self.head + fastjson.dumps(delta) + self.tail
 
+    def finish_line(self, reason: str | None) -> bytes:
+        """The chunk with an empty delta that gives the finish reason."""
+        tail = self.tail.replace(
+            b'"finish_reason":null', b'"finish_reason":' + fastjson.dumps(reason), 1
+        )
+        return self.head + b"{}" + tail
+
 
 def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + fastjson.dumps(data) + b"\n\n"
