@@ -87,7 +87,7 @@ class EventStreamDecoder:
 
     Chunks made only of whole events of one `data: ` line each, after an optional `event: `
     line (what OpenAI-compatible servers and Anthropic send), are split directly. From the first
-    chunk that is anything else (a comment, another field, a `\r`, an event split across
+    chunk that is anything else (a comment, another field, a `\\r`, an event split across
     chunks, invalid UTF-8), that chunk and the rest of the stream go through httpx-sse's
     decoders. Both give the same events for the same bytes (tests/test_providers.py)."""
 
@@ -128,7 +128,7 @@ class EventStreamDecoder:
 
 def _whole_events(chunk: bytes) -> list[tuple[str, str]] | None:
     """The events of `chunk` if it is nothing but whole events of one `data: ` line, each after
-    an optional `event: ` line, with `\n` line ends and valid UTF-8; else None."""
+    an optional `event: ` line, with `\\n` line ends and valid UTF-8; else None."""
     if not chunk.endswith(b"\n\n") or b"\r" in chunk:
         return None
     found = []
