@@ -24,7 +24,10 @@ from tests.fixtures.assertions import REPO_ROOT
         ("AIVAX_WORKERS", "0"),
         ("AIVAX_WORKERS", "65"),
         ("AIVAX_WALLET_LEASE_CALLS", "-1"),
+        ("AIVAX_WALLET_LEASE_CALLS", "10001"),
         ("AIVAX_WALLET_LEASE_IDLE_SECONDS", "0"),
+        ("AIVAX_WALLET_LEASE_IDLE_SECONDS", "3601"),
+        ("AIVAX_WALLET_LEASE_MAX_SECONDS", "0"),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(

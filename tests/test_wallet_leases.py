@@ -241,6 +241,26 @@ async def test_a_caller_that_leaves_while_its_lease_grows_gives_its_reservation_
     assert await balance_and_ledger_sum(services, account.id) == (10_000, 10_000)
 
 
+async def test_a_negative_charge_against_a_lease_is_refused_and_changes_nothing(
+    services: AppServices,
+) -> None:
+    leases = book(services)
+    account = await make_account(services, balance_micros=10_000)
+    reservation = await leases.reserve(account.id, 100, 0)
+    hold_id = reservation.lease.hold_id
+    assert hold_id is not None
+
+    def charge(conn: Any) -> None:
+        ledger.charge_holds(conn, {hold_id: -1})
+
+    with pytest.raises(ValueError, match="cannot be negative"):
+        await services.database.write(charge)
+    assert await holds_of(services, account.id) == [(400, None, "open")]
+    leases.finish(reservation, 0, None)
+    await leases.flush()
+    assert await balance_and_ledger_sum(services, account.id) == (10_000, 10_000)
+
+
 async def test_the_reaper_charges_what_a_dead_process_recorded_and_returns_the_rest(
     services: AppServices,
 ) -> None:

@@ -88,7 +88,7 @@ class RateLimiter:
         self.storage = _storage(redis_url)
         self._strategy = SlidingWindowCounterRateLimiter(self.storage)
         self._windows: dict[tuple[str, int], _Window] = {}
-        self._windows_swept = time.monotonic()
+        self._windows_swept = 0.0  # a reading of `clock`
         self.clock: Callable[[], float] = time.monotonic  # when windows were read
 
     async def hit_requests(self, scope: str, per_minute: int) -> Decision:

@@ -27,7 +27,7 @@ from aivax.providers.base import (
     UsageEvent,
     transport_failure,
 )
-from aivax.providers.http import EventStreamDecoder, UpstreamHTTP
+from aivax.providers.http import UpstreamHTTP, sse_batches
 from aivax.providers.openai_compat import status_error
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -307,16 +307,11 @@ class AnthropicProvider:
                 if response.status >= 400:
                     raise await status_error(response, self.name)
                 state = _StreamState()
-                decoder = EventStreamDecoder()
-                chunks = response.chunks()
-                while True:
-                    raw = await anext(chunks, None)
-                    for kind, data in decoder.feed(raw) if raw is not None else decoder.end():
+                async for events in sse_batches(response.chunks()):
+                    for kind, data in events:
                         if not data.strip():
                             continue
                         for event in state.events(kind, json.loads(data)):
                             yield event
-                    if raw is None:
-                        break
         except TRANSPORT_ERRORS as exc:
             raise transport_failure(exc, self.name) from exc

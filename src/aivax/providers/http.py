@@ -8,7 +8,7 @@
   the SSRF guard, and for anything else that already has an httpx client.
 
 Both raise httpx's exception classes (connect error, timeouts, broken stream), so an adapter has
-one error taxonomy whatever it runs on. `EventStreamDecoder` parses an event stream with httpx-sse's
+one error taxonomy whatever it runs on. `sse_batches` parses an event stream with httpx-sse's
 decoders (comments, keep-alives, multi-line `data:`, `\\r\\n`/`\\r`/`\\n` line ends) over raw
 chunks from either client.
 """
@@ -124,6 +124,18 @@ class EventStreamDecoder:
             if event is not None:
                 found.append((event.event, event.data))
         return found
+
+
+async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[str, str]]]:
+    """`EventStreamDecoder` over a body: the events each chunk completes, as one list (so a
+    chunk costs one step of this generator, not one per event), then those its end completes.
+    The body is always read to its end."""
+    decoder = EventStreamDecoder()
+    async for chunk in chunks:
+        if events := decoder.feed(chunk):
+            yield events
+    if events := decoder.end():
+        yield events
 
 
 def _whole_events(chunk: bytes) -> list[tuple[str, str]] | None:

@@ -36,9 +36,9 @@ from aivax.providers.base import (
 )
 from aivax.providers.http import (
     ERROR_BODY_LIMIT,
-    EventStreamDecoder,
     UpstreamHTTP,
     UpstreamResponse,
+    sse_batches,
 )
 
 MAX_RETRY_AFTER_SECONDS = 5.0
@@ -177,13 +177,10 @@ class OpenAICompatProvider:
                 yield event
             return
         done = False
-        decoder = EventStreamDecoder()
-        chunks = response.chunks()
-        while True:
-            # Read on to the end of the body after [DONE]: a body left unread cannot go back
-            # to the keep-alive pool, and every call would open a new connection.
-            raw = await anext(chunks, None)
-            for _, data in decoder.feed(raw) if raw is not None else decoder.end():
+        # Read on to the end of the body after [DONE]: a body left unread cannot go back to
+        # the keep-alive pool, and every call would open a new connection.
+        async for events in sse_batches(response.chunks()):
+            for _, data in events:
                 if done:
                     continue
                 text = data.strip()
@@ -192,8 +189,6 @@ class OpenAICompatProvider:
                 elif text:
                     for event in events_from_chunk(self._chunk(data)):
                         yield event
-            if raw is None:
-                return
 
     def _chunk(self, data: str) -> dict[str, Any]:
         """One streamed chunk, or the upstream's error event raised."""

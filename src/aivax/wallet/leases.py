@@ -61,16 +61,15 @@ RATE_FLOOR_SECONDS = 0.1
 @dataclass(eq=False)
 class Lease:
     account_id: uuid.UUID
-    opened: float  # time.monotonic()
+    opened: float  # the book's clock
     used: float
     hold_id: uuid.UUID | None = None  # None until the first grant
     granted: int = 0  # moved into the hold so far
     reserved: int = 0  # the worst cases of the calls in flight
     spent: int = 0  # the costs of the calls that ended
     calls: int = 0  # calls in flight
-    taken: int = 0  # the worst cases of every call admitted so far
     granted_at: float = 0.0  # the book's clock at the last grant
-    taken_at_grant: int = 0  # `taken` then
+    taken_since_grant: int = 0  # the worst cases of the calls admitted since then
     retired: bool = False  # takes no more calls; closes when its last call ends
     closed: bool = False
     growing: asyncio.Task[Reservation | None] | None = None
@@ -106,7 +105,7 @@ class LeaseBook:
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
         self.horizon_seconds = horizon_seconds
-        self.clock = clock  # for the rate of demand
+        self.clock = clock  # monotonic seconds: ages, idleness, the rate of demand
         self._current: dict[uuid.UUID, Lease] = {}  # per account, the lease taking calls
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -155,7 +154,7 @@ class LeaseBook:
         lease.reserved -= reservation.amount
         lease.spent += charge
         lease.calls -= 1
-        lease.used = time.monotonic()
+        lease.used = self.clock()
         if charge or log is not None:
             self.settler.submit(
                 Settlement(hold_id=lease.hold_id, cost_micros=charge, log=log, mode="lease")
@@ -167,9 +166,9 @@ class LeaseBook:
         self, *, idle_since: float | None = None, account_id: uuid.UUID | None = None
     ) -> None:
         """Close the leases with no call in flight (of `account_id` only, if given) that have
-        been unused since `idle_since` (a `time.monotonic()` reading; None: any), or that are
+        been unused since `idle_since` (a reading of the book's clock; None: any), or that are
         past their age."""
-        now = time.monotonic()
+        now = self.clock()
         for lease in list(self._current.values()):
             if account_id is not None and lease.account_id != account_id:
                 continue
@@ -198,7 +197,7 @@ class LeaseBook:
     # --- inside ----------------------------------------------------------------------------
 
     def _lease_for(self, account_id: uuid.UUID) -> Lease:
-        now = time.monotonic()
+        now = self.clock()
         lease = self._current.get(account_id)
         if lease is not None and lease.growing is None and now - lease.opened >= self.max_seconds:
             self._retire(lease)
@@ -209,9 +208,9 @@ class LeaseBook:
 
     def _take(self, lease: Lease, amount: int) -> Reservation:
         lease.reserved += amount
-        lease.taken += amount
+        lease.taken_since_grant += amount
         lease.calls += 1
-        lease.used = time.monotonic()
+        lease.used = self.clock()
         return Reservation(lease, amount)
 
     async def _grow(
@@ -256,7 +255,7 @@ class LeaseBook:
                 raise granted
             lease.hold_id = granted.hold_id
             lease.granted += granted.amount
-            lease.granted_at, lease.taken_at_grant = self.clock(), lease.taken
+            lease.granted_at, lease.taken_since_grant = self.clock(), 0
             return self._take(lease, amount)
         finally:
             lease.growing = None
@@ -269,7 +268,7 @@ class LeaseBook:
         if lease.hold_id is None or not self.horizon_seconds:
             return 0
         elapsed = max(self.clock() - lease.granted_at, RATE_FLOOR_SECONDS)
-        return int((lease.taken - lease.taken_at_grant) * self.horizon_seconds / elapsed)
+        return int(lease.taken_since_grant * self.horizon_seconds / elapsed)
 
     def _give_back(self, task: asyncio.Task[Reservation | None]) -> None:
         """A grant whose caller left while it was taken: its reservation ends unused."""
@@ -303,4 +302,4 @@ class LeaseBook:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(min(self.idle_seconds, 1.0))
-            self.close_idle(idle_since=time.monotonic() - self.idle_seconds)
+            self.close_idle(idle_since=self.clock() - self.idle_seconds)

@@ -684,30 +684,15 @@ def grant(
         if hold_id is None or balance < minimum:
             return refusal(conn, account_id, max(need, 1))
         return Grant(hold_id, 0)
+    if hold_id is None:  # a new hold, taken as any other
+        (held,) = hold_many(conn, [HoldRequest(account_id, amount, ref, minimum)])
+        return held if isinstance(held, Exception) else Grant(held, amount)
     after = change_balance(conn, account_id, -amount, floor=0, minimum=minimum)
     if after is None:
         return refusal(conn, account_id, amount)
-    now = utcnow()
-    if hold_id is None:
-        hold_id = uuid7()
-        key = f"hold:{hold_id}"
-        _INSERT_HOLD.many(
-            conn,
-            [
-                {
-                    "id": hold_id,
-                    "account_id": account_id,
-                    "amount_micros": amount,
-                    "ref": ref[:200],
-                    "status": HoldStatus.OPEN.value,
-                    "created_at": now,
-                }
-            ],
-        )
-    else:
-        if _GROW_HOLD.one(conn, {"hold_id": hold_id, "amount": amount}) is None:
-            raise HoldNotOpen(f"Hold {str(hold_id)!r} is no longer open.")
-        key = f"hold:{hold_id}:{uuid7().hex}"
+    if _GROW_HOLD.one(conn, {"hold_id": hold_id, "amount": amount}) is None:
+        raise HoldNotOpen(f"Hold {str(hold_id)!r} is no longer open.")
+    key = f"hold:{hold_id}:{uuid7().hex}"
     entry = entry_values(
         account_id, EntryKind.HOLD, -amount, after, key, details={"ref": ref[:200]}, hold_id=hold_id
     )
