@@ -1,6 +1,7 @@
 """Endpoint dependencies: what a route needs from the caller, as typed aliases.
 
 AnyKey      any valid key of an active account (public keys: origin checked)
+PrivateCaller  a private key (no database read)
 PrivateKey  a private key; gives the account row loaded in the request's session
 Operator    an operator admin token (`/admin`)
 """
@@ -75,13 +76,27 @@ class AccountContext:
     account: Account
 
 
-async def require_private_key(principal: AnyKey, session: SessionDep) -> AccountContext:
+def private_only(principal: Principal) -> Principal:
+    """The rule for every surface but public gateways: a public key selects no model,
+    collection, credential or tool, so it is refused before anything is read."""
     if principal.key_kind is not KeyKind.PRIVATE:
         raise Forbidden(
             "This endpoint needs a private key (aivax_sk_…); public keys (aivax_pk_…) may only "
             "call public gateways.",
             code="private_key_required",
         )
+    return principal
+
+
+async def require_private_principal(principal: AnyKey) -> Principal:
+    return private_only(principal)
+
+
+PrivateCaller = Annotated[Principal, Depends(require_private_principal)]
+
+
+async def require_private_key(principal: AnyKey, session: SessionDep) -> AccountContext:
+    private_only(principal)
     account = await session.get(Account, principal.account_id)
     if account is None:  # deleted between the middleware's lookup and now
         raise Unauthorized("Incorrect API key provided.")

@@ -45,6 +45,11 @@ class NotOverridable(BadRequest):
     code = "parameter_not_overridable"
 
 
+class RetrievalReportRefused(Forbidden):
+    code = "include_retrieval_not_allowed"
+    should_retry = False
+
+
 class PublicGatewayRefused(Forbidden):
     code = "gateway_not_public"
     should_retry = False
@@ -115,12 +120,11 @@ _NO_GATEWAY = GatewayTarget(uuid.UUID(int=0), "", GatewayConfig(model="-"))
 
 
 def effective_config(config: GatewayConfig, principal: Principal) -> GatewayConfig:
-    """Public keys never get server-side tool surfaces, whatever the gateway configures."""
+    """Public keys never get server-side tool surfaces, whatever the gateway configures, and
+    collection search only when the gateway opts in (`public.retrieval`)."""
     if principal.key_kind is not KeyKind.PUBLIC:
         return config
-    collections = config.collections
-    if collections is not None and collections.strategy == "tool":
-        collections = None
+    collections = config.collections if config.public.retrieval else None
     return config.model_copy(update={"tools": Tools(), "skills": [], "collections": collections})
 
 
@@ -128,6 +132,11 @@ def compose(
     target: GatewayTarget, request: ChatCompletionRequest, principal: Principal
 ) -> ChatCompletionRequest:
     config = effective_config(target.config, principal)
+    if principal.key_kind is KeyKind.PUBLIC and request.aivax and request.aivax.include_retrieval:
+        raise RetrievalReportRefused(
+            "Public keys never receive retrieved passages; drop 'aivax.include_retrieval'.",
+            param="aivax.include_retrieval",
+        )
     if config.caller_system_messages == "refuse" and any(
         message.role in ("system", "developer") for message in request.messages
     ):

@@ -81,6 +81,9 @@ class Moderation(Section):
 class PublicAccess(Section):
     enabled: bool = False
     allowed_origins: list[str] = Field(default_factory=list, max_length=50)
+    # Public-key calls search the gateway's collections only when the owner opts in: the
+    # passages then reach the model, never the caller (`aivax.include_retrieval` is refused).
+    retrieval: bool = False
 
     @field_validator("allowed_origins")
     @classmethod

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from aivax.auth.dependencies import AnyKey, Services
+from aivax.auth.dependencies import PrivateCaller, Services
 from aivax.errors import BadRequest
 from aivax.inference import admission
 from aivax.inference.pipeline import client_error, plan_and_model
@@ -58,7 +58,7 @@ def _texts(request: EmbeddingRequest) -> list[str]:
 
 @router.post("/embeddings")
 async def create_embeddings(
-    body: EmbeddingRequest, principal: AnyKey, services: Services, request: Request
+    body: EmbeddingRequest, principal: PrivateCaller, services: Services, request: Request
 ) -> JSONResponse:
     texts = _texts(body)
     limits, model = await plan_and_model(services, principal, body.model)
