@@ -24,7 +24,7 @@ from aivax.catalog.schemas import (
 )
 from aivax.errors import BadRequest, Conflict, NotFound
 from aivax.kit.crypto import SecretBox
-from aivax.kit.ssrf import SSRFBlocked, check_url_shape, vetted_address
+from aivax.kit.ssrf import SSRFBlocked, check_url_shape, url_endpoint, vetted_address
 from aivax.models import CatalogModel, ProviderCredential
 
 DEFAULT_BASE_URLS = {
@@ -232,8 +232,8 @@ async def create_credential(
     try:
         base_url = check_url_shape(base_url)
         if account_id is not None:  # account-supplied URLs must be public
-            host = base_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
-            await vetted_address(host.strip("[]"), 443, allowlist=ssrf_allowlist)
+            host, port = url_endpoint(base_url)
+            await vetted_address(host, port, allowlist=ssrf_allowlist)
     except SSRFBlocked as exc:
         raise InvalidCredential(f"base_url refused: {exc}.", param="base_url") from None
     if await repository.get_credential_by_name(session, account_id, data.name) is not None:
