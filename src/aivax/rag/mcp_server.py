@@ -1,14 +1,20 @@
 """`/v1/mcp/collections`: the account's collections as MCP tools (streamable HTTP, stateless,
 JSON responses), built on the official `mcp` SDK.
 
-Authenticated by an AIVAX key (`Authorization: Bearer …`); configured per request by headers:
+Authenticated by a private AIVAX key (`Authorization: Bearer aivax_sk_…`): public keys are for
+browser widgets calling public gateways, and this server can run account-billed reranker calls
+and search any collection of the account. Configured per request by headers:
   x-aivax-collections   comma-separated collection ids (required)
   x-aivax-tool-name     the search tool's name (default `search_collections`)
   x-aivax-top-k         results per search (default 5, 1-50)
   x-aivax-min-score     minimum score in [0, 1] (default 0)
   x-aivax-mode          hybrid | vector | keyword (default hybrid)
   x-aivax-rerank        none | model:<chat model> | endpoint:<credential>:<model>
-  x-aivax-allow-writes  true: also expose insert_document and delete_document (private keys only)
+  x-aivax-allow-writes  true: also expose insert_document and delete_document
+
+Errors about the HTTP request (key, headers, method) are the API's OpenAI error envelope; a body
+that is not a JSON-RPC message gets a JSON-RPC error (-32700 for text that is not UTF-8 JSON or
+nests past the API's limit), as the MCP SDK answers other malformed bodies.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from pydantic import ValidationError
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from aivax.errors import AppError, BadRequest, Forbidden, Unauthorized
+from aivax.auth.dependencies import admitted_principal
+from aivax.errors import AppError, BadRequest, Forbidden
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
+from aivax.kit.jsonlimits import JsonTooDeep, loads_limited
 from aivax.rag import retrieval, service
 from aivax.rag.schemas import DocumentCreate, RerankSpec, SearchRequest
 from aivax.services import AppServices
@@ -39,7 +47,7 @@ TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class McpConfig:
-    def __init__(self, headers: dict[str, str], principal: Principal) -> None:
+    def __init__(self, headers: dict[str, str]) -> None:
         raw = headers.get("x-aivax-collections", "")
         ids = [part.strip() for part in raw.split(",") if part.strip()]
         if not ids:
@@ -62,14 +70,7 @@ class McpConfig:
                 "x-aivax-mode must be hybrid, vector or keyword.", param="x-aivax-mode"
             )
         self.rerank = _rerank(headers.get("x-aivax-rerank", "none"))
-        writes = headers.get("x-aivax-allow-writes", "false").lower() == "true"
-        if writes and principal.key_kind is not KeyKind.PRIVATE:
-            raise Forbidden(
-                "Write tools need a private key.",
-                param="x-aivax-allow-writes",
-                code="private_key_required",
-            )
-        self.writes = writes
+        self.writes = headers.get("x-aivax-allow-writes", "false").lower() == "true"
 
 
 def _number(
@@ -169,7 +170,7 @@ def build_server(services: AppServices) -> Server[Any, Any]:
         state = request.scope["state"]
         principal: Principal = state["principal"]
         headers = {k.lower(): v for k, v in request.headers.items()}
-        return McpConfig(headers, principal), principal, state["request_id"]
+        return McpConfig(headers), principal, state["request_id"]
 
     @server.list_tools()  # type: ignore[no-untyped-call, untyped-decorator]
     async def list_tools() -> list[types.Tool]:
@@ -273,44 +274,146 @@ async def _delete(
     return {"deleted": True, "document_id": str(document.id)}
 
 
+# Streamable HTTP (MCP 2025-03-26 and 2025-06-18, "Listening for Messages from the Server"):
+# the server MUST answer a GET with text/event-stream or with 405 Method Not Allowed. This
+# server sends nothing unprompted, so a GET stream would stay silent and open forever: 405.
+# "Session Management": a server MAY answer the DELETE that ends a session with 405; a
+# stateless server has no session to end. Every other method is not part of the transport.
+NOT_POSTED = (
+    "This MCP server is stateless and sends nothing unprompted: it offers no event stream "
+    "(GET) and no session to end (DELETE). Send each JSON-RPC message with POST to {path}."
+)
+
+
+class MethodNotAllowed(AppError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class McpEndpoint:
-    """Checks the key and the headers, then hands the request to the MCP session manager."""
+    """Checks the method, the key and the headers, and that the body is JSON within the
+    nesting limit, then hands the request to the MCP session manager."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope.setdefault("state", {})
-        error: AppError | None = state.get("auth_error")
-        principal: Principal | None = state.get("principal")
-        if error is None and principal is None:
-            error = Unauthorized("MCP calls need an AIVAX key: 'Authorization: Bearer aivax_…'.")
-        if error is None and principal is not None:
-            try:
-                McpConfig(
-                    {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-                    principal,
-                )
-            except AppError as exc:
-                error = exc
+        error = _request_error(scope)
         if error is not None:
             await _send_error(send, error)
             return
+        body = await _read_body(receive)
+        problem = _parse_problem(body)
+        if problem is not None:
+            await _send_parse_error(send, problem)
+            return
         manager: StreamableHTTPSessionManager = self.app.state.mcp_manager
-        await manager.handle_request(scope, receive, send)
+        await manager.handle_request(scope, _replay(body, receive), send)
+
+
+def _request_error(scope: Scope) -> AppError | None:
+    """What is wrong with the request before its body is read: the method, then the caller
+    (a private key of an active account, before any `x-aivax-*` header is looked at), then
+    the headers."""
+    if scope["method"] != "POST":
+        return MethodNotAllowed(NOT_POSTED.format(path=PATH), headers={"allow": "POST"})
+    state = scope.setdefault("state", {})
+    try:
+        principal = admitted_principal(state, _header(scope, b"origin"))
+        if principal.key_kind is not KeyKind.PRIVATE:
+            raise Forbidden(PRIVATE_KEY_REQUIRED, code="private_key_required")
+        McpConfig({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]})
+    except AppError as exc:
+        return exc
+    return None
+
+
+# The words every private-only endpoint answers a public key with.
+PRIVATE_KEY_REQUIRED = (
+    "This endpoint needs a private key (aivax_sk_…); public keys (aivax_pk_…) may only "
+    "call public gateways."
+)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole body (the body-size middleware's `receive` raises past the limit: a 413)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _parse_problem(body: bytes) -> str | None:
+    """Why `body` is not JSON this server parses (None: it is). The SDK's own parser raises
+    on invalid UTF-8 and recurses on deep nesting, both a 500; orjson checks UTF-8 strictly
+    and `loads_limited` stops at MAX_JSON_DEPTH levels. A tool call's arguments are part of
+    the body, so they are held to the limit too (and a search filter to its grammar)."""
+    try:
+        loads_limited(body)
+    except JsonTooDeep as exc:
+        return exc.message
+    except ValueError as exc:
+        return f"The body is not valid UTF-8 JSON ({exc})."
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the SDK the body already read, then waits on the client."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_parse_error(send: Send, problem: str) -> None:
+    # JSON-RPC 2.0 section 5.1: -32700 with a null id (no id could be read); HTTP 400 as the
+    # streamable HTTP transport answers input it cannot accept.
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": types.PARSE_ERROR, "message": f"Parse error: {problem}"},
+        }
+    ).encode()
+    await _send_json(send, 400, body, [])
 
 
 async def _send_error(send: Send, error: AppError) -> None:
     body = json.dumps(error.envelope()).encode()
+    extra = [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
+    await _send_json(send, error.status, body, extra)
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers + extra})
     await send({"type": "http.response.body", "body": body})
 
 
 def mount_mcp(app: FastAPI) -> None:
     endpoint = McpEndpoint(app)
-    app.router.routes.append(Route(PATH, endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
+    # Every method reaches the endpoint, which answers all but POST with 405 (see NOT_POSTED).
+    app.router.routes.append(Route(PATH, endpoint=endpoint, methods=None))
 
 
 @contextlib.asynccontextmanager
