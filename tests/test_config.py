@@ -28,6 +28,12 @@ from tests.fixtures.assertions import REPO_ROOT
         ("AIVAX_WALLET_LEASE_IDLE_SECONDS", "0"),
         ("AIVAX_WALLET_LEASE_IDLE_SECONDS", "3601"),
         ("AIVAX_WALLET_LEASE_MAX_SECONDS", "0"),
+        ("AIVAX_REDIS_OUTAGE", "ignore"),
+        ("AIVAX_REDIS_FALLBACK_SECONDS", "0"),
+        ("AIVAX_REDIS_FALLBACK_SECONDS", "86401"),
+        ("AIVAX_REDIS_FALLBACK_SECONDS", "soon"),
+        ("AIVAX_REDIS_TIMEOUT_SECONDS", "0"),
+        ("AIVAX_REDIS_TIMEOUT_SECONDS", "11"),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(
@@ -81,3 +87,41 @@ def test_a_rule_between_settings_names_them_and_echoes_no_value(
     assert "\n" not in message
     assert secret not in message
     assert "dbpassword" not in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AIVAX_REDIS_OUTAGE", "fail-open"),
+        ("AIVAX_REDIS_FALLBACK_SECONDS", "-1"),
+        ("AIVAX_REDIS_TIMEOUT_SECONDS", "0"),
+    ],
+)
+def test_invalid_redis_outage_settings_stop_the_server_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    variable: str,
+    value: str,
+) -> None:
+    import typer
+
+    from aivax.cli import settings_or_exit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(typer.Exit) as raised:
+        settings_or_exit()
+    assert raised.value.exit_code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: invalid setting {variable}"), error
+
+
+def test_redis_outage_settings_default_to_refusing_with_short_timeouts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.redis_outage == "refuse"
+    assert settings.redis_fallback_seconds == 300
+    assert 0 < settings.redis_timeout_seconds <= 1

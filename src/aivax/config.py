@@ -27,6 +27,24 @@ class Settings(BaseSettings):
         description="SQLAlchemy async URL: sqlite+aiosqlite:///… or postgresql+asyncpg://…",
     )
     redis_url: str | None = Field(default=None, description="Redis URL for shared rate limits.")
+    redis_outage: Literal["refuse", "local"] = Field(
+        default="refuse",
+        description="While Redis is unreachable: refuse calls that need a rate-limit decision "
+        "(503 rate_limits_unavailable), or count them per process (local) for a while.",
+    )
+    redis_fallback_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="With redis_outage=local: the longest an outage is bridged by per-process "
+        "counters before calls are refused.",
+    )
+    redis_timeout_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=10,
+        description="Connect and socket timeout of each Redis command (one retry follows).",
+    )
     secret_key: SecretStr | None = Field(
         default=None,
         description="Server secret (≥ 32 chars); unset: created in data_dir/secret.key.",

@@ -54,7 +54,12 @@ class AppServices:
             secret=secret,
             secret_box=SecretBox(secret),
             registry=ProviderRegistry(settings),
-            limiter=RateLimiter(settings.redis_url),
+            limiter=RateLimiter(
+                settings.redis_url,
+                outage=settings.redis_outage,
+                fallback_seconds=settings.redis_fallback_seconds,
+                timeout_seconds=settings.redis_timeout_seconds,
+            ),
             caches=HotPathCaches(settings.cache_seconds),
             writer=writer,
             settler=settler,
