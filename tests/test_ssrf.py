@@ -48,6 +48,8 @@ REFUSED = [
     ("100::1", "discard-only"),
     ("5f00::1", "SRv6 SIDs (reserved)"),
     ("4000::1", "unallocated"),
+    ("2001:3::1", "IETF protocol assignments (AMT)"),
+    ("2001:20::1", "IETF protocol assignments (ORCHIDv2)"),
     # IPv6 forms that carry an IPv4 address
     ("::ffff:169.254.169.254", "IPv4-mapped metadata"),
     ("::ffff:127.0.0.1", "IPv4-mapped loopback"),

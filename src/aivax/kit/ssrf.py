@@ -35,9 +35,13 @@ _IPV4_TRANSLATED = IPv6Network("::ffff:0:0:0/96")
 _ISATAP_MASK = 0xFDFF_FFFF
 _ISATAP_ID = 0x0000_5EFE
 # Ranges the IANA special-purpose registries mark as not globally reachable that Python 3.11's
-# `is_global` still calls global.
+# `is_global` still calls global, and IETF protocol assignments that later Pythons call global in
+# part (anycast and AS112 services, never a model upstream): refused whole on every Python.
 _IPV4_NOT_GLOBAL = (IPv4Network("192.0.0.0/24"),)  # IETF protocol assignments (RFC 6890)
-_IPV6_NOT_GLOBAL = (IPv6Network("3fff::/20"),)  # documentation (RFC 9637)
+_IPV6_NOT_GLOBAL = (
+    IPv6Network("2001::/23"),  # IETF protocol assignments (RFC 2928), Teredo among them
+    IPv6Network("3fff::/20"),  # documentation (RFC 9637)
+)
 
 
 class SSRFBlocked(ValueError):
