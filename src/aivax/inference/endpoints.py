@@ -18,7 +18,7 @@ from aivax.inference.pipeline import PreparedCall, client_error, finish, open_st
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.keys.service import Principal
 from aivax.kit.fastjson import FastJSONResponse
-from aivax.kit.pagination import ListPage, PageLimit, page_of
+from aivax.kit.pagination import IdCursor, ListPage, PageLimit, page_of
 from aivax.kit.streaming import EventStreamResponse
 from aivax.providers.base import StreamEvent, UpstreamError
 from aivax.services import AppServices
@@ -230,11 +230,31 @@ async def get_model(model_id: str, principal: AnyKey, session: SessionDep) -> di
 
 @router.get("/requests", response_model=ListPage[catalog_view.RequestLogRead])
 async def list_requests(
-    auth: PrivateKey, session: SessionDep, limit: PageLimit = 20, after: int | None = None
+    auth: PrivateKey, session: SessionDep, limit: PageLimit = 20, after: IdCursor = None
 ) -> ListPage[catalog_view.RequestLogRead]:
     logs = await repository.list_logs(session, auth.account.id, limit=limit, after=after)
     data = [catalog_view.RequestLogRead.model_validate(log) for log in logs]
     return page_of(data, [str(log.id) for log in data], limit=limit)
+
+
+def _in_utc(value: datetime, param: str) -> datetime:
+    """A time without an offset is UTC; one whose UTC time falls outside years 1-9999 is
+    refused by name rather than overflowing."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise BadRequest(
+            f"{param!r} ({value.isoformat()}) is out of range once converted to UTC; give a "
+            "time between years 1 and 9999.",
+            param=param,
+        ) from None
+
+
+def _days_before(end: datetime, days: int) -> datetime:
+    try:
+        return end - timedelta(days=days)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 @router.get("/usage")
@@ -245,14 +265,15 @@ async def usage(
     since: Annotated[datetime | None, Query(description="Start (default: 30 days ago).")] = None,
     until: Annotated[datetime | None, Query(description="End, exclusive (default: now).")] = None,
 ) -> dict[str, Any]:
-    end = until or datetime.now(UTC)
-    start = since or end - timedelta(days=30)
+    end = _in_utc(until, "until") if until else datetime.now(UTC)
+    start = _in_utc(since, "since") if since else _days_before(end, 30)
+    if start >= end:
+        raise BadRequest(
+            f"'since' ({start.isoformat()}) must be before 'until' ({end.isoformat()}).",
+            param="since",
+        )
     rows = await repository.usage_totals(
-        session,
-        auth.account.id,
-        group_by=group_by,
-        since=start if start.tzinfo else start.replace(tzinfo=UTC),
-        until=end if end.tzinfo else end.replace(tzinfo=UTC),
+        session, auth.account.id, group_by=group_by, since=start, until=end
     )
     for row in rows:
         row[group_by] = str(row.pop("group"))

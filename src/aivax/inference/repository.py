@@ -5,10 +5,33 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Date, cast, func, select
+from sqlalchemy import BigInteger, String, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from aivax.models import RequestLog
+
+
+class utc_day(FunctionElement[str]):
+    """The UTC calendar day of a timestamp as 'YYYY-MM-DD' text, on both databases: a CAST to
+    DATE is a number on SQLite and follows the session's time zone on PostgreSQL."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(utc_day)
+def _utc_day_sqlite(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
+    # SQLite stores these timestamps as UTC text: date() reads its first ten characters.
+    return f"date({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(utc_day, "postgresql")
+def _utc_day_postgresql(element: utc_day, compiler: SQLCompiler, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    return f"to_char(({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
 
 async def list_logs(
@@ -30,7 +53,7 @@ async def usage_totals(
     until: datetime,
 ) -> list[dict[str, Any]]:
     group: Any = {
-        "day": cast(RequestLog.created_at, Date),
+        "day": utc_day(RequestLog.created_at),
         "model": RequestLog.model,
         "key": RequestLog.key_id,
     }[group_by]

@@ -10,9 +10,20 @@ from pydantic import BaseModel
 T = TypeVar("T")
 
 MAX_PAGE_SIZE = 100
+# Row ids are 64-bit signed integers on both databases; a cursor outside that range would
+# overflow the database driver's parameter instead of simply matching no row.
+MAX_ROW_ID = 2**63 - 1
 
 PageLimit = Annotated[
     int, Query(ge=1, le=MAX_PAGE_SIZE, description="How many items to return (1-100).")
+]
+IdCursor = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=MAX_ROW_ID,
+        description="The `last_id` of the previous page (0 to 9223372036854775807).",
+    ),
 ]
 
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from aivax.auth.dependencies import PrivateKey, Services
 from aivax.db import SessionDep
-from aivax.kit.pagination import ListPage, PageLimit, page_of
+from aivax.kit.pagination import IdCursor, ListPage, PageLimit, page_of
 from aivax.models import EntryKind
 from aivax.wallet import service
 from aivax.wallet.schemas import LedgerEntryRead, WalletRead
@@ -31,7 +31,7 @@ async def list_ledger(
     session: SessionDep,
     services: Services,
     limit: PageLimit = 20,
-    after: int | None = None,
+    after: IdCursor = None,
     kind: EntryKind | None = None,
 ) -> ListPage[LedgerEntryRead]:
     await services.leases.flush(auth.account.id)
