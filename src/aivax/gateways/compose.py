@@ -128,7 +128,7 @@ def effective_config(config: GatewayConfig, principal: Principal) -> GatewayConf
     return config.model_copy(update={"tools": Tools(), "skills": [], "collections": collections})
 
 
-def compose(
+async def compose(
     target: GatewayTarget, request: ChatCompletionRequest, principal: Principal
 ) -> ChatCompletionRequest:
     config = effective_config(target.config, principal)
@@ -156,13 +156,13 @@ def compose(
         prefix.append(
             SystemMessage(
                 role="system",
-                content=templates.render(
+                content=await templates.render(
                     config.system_instruction, context, param="config.system_instruction"
                 ),
             )
         )
     for index, template in enumerate(config.prompt_templates):
-        content = templates.render(
+        content = await templates.render(
             template.content, context, param=f"config.prompt_templates.{index}.content"
         )
         prefix.append(_message(template.role, content))

@@ -1,5 +1,10 @@
 """Gateway moderation: `rules` (keywords and regexes, case-insensitive, Unicode-normalised) and
-`openai` (the moderation endpoint, through an operator or the account's own credential)."""
+`openai` (the moderation endpoint, through an operator or the account's own credential).
+
+A moderation service that cannot answer (no connection, a timeout, an HTTP error, a body that is
+not a moderation result) fails the call with a 502 `moderation_unavailable`: a call that was to
+be moderated is never served unmoderated.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import repository as catalog_repository
+from aivax.errors import AppError
 from aivax.gateways.schemas import Moderation
+from aivax.models import ProviderCredential
 from aivax.providers.base import UpstreamError
 from aivax.services import AppServices
 
@@ -34,6 +42,49 @@ class ContentBlocked(UpstreamError):
             provider="moderation",
             code="content_policy_violation",
         )
+
+
+class ModerationUnavailable(AppError):
+    """The moderation service failed before the call started (HTTP 502, OpenAI envelope)."""
+
+    status = 502
+    type = "api_error"
+    code = "moderation_unavailable"
+
+
+def _unavailable(reason: str) -> UpstreamError:
+    return UpstreamError(
+        f"The moderation service could not check this call ({reason}); retry shortly.",
+        status=502,
+        provider="moderation",
+        code="moderation_unavailable",
+    )
+
+
+async def find_credential(
+    session: AsyncSession, account_id: uuid.UUID, name: str
+) -> ProviderCredential | None:
+    """The account's own credential `name`, else the operator's; never another account's."""
+    return await catalog_repository.get_credential_by_name(
+        session, account_id, name
+    ) or await catalog_repository.get_credential_by_name(session, None, name)
+
+
+def _flagged(body: Any) -> str | None:
+    """What an OpenAI moderation result flags, or None; a body of another shape raises."""
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise _unavailable("its answer is not a moderation result")
+    flagged = [
+        name
+        for result in results
+        if result.get("flagged")
+        for name, hit in (result.get("categories") or {}).items()
+        if hit
+    ]
+    if any(result.get("flagged") for result in results):
+        return "openai:" + ",".join(sorted(flagged)) if flagged else "openai"
+    return None
 
 
 @dataclass
@@ -59,6 +110,16 @@ class Moderator:
             return "pattern"
         return None
 
+    async def check_input(self, text: str) -> str | None:
+        """`trips` for the caller's input, before anything is sent or streamed: a service that
+        cannot answer is a 502 `moderation_unavailable`."""
+        try:
+            return await self.trips(text)
+        except UpstreamError as exc:
+            if exc.code != "moderation_unavailable":
+                raise
+            raise ModerationUnavailable(exc.message) from exc
+
     async def _openai(self, text: str) -> str | None:
         base_url, api_key, account_owned = await self._credential()
         # An account's own credential has an account-supplied URL: it goes through the SSRF
@@ -71,44 +132,26 @@ class Moderator:
                 headers={"Authorization": f"Bearer {api_key}"},
                 timeout=30,
             )
+        except httpx.TimeoutException as exc:
+            raise _unavailable("it did not answer in time") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(
-                "the moderation service is unreachable",
-                status=502,
-                provider="moderation",
-                code="moderation_unavailable",
-            ) from exc
+            raise _unavailable(f"it cannot be reached: {type(exc).__name__}") from exc
         if response.status_code >= 400:
-            raise UpstreamError(
-                f"the moderation service answered HTTP {response.status_code}",
-                status=502,
-                provider="moderation",
-                code="moderation_unavailable",
-            )
-        results: list[dict[str, Any]] = response.json().get("results", [])
-        flagged = [
-            name
-            for result in results
-            if result.get("flagged")
-            for name, hit in (result.get("categories") or {}).items()
-            if hit
-        ]
-        if any(result.get("flagged") for result in results):
-            return "openai:" + ",".join(sorted(flagged)) if flagged else "openai"
-        return None
+            raise _unavailable(f"it answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError as exc:  # JSONDecodeError, or a body that is not UTF-8
+            raise _unavailable("its answer is not JSON") from exc
+        return _flagged(body)
 
     async def _credential(self) -> tuple[str, str, bool]:
         name = self.settings.credential or ""
         async with self.services.database.sessions() as session:
-            credential = await catalog_repository.get_credential_by_name(
-                session, self.account_id, name
-            ) or await catalog_repository.get_credential_by_name(session, None, name)
-        if credential is None:
-            raise UpstreamError(
-                f"no credential {name!r} for moderation",
-                status=503,
-                provider="moderation",
-                code="moderation_unavailable",
+            credential = await find_credential(session, self.account_id, name)
+        if credential is None:  # deleted since the gateway was saved
+            raise _unavailable(
+                f"the credential {name!r} no longer exists; name another in the gateway's "
+                "`moderation.credential`"
             )
         return (
             credential.base_url,

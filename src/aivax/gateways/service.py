@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ModelNotFound
 from aivax.errors import BadRequest, Conflict, NotFound
-from aivax.gateways import templates
+from aivax.gateways import moderation, templates
 from aivax.gateways.schemas import GatewayConfig, GatewayCreate, GatewayUpdate
 from aivax.kit.clock import utcnow
 from aivax.kit.crypto import SecretBox
@@ -27,6 +27,10 @@ class GatewayNotFound(NotFound):
 
 class InvalidGateway(BadRequest):
     code = "invalid_gateway"
+
+
+class ModerationCredentialNotFound(BadRequest):
+    code = "credential_not_found"
 
 
 class SlugTaken(Conflict):
@@ -80,9 +84,49 @@ async def validate(
                     code="collection_not_found",
                 )
     templates.zone(config.timezone)
-    templates.check_template(config.system_instruction, param="config.system_instruction")
-    for index, template in enumerate(config.prompt_templates):
-        templates.check_template(template.content, param=f"config.prompt_templates.{index}.content")
+    await _check_templates(config)
+    await _check_moderation(session, account_id, config)
+
+
+async def _check_templates(config: GatewayConfig) -> None:
+    sources = [("config.system_instruction", config.system_instruction)] + [
+        (f"config.prompt_templates.{index}.content", template.content)
+        for index, template in enumerate(config.prompt_templates)
+    ]
+    for param, source in sources:
+        if source:
+            await templates.check_template(source, param=param, timezone=config.timezone)
+
+
+async def _check_moderation(
+    session: AsyncSession, account_id: uuid.UUID, config: GatewayConfig
+) -> None:
+    """The `openai` provider needs a credential this account may use: its own or the
+    operator's. Another account's credential is reported exactly like one that does not exist."""
+    settings = config.moderation
+    if settings is None or settings.provider != "openai":
+        return
+    param = "config.moderation.credential"
+    name = settings.credential
+    if not name:
+        raise InvalidGateway(
+            "Moderation provider 'openai' needs `credential`: the name of one of your "
+            "credentials (POST /v1/credentials) or of one the operator provides.",
+            param=param,
+        )
+    credential = await moderation.find_credential(session, account_id, name)
+    if credential is None:
+        raise ModerationCredentialNotFound(
+            f"No credential {name!r} on this account; create it with POST /v1/credentials, "
+            "or name one listed by GET /v1/credentials.",
+            param=param,
+        )
+    if credential.provider != "openai":
+        raise InvalidGateway(
+            f"Credential {name!r} is for {credential.provider!r}; moderation needs an "
+            "OpenAI-compatible credential (one that serves /moderations).",
+            param=param,
+        )
 
 
 async def _record_version(session: AsyncSession, gateway: Gateway) -> None:

@@ -183,7 +183,7 @@ async def prepare(
         else await gateway_compose.lookup(services, principal, request.model, origin)
     )
     if gateway is not None:
-        request = gateway_compose.compose(gateway, request, principal)
+        request = await gateway_compose.compose(gateway, request, principal)
     limits, model = await plan_and_model(services, principal, request.model)
     if model.kind == "embedding":
         raise BadRequest(
@@ -321,7 +321,7 @@ async def _moderate_input(
     moderator = Moderator(settings, services, principal.account_id)
     if not settings.input:
         return moderator, []
-    tripped = await moderator.trips(caller_text(body["messages"]))
+    tripped = await moderator.check_input(caller_text(body["messages"]))
     if tripped is None:
         return moderator, []
     if settings.action == "block":
