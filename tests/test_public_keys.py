@@ -113,9 +113,7 @@ async def _public_gateway(
     return str(response.json()["id"])
 
 
-async def _ask(
-    client: httpx.AsyncClient, key: str, model: str, **extra: Any
-) -> httpx.Response:
+async def _ask(client: httpx.AsyncClient, key: str, model: str, **extra: Any) -> httpx.Response:
     return await client.post(
         "/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}", "Origin": ORIGIN},

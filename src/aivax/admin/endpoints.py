@@ -15,7 +15,7 @@ from aivax.db import SessionDep
 from aivax.keys import service as key_service
 from aivax.keys.schemas import KeyCreate, KeyCreated, KeyRead
 from aivax.kit.crypto import random_secret
-from aivax.kit.pagination import ListPage, PageLimit, page_of, whole
+from aivax.kit.pagination import IdCursor, ListPage, PageLimit, page_of, whole
 from aivax.models import EntryKind
 from aivax.plans import service as plan_service
 from aivax.plans.schemas import PlanCreate, PlanRead, PlanUpdate
@@ -135,7 +135,7 @@ async def list_ledger(
     session: SessionDep,
     services: Services,
     limit: PageLimit = 20,
-    after: int | None = None,
+    after: IdCursor = None,
     kind: EntryKind | None = None,
 ) -> ListPage[LedgerEntryRead]:
     await account_service.get(session, account_id)
@@ -204,6 +204,16 @@ async def update_plan(
     plan = await plan_service.update(session, plan_id, data)
     services.caches.clear()
     return PlanRead.model_validate(plan)
+
+
+@router.get("/wallet/shortfalls", response_model=ListPage[LedgerEntryRead])
+async def list_shortfalls(
+    _: Operator, session: SessionDep, limit: PageLimit = 20, after: IdCursor = None
+) -> ListPage[LedgerEntryRead]:
+    """Late charges an account's balance could not pay in full (the call outlived its hold and
+    the balance was spent meanwhile): `details.shortfall_micros` is what went uncollected."""
+    entries = await wallet_service.list_shortfalls(session, limit=limit, after=after)
+    return ledger_page(list(entries), limit)
 
 
 @router.post("/wallet/reap")

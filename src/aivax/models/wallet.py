@@ -67,6 +67,8 @@ class WalletHold(Base):
     status: Mapped[str] = mapped_column(String(20), default=HoldStatus.OPEN.value)
     actual_micros: Mapped[int | None]
     created_at: Mapped[datetime]
+    # Written while the calls using the hold run (`wallet.live`); the reaper goes by it.
+    renewed_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
 
     __table_args__ = (

@@ -27,16 +27,24 @@ from aivax.db import NOT_NOW, Database
 from aivax.inference.settlement import Settlement, Settler
 from aivax.wallet import ledger
 from aivax.wallet.ledger import HoldRequest
+from aivax.wallet.live import LiveHolds
 from aivax.wallet.writer import HoldResult, WalletWriter
 
 MAX_BATCH = 128
 
 
 class HoldQueue:
-    def __init__(self, database: Database, settler: Settler, writer: WalletWriter) -> None:
+    def __init__(
+        self,
+        database: Database,
+        settler: Settler,
+        writer: WalletWriter,
+        live: LiveHolds | None = None,
+    ) -> None:
         self.database = database
         self.settler = settler
         self.writer = writer
+        self.live = live  # renews the holds of calls in flight, so the reaper leaves them
         # Calls being served right now (kept by the chat route). A lone call writes its hold
         # directly; with company, holds queue for the writer's next batch.
         self.calls_in_flight = 0
@@ -63,12 +71,18 @@ class HoldQueue:
                 (result,) = taken
                 if isinstance(result, Exception):
                     raise result
-                return result
+                return self._in_use(result)
         future: asyncio.Future[uuid.UUID] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
         if not writing:
             self._task = asyncio.get_running_loop().create_task(self._write_all())
-        return await future
+        return self._in_use(await future)
+
+    def _in_use(self, hold_id: uuid.UUID) -> uuid.UUID:
+        """Until its settlement is handed to the settler, the call's hold is renewed."""
+        if self.live is not None:
+            self.live.add(hold_id)
+        return hold_id
 
     async def _write_all(self) -> None:
         """Write batches until none is waiting; while this task runs, new holds join it."""

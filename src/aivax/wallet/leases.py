@@ -26,7 +26,9 @@ however many processes or replicas share the account.
 - A lease closes when it has been idle for `idle_seconds`; when it is `max_seconds` old (it
   takes no more calls and closes when its last call ends); when the account's wallet is read
   through this process (`flush`); and at shutdown. The leases of a process that dies are
-  closed by the reaper, which charges what was recorded and gives back the rest.
+  closed by the reaper, which charges what was recorded and gives back the rest. A live
+  process renews the holds of its open leases (`wallet.live`), so the reaper never takes a
+  lease whose calls are still running, however long they run.
 
 `calls = 0` turns leases off: every call then takes a hold of its own (`hold_queue`).
 """
@@ -46,6 +48,7 @@ from aivax.db import Database
 from aivax.errors import AppError
 from aivax.inference.settlement import Settlement, Settler
 from aivax.wallet import ledger
+from aivax.wallet.live import LiveHolds
 from aivax.wallet.writer import WalletWriterUnavailable
 
 logger = logging.getLogger("aivax.wallet.leases")
@@ -98,9 +101,11 @@ class LeaseBook:
         max_seconds: float,
         horizon_seconds: float = HORIZON_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        live: LiveHolds | None = None,
     ) -> None:
         self.database = database
         self.settler = settler
+        self.live = live  # renews the holds of open leases, so the reaper leaves them
         self.calls = calls
         self.idle_seconds = idle_seconds
         self.max_seconds = max_seconds
@@ -241,6 +246,8 @@ class LeaseBook:
                 granted = await self.database.write(grant)
             except ledger.HoldNotOpen:
                 logger.warning("lease %s was closed by the reaper; starting another", hold_id)
+                if self.live is not None and hold_id is not None:
+                    self.live.discard(hold_id)
                 lease.closed = True
                 self._retire(lease)
                 return None
@@ -253,6 +260,8 @@ class LeaseBook:
                 ) from exc
             if isinstance(granted, AppError):
                 raise granted
+            if self.live is not None and lease.hold_id is None:
+                self.live.add(granted.hold_id)
             lease.hold_id = granted.hold_id
             lease.granted += granted.amount
             lease.granted_at, lease.taken_since_grant = self.clock(), 0
@@ -290,6 +299,8 @@ class LeaseBook:
             return
         lease.closed = True
         if lease.hold_id is not None:
+            if self.live is not None:
+                self.live.discard(lease.hold_id)
             self.settler.submit(
                 Settlement(hold_id=lease.hold_id, cost_micros=0, log=None, mode="close")
             )

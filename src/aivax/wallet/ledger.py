@@ -9,6 +9,7 @@ inference hot path (`Database.run_write`). Every balance change is one condition
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,6 +40,8 @@ from aivax.kit.ids import uuid7
 from aivax.kit.money import micros_to_usd
 from aivax.models import Account, EntryKind, HoldStatus, LedgerEntry, WalletHold
 from aivax.models.wallet import OPEN_HOLD_STATUS
+
+logger = logging.getLogger("aivax.wallet")
 
 MAX_MOVEMENT_MICROS = 10**12  # one million USD in a single movement
 ACCOUNTS = cast(Table, Account.__table__)
@@ -443,7 +446,7 @@ def settle(conn: Connection, hold_id: uuid.UUID, actual_micros: int) -> int:
 
     Idempotent: settling again charges nothing. A hold is a ceiling: `actual` above it is capped
     and the difference recorded in the usage entry's details. A hold the reaper expired is still
-    charged (the work was done), even if that takes the balance below zero.
+    charged (the work was done) as far as the balance goes (`charge_late`).
     """
     if actual_micros < 0:
         raise ValueError("actual cost cannot be negative")
@@ -467,8 +470,7 @@ def settle(conn: Connection, hold_id: uuid.UUID, actual_micros: int) -> int:
     )
     if late is not None:
         account_id, _, charge = late
-        _return_and_charge(conn, account_id, hold_id, 0, charge, actual_micros)
-        return charge
+        return charge_late(conn, account_id, hold_id, charge, key=f"usage:{hold_id}")
     if hold_status(conn, hold_id) == HoldStatus.RELEASED.value:
         raise HoldAlreadyReleased(f"Hold {str(hold_id)!r} was released; it cannot be settled.")
     return 0
@@ -733,7 +735,7 @@ def charge_holds(conn: Connection, charges: dict[uuid.UUID, int]) -> None:
     """Record calls' costs against open holds (leases), to be charged when each closes
     (`close_recorded`); the balance does not move, the money is already held. A cost that
     arrives after its hold was closed (the reaper expired it) is charged at once, as a usage
-    entry of its own, even if that takes the balance below zero: the work was done."""
+    entry of its own, as far as the balance goes (`charge_late`): the work was done."""
     for hold_id in sorted(charges):
         cost = charges[hold_id]
         if cost < 0:
@@ -745,21 +747,38 @@ def charge_holds(conn: Connection, charges: dict[uuid.UUID, int]) -> None:
         ).scalar_one_or_none()
         if account_id is None:
             raise HoldNotFound(f"No hold {str(hold_id)!r}.")
-        balance = change_balance(conn, account_id, -cost, floor=None)
-        assert balance is not None  # noqa: S101 - the hold's account exists (foreign key)
-        key = f"usage:{hold_id}:{uuid7().hex}"
-        insert_entry(
-            conn,
-            entry_values(
-                account_id,
-                EntryKind.USAGE,
-                -cost,
-                balance,
-                key,
-                details={"late": True},
-                hold_id=hold_id,
-            ),
+        charge_late(conn, account_id, hold_id, cost, key=f"usage:{hold_id}:{uuid7().hex}")
+
+
+def charge_late(
+    conn: Connection, account_id: uuid.UUID, hold_id: uuid.UUID, cost: int, *, key: str
+) -> int:
+    """Charge `cost` for work done under a hold that was closed before its cost arrived (the
+    reaper expired it): no money is held for it any more, so the balance pays what it can and
+    never goes below zero. What it cannot pay is recorded on the usage entry as
+    `shortfall_micros` (the entry is written even when nothing could be taken), so the operator
+    finds it (`GET /admin/wallet/shortfalls`). The amount charged."""
+    locked = select(_BALANCE).where(ACCOUNTS.c.id == account_id).with_for_update()
+    balance = int(conn.execute(locked).scalar_one())
+    taken = min(cost, max(balance, 0))
+    after = change_balance(conn, account_id, -taken, floor=None) if taken else balance
+    assert after is not None  # noqa: S101 - the hold's account exists (foreign key)
+    details: dict[str, Any] = {"late": True}
+    if taken < cost:
+        details["shortfall_micros"] = cost - taken
+        logger.warning(
+            "a late charge of %d micros on hold %s found %d available; shortfall recorded",
+            cost,
+            hold_id,
+            max(balance, 0),
         )
+    insert_entry(
+        conn,
+        entry_values(
+            account_id, EntryKind.USAGE, -taken, after, key, details=details, hold_id=hold_id
+        ),
+    )
+    return taken
 
 
 _CLOSE_RECORDED = FastStatement(
@@ -791,12 +810,31 @@ def close_recorded(conn: Connection, hold_id: uuid.UUID, *, expire: bool = False
 
 
 def stale_holds_query(*, created_before: Any, limit: int) -> Select[Any]:
+    """Open holds whose last sign of life (renewal, else creation) is before `created_before`:
+    a live server renews the holds its calls still use (`renew_holds`), so these are the holds
+    of a server that died or of a call that never settled."""
     return (
         select(HOLDS.c.id)
-        .where(_OPEN, HOLDS.c.created_at < created_before)
+        .where(_OPEN, func.coalesce(HOLDS.c.renewed_at, HOLDS.c.created_at) < created_before)
         .order_by(HOLDS.c.created_at)
         .limit(limit)
     )
+
+
+_RENEW = (
+    update(HOLDS)
+    .where(_OPEN, HOLDS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(renewed_at=bindparam("now"))
+)
+
+
+def renew_holds(conn: Connection, hold_ids: list[uuid.UUID], now: Any) -> int:
+    """Mark open holds as still in use at `now`; how many were open."""
+    renewed = 0
+    for start in range(0, len(hold_ids), 500):
+        ids = hold_ids[start : start + 500]
+        renewed += conn.execute(_RENEW, {"ids": ids, "now": now}).rowcount or 0
+    return renewed
 
 
 def stale_hold_ids(conn: Connection, *, created_before: Any, limit: int) -> list[uuid.UUID]:

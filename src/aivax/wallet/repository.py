@@ -35,3 +35,16 @@ async def list_entries(
 
 async def get_hold(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold | None:
     return (await session.scalars(select(WalletHold).where(WalletHold.id == hold_id))).first()
+
+
+async def list_shortfalls(
+    session: AsyncSession, *, limit: int, after: int | None
+) -> Sequence[LedgerEntry]:
+    """Late charges the balance could not pay in full (`ledger.charge_late`), every account,
+    newest first. A scan of usage entries: an operator's view, not a hot path."""
+    shortfall = LedgerEntry.details["shortfall_micros"].as_integer()
+    query = select(LedgerEntry).where(LedgerEntry.kind == "usage", shortfall > 0)
+    if after is not None:
+        query = query.where(LedgerEntry.id < after)
+    query = query.order_by(LedgerEntry.id.desc()).limit(limit + 1)
+    return (await session.scalars(query)).all()

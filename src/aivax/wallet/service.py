@@ -156,6 +156,12 @@ async def list_entries(
     )
 
 
+async def list_shortfalls(
+    session: AsyncSession, *, limit: int, after: int | None
+) -> Sequence[LedgerEntry]:
+    return await repository.list_shortfalls(session, limit=limit, after=after)
+
+
 @dataclass(frozen=True, slots=True)
 class InvariantReport:
     account_id: uuid.UUID
