@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -156,6 +158,30 @@ async def test_guarded_transport_refuses_transition_forms(url: str) -> None:
     async with httpx.AsyncClient(transport=transport) as http:
         with pytest.raises(httpx.ConnectError, match="SSRF"):
             await http.get(url)
+
+
+async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+    await writer.drain()
+    writer.close()
+
+
+async def test_guarded_transport_reaches_an_allowlisted_bracketed_ipv6_host() -> None:
+    try:
+        server = await asyncio.start_server(_answer_ok, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://[::1]:{port}/v1/models"
+    async with server:
+        allowed = GuardedTransport(httpx.AsyncHTTPTransport(), allowlist=frozenset({"[::1]"}))
+        async with httpx.AsyncClient(transport=allowed) as http:
+            assert (await http.get(url)).text == "ok"
+        refused = GuardedTransport(httpx.AsyncHTTPTransport(), allowlist=NOTHING_ALLOWED)
+        async with httpx.AsyncClient(transport=refused) as http:
+            with pytest.raises(httpx.ConnectError, match="SSRF"):
+                await http.get(url)
 
 
 async def _create(
