@@ -315,7 +315,7 @@ async def test_the_writer_serves_a_waiting_hold_before_a_waiting_settlement(
         second = await asyncio.wait_for(_read_frame(reader), 10)
         assert first[:2] == [2, "ok"]
         assert first[2][0][0] == "held"
-        assert second == [1, "ok", None]
+        assert second == [1, "ok", 1]  # one settlement done
     finally:
         writer.close()
         await asyncio.wait_for(serving, 10)
@@ -342,13 +342,13 @@ async def test_a_hold_is_answered_between_chunks_of_a_long_settlement(
     real = writer_module._settle_with_retry
     chunks: list[int] = []
 
-    async def settle_chunk(database: Database, items: Any, *, here: bool = False) -> None:
+    async def settle_chunk(database: Database, items: Any, **options: bool) -> int:
         if not chunks:  # while the first chunk is being written, a call asks for its hold
             writer.write(_frame([2, "hold", [[account.id.hex, 1_000, "during", 0]]]))
             await writer.drain()
             await asyncio.sleep(0.05)
         chunks.append(len(items))
-        await real(database, items, here=here)
+        return await real(database, items, **options)
 
     checkpoints: list[bool] = []
     checkpoint = Database.checkpoint_if_due
@@ -366,7 +366,7 @@ async def test_a_hold_is_answered_between_chunks_of_a_long_settlement(
         await asyncio.wait_for(serving, 10)
     assert first[:2] == [2, "ok"]
     assert first[2][0][0] == "held"
-    assert second == [1, "ok", None]
+    assert second == [1, "ok", 3 * SETTLE_CHUNK]  # that many settlements done
     assert chunks == [SETTLE_CHUNK] * 3
     assert len(checkpoints) >= 2  # after each message (and after a transaction the thread wrote)
 

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         description="A wallet lease takes no new call after this long, and closes when its "
         "last call ends (must be well under hold_max_age_seconds).",
     )
+    wallet_backlog_max: int = Field(
+        default=10_000,
+        ge=1,
+        description="Settlements (a finished call's charge and request-log row) that may wait "
+        "for a database that does not answer, kept in data_dir/wallet-journal; past this, "
+        "paid calls get 503 wallet_unavailable.",
+    )
     max_keys_per_account: int = Field(default=100, ge=1, description="API keys per account.")
     cache_seconds: float = Field(
         default=5.0,

@@ -18,15 +18,22 @@ waits for its hold, nobody waits for a settlement (`_Session`).
 The writer process is forked from a fork server that has already imported this module, so
 starting one takes milliseconds. It ends when the server closes its socket, or when the server
 dies (its end of the socket closes with it). If the writer dies, the calls waiting on it fail
-with 503 (retryable), the settlements it had not written are left to the reaper (their holds
-are released after `AIVAX_HOLD_MAX_AGE_SECONDS`, as after a crash of the server itself), and the
-next write starts a new writer.
+with 503 (retryable), the settlements it had not written are kept by the settler and sent
+again (`inference.settlement`), and the next write starts a new writer.
+
+A settlement batch is answered with how many of its items, from the first, are done: written, or
+refused for good (an error the database's return would not cure: logged, and the call goes
+uncharged). The rest were not written because the database did not answer; the settler keeps
+them, in order, and sends them again later as a "replay", which first skips the items whose
+request-log row is already in the database (their transaction committed, but its answer was
+lost): a settlement and its row are written in one transaction, so replaying never charges twice.
 
 Wire format: frames of a 4-byte big-endian length and a JSON array (orjson):
   request  [id, "hold", [[account_id, amount, ref, minimum], ...]]
-           [id, "settle", [[hold_id | null, cost, log_row | null, mode], ...]]
+           [id, "settle" | "replay", [[hold_id | null, cost, log_row | null, mode], ...]]
   reply    [id, "ok", results]  |  [id, "failed", message]
-A hold's result is ["held", hold_id] or [error_kind, message, param].
+A hold's result is ["held", hold_id] or [error_kind, message, param]; a settlement's result is
+the number of its items done.
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ from typing import Any, Literal, Protocol, cast, get_args
 
 import orjson
 import uvloop
-from sqlalchemy import insert
+from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, IntegrityError, NotSupportedError, ProgrammingError
 
 from aivax.config import Settings
 from aivax.db import Database, FastStatement, connection_lost
@@ -76,16 +84,21 @@ class WalletWriterUnavailable(ServiceUnavailable):
     code = "wallet_unavailable"
 
 
+class _WriterFailed(WalletWriterUnavailable):
+    """The writer answered that it could not carry out a message at all."""
+
+
 class WalletWriter(Protocol):
     async def hold_many(self, requests: Sequence[HoldRequest]) -> list[HoldResult]:
         """Each request's hold id, or the exception that refused it; a failure of the batch
         as a whole is reported on every request."""
         ...
 
-    async def settle(self, items: Sequence[SettleItem]) -> None:
-        """Settle the holds and write the log rows, in one transaction when possible (a
-        failed batch is retried item by item; an item that still fails is logged and left to
-        the reaper)."""
+    async def settle(self, items: Sequence[SettleItem], *, replay: bool = False) -> int:
+        """Settle the holds and write the log rows, in one transaction when possible; how
+        many of `items`, from the first, are done (see the module's docstring): the rest were
+        not written because the database is unavailable. `replay`: some of the items may
+        have been written already; skip those."""
         ...
 
     async def start(self) -> None:
@@ -99,10 +112,36 @@ class WalletWriter(Protocol):
 # --- the database side, shared by both writers ----------------------------------------------
 
 
-def _settle(conn: Connection, items: Sequence[SettleItem]) -> None:
+_LOGS = cast(Table, RequestLog.__table__)
+# Errors that a retry would meet again: of the data (a hold settled twice in two ways, a
+# constraint) or of the code. Anything else — a refused or lost connection, a database that is
+# starting, shutting down or locked, a writer process that died — may pass when the database
+# answers again.
+_NEVER_HEALS: tuple[type[BaseException], ...] = (
+    AppError,
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    IntegrityError,
+    DataError,
+    ProgrammingError,
+    NotSupportedError,
+)
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether a failed settlement is worth trying again later."""
+    return isinstance(error, WalletWriterUnavailable) or not isinstance(error, _NEVER_HEALS)
+
+
+def _settle(conn: Connection, items: Sequence[SettleItem], *, replay: bool = False) -> None:
     """Modes: "hold" settles a call's own hold at the cost (0 releases it); "lease" records
     the cost against a lease (`ledger.charge_holds`); "close" closes a lease at what was
-    recorded against it (`ledger.close_recorded`), after this batch's charges."""
+    recorded against it (`ledger.close_recorded`), after this batch's charges. `replay`: skip
+    the items already written (`_not_written`)."""
+    if replay:
+        items = _not_written(conn, items)
     holds: list[tuple[uuid.UUID, int]] = []
     charges: dict[uuid.UUID, int] = {}
     closes: list[uuid.UUID] = []
@@ -125,6 +164,31 @@ def _settle(conn: Connection, items: Sequence[SettleItem]) -> None:
     logs = [log for _, _, log, _ in items if log is not None]
     if logs:
         _INSERT_LOG.many(conn, logs)
+
+
+def _not_written(conn: Connection, items: Sequence[SettleItem]) -> list[SettleItem]:
+    """The items not yet in the database. An item with a request-log row was written if its
+    row is there (the row commits with the item's ledger writes; it is matched on its account,
+    request id and creation time). An item without one is safe to write again: a hold leaves
+    `open` once, so settling, releasing or closing it a second time does nothing. (A lease
+    charge always comes with its row: `pipeline.finish` writes one for every call.)"""
+    logs = [log for _, _, log, _ in items if log is not None]
+    if not logs:
+        return list(items)
+    stamps = [log["created_at"] for log in logs]
+    query = select(_LOGS.c.account_id, _LOGS.c.request_id, _LOGS.c.created_at).where(
+        _LOGS.c.account_id.in_({log["account_id"] for log in logs}),
+        _LOGS.c.created_at >= min(stamps),
+        _LOGS.c.created_at <= max(stamps),
+        _LOGS.c.request_id.in_({log["request_id"] for log in logs}),
+    )
+    written = {tuple(row) for row in conn.execute(query)}
+    return [
+        item
+        for item in items
+        if item[2] is None
+        or (item[2]["account_id"], item[2]["request_id"], item[2]["created_at"]) not in written
+    ]
 
 
 async def _write_holds(database: Database, requests: Sequence[HoldRequest]) -> list[HoldResult]:
@@ -187,27 +251,35 @@ async def _hold_with_retry(database: Database, requests: Sequence[HoldRequest]) 
 
 
 async def _settle_with_retry(
-    database: Database, items: Sequence[SettleItem], *, here: bool = False
-) -> None:
-    """`here`: on SQLite, write on the calling thread when the write lock is free (the writer
+    database: Database, items: Sequence[SettleItem], *, here: bool = False, replay: bool = False
+) -> int:
+    """Settle `items` in one transaction or, when that fails for good, one by one; how many of
+    them, from the first, are done (written, or refused for good and logged). It stops at the
+    first failure the database's return may cure: the rest are left, in order, to be sent again.
+    `here`: on SQLite, write on the calling thread when the write lock is free (the writer
     process, whose event loop has nothing else to do) instead of the writer thread."""
     try:
         if here:
-            await database.write(lambda conn: _settle(conn, items))
+            await database.write(lambda conn: _settle(conn, items, replay=replay))
         else:
-            await database.run_write(lambda conn: _settle(conn, items))
-        return
-    except Exception:
+            await database.run_write(lambda conn: _settle(conn, items, replay=replay))
+        return len(items)
+    except Exception as exc:
+        if unavailable(exc):
+            logger.warning("settling %d calls failed (%s); they are kept", len(items), exc)
+            return 0
         if len(items) == 1:
             hold_id, _, log, _ = items[0]
             logger.exception(
-                "settling %s failed; it goes uncharged (the reaper closes its hold)",
+                "settling %s failed for good; it goes uncharged",
                 log.get("request_id") if log else hold_id,
             )
-            return
+            return 1
         logger.exception("batch settlement failed; settling one by one")
-    for item in items:
-        await _settle_with_retry(database, [item], here=here)
+    for index, item in enumerate(items):
+        if not await _settle_with_retry(database, [item], here=here, replay=replay):
+            return index
+    return len(items)
 
 
 class InlineWriter:
@@ -219,8 +291,8 @@ class InlineWriter:
     async def hold_many(self, requests: Sequence[HoldRequest]) -> list[HoldResult]:
         return await _hold_with_retry(self.database, requests)
 
-    async def settle(self, items: Sequence[SettleItem]) -> None:
-        await _settle_with_retry(self.database, items)
+    async def settle(self, items: Sequence[SettleItem], *, replay: bool = False) -> int:
+        return await _settle_with_retry(self.database, items, replay=replay)
 
     async def start(self) -> None:
         return None
@@ -242,7 +314,7 @@ def _wire_default(value: Any) -> str:
 
 
 def _frame(message: Any) -> bytes:
-    body = orjson.dumps(message, default=_wire_default)
+    body = encode(message)
     return _HEADER.pack(len(body)) + body
 
 
@@ -259,6 +331,26 @@ def _log_from_wire(row: dict[str, Any]) -> dict[str, Any]:
             row[name] = uuid.UUID(row[name])
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     return row
+
+
+def item_to_wire(item: SettleItem) -> list[Any]:
+    """A settlement as it crosses to the writer process and is kept in the settlement journal
+    (`encode` turns it into bytes)."""
+    return list(item)
+
+
+def item_from_wire(wire: Sequence[Any]) -> SettleItem:
+    hold_id, cost, log, mode = wire
+    return (
+        uuid.UUID(hold_id) if hold_id else None,
+        int(cost),
+        _log_from_wire(log) if log else None,
+        _settle_mode(mode),
+    )
+
+
+def encode(message: Any) -> bytes:
+    return orjson.dumps(message, default=_wire_default)
 
 
 # Refusals a hold may meet, by the name that crosses the wire.
@@ -378,27 +470,27 @@ class _Session:
                 ]
                 results = await _hold_with_retry(self.database, requests)
                 return [request_id, "ok", [_hold_result_to_wire(r) for r in results]]
-            if op == "settle":
-                items = [
-                    (
-                        uuid.UUID(h) if h else None,
-                        int(c),
-                        _log_from_wire(log) if log else None,
-                        _settle_mode(mode),
-                    )
-                    for h, c, log, mode in payload
-                ]
-                size = len(items) if self.database.is_postgresql else SETTLE_CHUNK
-                for start in range(0, len(items), size):
-                    if start:
-                        await self._holds_waiting()
-                    chunk = items[start : start + size]
-                    await _settle_with_retry(self.database, chunk, here=True)
-                return [request_id, "ok", None]
+            if op in ("settle", "replay"):
+                items = [item_from_wire(wire) for wire in payload]
+                done = await self._settle(items, replay=op == "replay")
+                return [request_id, "ok", done]
             return [request_id, "failed", f"unknown operation {op!r}"]
         except Exception as exc:  # a bug: answer, so the caller does not wait forever
             logger.exception("wallet writer operation %s failed", op)
             return [request_id, "failed", str(exc)]
+
+    async def _settle(self, items: list[SettleItem], *, replay: bool) -> int:
+        size = len(items) if self.database.is_postgresql else SETTLE_CHUNK
+        done = 0
+        for start in range(0, len(items), size):
+            if start:
+                await self._holds_waiting()
+            chunk = items[start : start + size]
+            written = await _settle_with_retry(self.database, chunk, here=True, replay=replay)
+            done += written
+            if written < len(chunk):
+                break
+        return done
 
     async def _holds_waiting(self) -> None:
         """Answer the holds that arrived while a settlement was being written."""
@@ -457,15 +549,17 @@ class ProcessWriter:
             return [exc for _ in requests]
         return [_hold_result_from_wire(result) for result in wire]
 
-    async def settle(self, items: Sequence[SettleItem]) -> None:
-        payload = [list(item) for item in items]
+    async def settle(self, items: Sequence[SettleItem], *, replay: bool = False) -> int:
+        payload = [item_to_wire(item) for item in items]
         try:
-            await self._call("settle", payload)
-        except WalletWriterUnavailable:
-            logger.exception(
-                "a settlement batch of %d calls was not written; they go uncharged",
-                len(items),
-            )
+            done = await self._call("replay" if replay else "settle", payload)
+        except _WriterFailed:  # a bug on the writer's side: it would fail the same way again
+            logger.exception("the wallet writer could not read a batch of %d calls", len(items))
+            return len(items)
+        except WalletWriterUnavailable as exc:
+            logger.warning("a settlement batch of %d calls was not written: %s", len(items), exc)
+            return 0
+        return int(done)
 
     async def _call(self, op: str, payload: Any) -> Any:
         try:
@@ -529,7 +623,7 @@ class ProcessWriter:
                 if status == "ok":
                     future.set_result(result)
                 else:
-                    future.set_exception(WalletWriterUnavailable(str(result)))
+                    future.set_exception(_WriterFailed(str(result)))
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             if self._waiting:
                 logger.error(
