@@ -29,14 +29,15 @@ from jinja2.utils import _PassArg, pass_context
 @dataclass(frozen=True, slots=True)
 class TemplateLimits:
     """What one render may use. `value_chars` bounds every string, list or mapping a template
-    builds (counting the items of nested ones); `work` bounds loop iterations plus the sizes of
-    the values built."""
+    builds (counting the items of nested ones), `items` the elements of one value; `work`
+    bounds loop iterations plus the sizes of the values built."""
 
     milliseconds: int = 100
     output_chars: int = 1_000_000
     value_chars: int = 1_000_000
     work: int = 10_000_000
     range_items: int = 100_000
+    items: int = 200_000
     int_bits: int = 4_096
 
 
@@ -77,9 +78,12 @@ class Budget:
             raise TemplateTooExpensive(
                 f"it builds a number of more than {self.limits.int_bits} bits"
             )
-        size = weight(value, self.limits.value_chars)
+        size = self.weigh(value)
         self.allow_size(size)
         self.charge(size)
+
+    def weigh(self, value: Any) -> int:
+        return weight(value, self.limits.value_chars, self.limits.items)
 
     def emitted(self, chunk: str) -> None:
         self.output += len(chunk)
@@ -117,23 +121,42 @@ def render_within(template: Any, context: Mapping[str, Any], limits: TemplateLim
 _SIZED = (str, bytes, list, tuple, dict, set, frozenset, range)
 
 
-def weight(value: Any, limit: int) -> int:
-    """Characters and items in `value`, nested containers included; stops counting past
-    `limit` (so a list of a million references to one long string weighs what it would print)."""
-    total, stack = 0, [value]
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _elements(items: Iterable[Any]) -> tuple[int, list[Any]]:
+    """The weight of `items`' strings and scalars, and the elements still to weigh; the type
+    scan and the string lengths run in C, which matters for lists of many thousand items."""
+    items = list(items)
+    kinds = set(map(type, items))
+    if kinds <= _SCALARS:
+        return len(items), []
+    if kinds <= {str}:
+        return len(items) + sum(map(len, items)), []
+    return len(items), items
+
+
+def weight(value: Any, limit: int, max_items: int = 200_000) -> int:
+    """Characters and items in `value`, nested containers included (so a list of a million
+    references to one long string weighs what it would print). Stops past `limit`, and past
+    `max_items` elements in one container or `max_items` containers (then weighs more than
+    `limit`), so weighing costs little whatever the value."""
+    total, stack, seen = 0, [value], 0
     while stack and total <= limit:
         item = stack.pop()
+        seen += 1
         if isinstance(item, (str, bytes, range)):
             total += len(item)
-        elif isinstance(item, dict):
-            total += len(item)
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            total += len(item)
-            stack.extend(item)
-        else:
+            continue
+        if not isinstance(item, (dict, list, tuple, set, frozenset)):
             total += 1
+            continue
+        if seen > max_items or len(item) > max_items:
+            return limit + 1
+        for part in (item.keys(), item.values()) if isinstance(item, dict) else (item,):
+            size, nested = _elements(part)
+            total += size
+            stack.extend(nested)
     return total
 
 
@@ -154,7 +177,7 @@ def _check_printf(budget: Budget, template: str) -> None:
 
 def _check_repeat(budget: Budget, sequence: Any, times: Any) -> None:
     if isinstance(times, int) and isinstance(sequence, (str, list, tuple)):
-        size = weight(sequence, budget.limits.value_chars) * max(times, 0)
+        size = budget.weigh(sequence) * max(times, 0)
         budget.allow_size(size, "a repeated sequence")
 
 
@@ -178,8 +201,7 @@ def check_binop(budget: Budget, operator: str, left: Any, right: Any) -> None:
     elif operator == "**":
         _check_power(budget, left, right)
     elif operator == "+" and isinstance(left, (str, list, tuple)):
-        limit = budget.limits.value_chars
-        budget.allow_size(weight(left, limit) + weight(right, limit))
+        budget.allow_size(budget.weigh(left) + budget.weigh(right))
     elif operator == "%" and isinstance(left, str):
         _check_printf(budget, left)
 
@@ -226,7 +248,7 @@ def _check_wordwrap(budget: Budget, text: Any, *args: Any, **kwargs: Any) -> Non
 
 def _check_join(budget: Budget, items: Any, separator: Any = "", *_: Any, **__: Any) -> None:
     gaps = max(len(items) - 1, 0) * (len(separator) if isinstance(separator, str) else 1)
-    budget.allow_size(weight(items, budget.limits.value_chars) + gaps, "a joined string")
+    budget.allow_size(budget.weigh(items) + gaps, "a joined string")
 
 
 def _check_sum(budget: Budget, items: Any, *args: Any, **kwargs: Any) -> None:
@@ -383,8 +405,7 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
     def budgeted_concat(self, parts: tuple[Any, ...]) -> str:
         budget = current_budget()
-        limit = budget.limits.value_chars
-        budget.allow_size(sum(weight(part, limit) for part in parts), "a joined string")
+        budget.allow_size(sum(budget.weigh(part) for part in parts), "a joined string")
         text = "".join(str(part) for part in parts)
         budget.built(text)
         return text
@@ -422,7 +443,7 @@ def _finalize(value: Any) -> Any:
     """Before `{{ value }}` is turned into text (also at compile time, for constants)."""
     budget = _BUDGET.get()
     limits = budget.limits if budget is not None else DEFAULT_LIMITS
-    if weight(value, limits.output_chars) > limits.output_chars:
+    if weight(value, limits.output_chars, limits.items) > limits.output_chars:
         raise TemplateTooExpensive(
             f"it prints a value longer than {limits.output_chars:,} characters"
         )
