@@ -52,9 +52,9 @@ class ModerationUnavailable(AppError):
     code = "moderation_unavailable"
 
 
-def _unavailable(reason: str) -> UpstreamError:
+def _unavailable(reason: str, *, hint: str = "retry shortly") -> UpstreamError:
     return UpstreamError(
-        f"The moderation service could not check this call ({reason}); retry shortly.",
+        f"The moderation service could not check this call ({reason}); {hint}.",
         status=502,
         provider="moderation",
         code="moderation_unavailable",
@@ -150,8 +150,8 @@ class Moderator:
             credential = await find_credential(session, self.account_id, name)
         if credential is None:  # deleted since the gateway was saved
             raise _unavailable(
-                f"the credential {name!r} no longer exists; name another in the gateway's "
-                "`moderation.credential`"
+                f"the credential {name!r} no longer exists",
+                hint="name another in the gateway's `moderation.credential`",
             )
         return (
             credential.base_url,
