@@ -265,7 +265,7 @@ async def test_local_counts_per_process_for_the_fallback_time_then_refuses(
     fake_models: list[str],
     private_redis: PrivateRedis,
 ) -> None:
-    fallback = 4.0
+    fallback = 6.0
     busy = await _account(services, 100_000)
     limited = await _account(services, 2)
     async with servers(

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
         "counters before calls are refused.",
     )
     redis_timeout_seconds: float = Field(
-        default=0.5,
+        default=1.0,
         gt=0,
         le=10,
         description="Connect and socket timeout of each Redis command (one retry follows).",

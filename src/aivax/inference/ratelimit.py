@@ -36,7 +36,7 @@ OutagePolicy = Literal["refuse", "local"]
 
 # While Redis is unreachable, one background probe at most this often looks for it again.
 PROBE_SECONDS = 1.0
-# A probe every second, itself bounded by two socket timeouts: by then Redis may be back.
+# Enough for the next probe (at most a second away) to find a Redis that has come back.
 RETRY_AFTER_SECONDS = 2
 PROBE_KEY = "outage-probe"
 
@@ -182,7 +182,7 @@ class RateLimiter:
         *,
         outage: OutagePolicy = "refuse",
         fallback_seconds: float = 300.0,
-        timeout_seconds: float = 0.5,
+        timeout_seconds: float = 1.0,
     ) -> None:
         self._shared = _Counters.on(_storage(redis_url, timeout_seconds))
         # Failures that mean "Redis cannot decide now"; in-process memory cannot fail so.
