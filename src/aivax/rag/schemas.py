@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -18,7 +19,21 @@ from pydantic import (
 DEFAULT_EMBEDDING_MODEL = "aivax/paraphrase-minilm-l3"
 MAX_DOCUMENT_CHARS = 2_000_000
 MAX_METADATA_BYTES = 8_192
-FILTER_OPERATORS = frozenset({"$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte"})
+SCALAR_OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
+LIST_OPERATORS = frozenset({"$in", "$nin"})
+FILTER_OPERATORS = SCALAR_OPERATORS | LIST_OPERATORS
+MAX_FILTER_KEYS = 32
+MAX_FILTER_LIST = 100
+MAX_FILTER_STRING = 1_000
+# Numbers are compared as double-precision floats; an integer past 64 bits is refused (a huge
+# one has no float at all).
+INT64 = range(-(2**63), 2**63)
+FILTER_GRAMMAR = (
+    'A filter is {"key": value} or {"key": {"$op": operand, ...}}, all conditions holding: '
+    "$eq $ne $gt $gte $lt $lte take a string, number or boolean; $in and $nin take a list of up "
+    f"to {MAX_FILTER_LIST} of them, all strings, all numbers or all booleans; at most "
+    f"{MAX_FILTER_KEYS} keys of letters, digits, '_' or '-'."
+)
 
 Scalar = str | int | float | bool
 
@@ -211,20 +226,8 @@ class SearchRequest(BaseModel):
     @field_validator("filter")
     @classmethod
     def _valid_filter(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        for key, condition in value.items():
-            if not key or len(key) > 100 or not key.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"filter key {key!r} must be letters, digits, '_' or '-'")
-            if isinstance(condition, dict):
-                for operator, operand in condition.items():
-                    if operator not in FILTER_OPERATORS:
-                        raise ValueError(f"unknown filter operator {operator!r}")
-                    listed = operator in ("$in", "$nin")
-                    if listed != isinstance(operand, list):
-                        raise ValueError(f"{operator} takes {'a list' if listed else 'a value'}")
-            elif not isinstance(condition, Scalar):
-                raise ValueError(f"filter value for {key!r} must be a string, number or boolean")
+        if value is not None:
+            check_filter(value)
         return value
 
 
@@ -254,3 +257,88 @@ class SearchResponse(BaseModel):
     data: list[SearchResult]
     mode: str
     usage: dict[str, int]
+
+
+class FilterError(ValueError):
+    """A filter outside the grammar; the message names the offending part, then the grammar."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}. {FILTER_GRAMMAR}")
+
+
+def check_filter(filter_: dict[str, Any]) -> None:
+    """Hold a metadata filter to FILTER_GRAMMAR, so the SQL compiler only ever sees keys,
+    known operators and bindable scalars (its depth is 3 by construction)."""
+    if len(filter_) > MAX_FILTER_KEYS:
+        raise FilterError(f"the filter has {len(filter_)} keys, more than {MAX_FILTER_KEYS}")
+    for key, condition in filter_.items():
+        _check_key(key)
+        if not isinstance(condition, dict):
+            _check_scalar(condition, f"filter[{key!r}]")
+            continue
+        if not condition:
+            raise FilterError(f"filter[{key!r}] is an empty object: give at least one operator")
+        for operator, operand in condition.items():
+            where = f"filter[{key!r}][{operator!r}]"
+            if operator in LIST_OPERATORS:
+                _check_list(operand, where)
+            elif operator in SCALAR_OPERATORS:
+                _check_scalar(operand, where)
+            else:
+                raise FilterError(f"unknown filter operator {operator!r} for {key!r}")
+
+
+def _check_key(key: str) -> None:
+    if not key or len(key) > 100 or not key.replace("_", "").replace("-", "").isalnum():
+        raise FilterError(f"filter key {key!r} must be 1-100 letters, digits, '_' or '-'")
+
+
+def scalar_kind(value: Any) -> str | None:
+    """'boolean', 'number' or 'string' for a filter scalar; None for anything else."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "string" if isinstance(value, str) else None
+
+
+def _check_scalar(value: Any, where: str) -> str:
+    kind = scalar_kind(value)
+    if kind is None:
+        raise FilterError(f"{where} must be a string, number or boolean, not {_json_type(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FilterError(f"{where} must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
+        raise FilterError(f"{where} is an integer outside the 64-bit range")
+    if isinstance(value, str) and not _bindable(value):
+        raise FilterError(
+            f"{where} must be at most {MAX_FILTER_STRING} characters of valid text (no NUL)"
+        )
+    return kind
+
+
+def _check_list(values: Any, where: str) -> None:
+    if not isinstance(values, list):
+        raise FilterError(f"{where} must be a list, not {_json_type(values)}")
+    if len(values) > MAX_FILTER_LIST:
+        raise FilterError(f"{where} has {len(values)} values, more than {MAX_FILTER_LIST}")
+    kinds = {_check_scalar(item, f"{where}[{index}]") for index, item in enumerate(values)}
+    if len(kinds) > 1:
+        raise FilterError(f"{where} mixes {' and '.join(sorted(kinds))} values")
+
+
+def _bindable(text: str) -> bool:
+    """Short, without NUL (PostgreSQL text cannot hold it) and encodable as UTF-8 (JSON
+    escapes can spell lone surrogates)."""
+    if len(text) > MAX_FILTER_STRING or "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -31,8 +31,10 @@ from sqlalchemy import (
     String,
     Text,
     and_,
+    case,
     cast,
     column,
+    false,
     func,
     literal,
     literal_column,
@@ -40,12 +42,15 @@ from sqlalchemy import (
     or_,
     select,
     table,
-    text,
+    true,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from aivax.models import Chunk, Document
-from aivax.rag.schemas import SearchResult
+from aivax.rag.schemas import SearchResult, scalar_kind
 
 RRF_K = 60
 CANDIDATES_MIN = 20
@@ -72,7 +77,13 @@ def candidate_count(top_k: int) -> int:
 
 
 def metadata_conditions(filter_: dict[str, Any] | None) -> list[ColumnElement[bool]]:
-    """SQL conditions on `documents.metadata` for a validated filter."""
+    """SQL conditions on `documents.metadata` for a filter that passed `check_filter`.
+
+    A condition compares only metadata values of its operand's JSON type: `{"year": 2024}`
+    matches the number 2024, never the string "2024", and a document holding "unknown"
+    under `year` is simply not matched by `{"year": {"$gt": 2000}}` (a plain cast would
+    fail the whole query on PostgreSQL). `$ne` and `$nin` match documents whose value
+    differs, including those without the key or with a value of another type."""
     if not filter_:
         return []
     conditions: list[ColumnElement[bool]] = []
@@ -83,39 +94,75 @@ def metadata_conditions(filter_: dict[str, Any] | None) -> list[ColumnElement[bo
     return conditions
 
 
-def _typed(key: str, sample: Any) -> Any:
+class json_kind(FunctionElement[str]):
+    """`json_kind(documents.metadata, key)`: the JSON type of the value under `key` as
+    PostgreSQL's `json_typeof` names it ('number', 'string', 'boolean', ...), NULL where the
+    key is absent (SQLite's `json_type` names mapped to the same words)."""
+
+    type = String()
+    name = "json_kind"
+    inherit_cache = True
+
+
+@compiles(json_kind, "sqlite")
+def _sqlite_kind(element: json_kind, compiler: SQLCompiler, **kw: Any) -> str:
+    document, key = (compiler.process(clause, **kw) for clause in element.clauses)
+    return (
+        f"CASE json_type({document}, '$.\"' || {key} || '\"') "
+        "WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number' WHEN 'text' THEN 'string' "
+        "WHEN 'true' THEN 'boolean' WHEN 'false' THEN 'boolean' ELSE 'other' END"
+    )
+
+
+@compiles(json_kind, "postgresql")
+def _pg_kind(element: json_kind, compiler: SQLCompiler, **kw: Any) -> str:
+    document, key = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"json_typeof({document} -> CAST({key} AS TEXT))"
+
+
+def _value(key: str, kind: str) -> ColumnElement[Any]:
+    """The metadata value under `key` when it is of `kind`, else NULL. CASE keeps the cast
+    from running on values of other types (PostgreSQL evaluates AND operands in any order)."""
     field_ = Document.metadata_[key]
-    if isinstance(sample, bool):
-        return field_.as_boolean()
-    if isinstance(sample, int):
-        return field_.as_integer()
-    if isinstance(sample, float):
-        return field_.as_float()
-    return field_.as_string()
+    typed: ColumnElement[Any] = {
+        "number": field_.as_float(),
+        "string": field_.as_string(),
+        # SQLite reads a JSON boolean as 1/0, PostgreSQL as 'true'/'false': compare the
+        # type-checked value as the word.
+        "boolean": case((field_.as_boolean(), literal("true")), else_=literal("false")),
+    }[kind]
+    return case((json_kind(Document.metadata_, literal(key, String())) == kind, typed))
+
+
+def _operand(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return float(value) if isinstance(value, int | float) else value
 
 
 def _condition(key: str, operator: str, operand: Any) -> ColumnElement[bool]:
     if operator in ("$in", "$nin"):
         values = list(operand)
         if not values:
-            return text("1 = 0") if operator == "$in" else text("1 = 1")  # type: ignore[return-value]
-        column = _typed(key, values[0])
-        clause = column.in_(values)
+            return true() if operator == "$nin" else false()
+        column = _value(key, scalar_kind(values[0]) or "string")
+        clause = column.in_([_operand(value) for value in values])
         return clause if operator == "$in" else or_(not_(clause), column.is_(None))
-    column = _typed(key, operand)
+    column = _value(key, scalar_kind(operand) or "string")
+    value = _operand(operand)
     match operator:
         case "$eq":
-            return column == operand  # type: ignore[no-any-return]
+            return column == value  # type: ignore[no-any-return]
         case "$ne":
-            return or_(column != operand, column.is_(None))
+            return or_(column != value, column.is_(None))
         case "$gt":
-            return column > operand  # type: ignore[no-any-return]
+            return column > value  # type: ignore[no-any-return]
         case "$gte":
-            return column >= operand  # type: ignore[no-any-return]
+            return column >= value  # type: ignore[no-any-return]
         case "$lt":
-            return column < operand  # type: ignore[no-any-return]
+            return column < value  # type: ignore[no-any-return]
         case _:
-            return column <= operand  # type: ignore[no-any-return]
+            return column <= value  # type: ignore[no-any-return]
 
 
 async def allowed_chunks(
