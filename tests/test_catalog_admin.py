@@ -140,3 +140,38 @@ async def test_invalid_models_file_names_the_entry(services: AppServices, tmp_pa
     async with services.database.sessions() as session:
         with pytest.raises(catalog.ModelsFileError, match="cannot read"):
             await catalog.seed_from_file(session, path, services.secret_box)
+
+
+async def test_model_update_with_nulls_keeps_those_fields(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], fake_models: list[str]
+) -> None:
+    model = {
+        "id": "acme/nulls",
+        "provider": "openai",
+        "upstream_model": "x",
+        "credential": "fake-openai",
+        "context_window": 10,
+        "max_output_tokens": 5,
+        "supports_tools": True,
+    }
+    created = await client.post("/admin/models", headers=admin_headers, json=model)
+    assert created.status_code == 201, created.text
+    nulls = {
+        "upstream_model": None,
+        "input_price_per_m": None,
+        "context_window": None,
+        "modalities": None,
+        "supports_tools": None,
+        "supports_json_schema": None,
+        "plans": None,
+        "enabled": None,
+        "options": None,
+    }
+    updated = await client.patch("/admin/models/acme/nulls", headers=admin_headers, json=nulls)
+    assert updated.status_code == 200, updated.text
+    kept = {name: created.json()[name] for name in nulls}
+    assert {name: updated.json()[name] for name in nulls} == kept
+    assert updated.json()["credential"] == "fake-openai"
+    assert (
+        await client.delete("/admin/models/acme/nulls", headers=admin_headers)
+    ).status_code == 204

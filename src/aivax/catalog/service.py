@@ -162,7 +162,13 @@ async def update_model(
     session: AsyncSession, model_id: str, data: CatalogModelUpdate
 ) -> CatalogModel:
     model = await get_model(session, model_id)
-    changes = data.model_dump(exclude_unset=True)
+    # A null keeps a field as it is, as in every other update; only `credential` is cleared
+    # by one (an openai-compatible local server needs none).
+    changes = {
+        name: value
+        for name, value in data.model_dump(exclude_unset=True).items()
+        if value is not None or name == "credential"
+    }
     if "credential" in changes:
         model.credential_id = await _credential_id(session, changes.pop("credential"))
     for name, value in changes.items():
