@@ -40,7 +40,7 @@ async def test_wrong_type_names_the_parameter(
     client: httpx.AsyncClient, account: AccountWithKeys
 ) -> None:
     response = await client.post("/v1/keys", headers=account.headers, json={"name": ["list"]})
-    error = assert_error(response, 400, "invalid_value")
+    error = assert_error(response, 400, "invalid_type")
     assert error["param"] == "name"
 
 

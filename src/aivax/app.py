@@ -21,6 +21,7 @@ from aivax import __version__, handlers
 from aivax.accounts.endpoints import router as account_router
 from aivax.admin.endpoints import router as admin_router
 from aivax.auth.middleware import AccountKeyMiddleware, BodySizeLimitMiddleware
+from aivax.bodyguard import JsonBodyGuard
 from aivax.catalog.endpoints import admin_router as admin_models_router
 from aivax.catalog.endpoints import router as credentials_router
 from aivax.catalog.service import seed_from_file
@@ -31,6 +32,7 @@ from aivax.inference.endpoints import router as inference_router
 from aivax.inference.route import ChatLane, ChatRoute, takes
 from aivax.keys.endpoints import router as keys_router
 from aivax.migrate import head_revision
+from aivax.openapi import ERROR_RESPONSES
 from aivax.rag import indexer, mcp_server
 from aivax.rag.embeddings_api import router as embeddings_router
 from aivax.rag.endpoints import jobs_router
@@ -144,7 +146,9 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         app.state.services = services or AppServices.build(settings)
         await seed_models(app.state.services)
         await app.state.services.writer.start()  # before the first request, not during it
+        await app.state.services.settler.start()  # what an earlier server left unwritten
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
+        app.state.services.live.start()
         indexer.register(app.state.services)
         if app.state.services.settings.jobs_enabled:
             app.state.services.jobs.start()
@@ -156,6 +160,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            await app.state.services.live.stop()
             if owned:
                 await app.state.services.close()
 
@@ -170,15 +175,17 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     if services is not None:
         app.state.services = services
     handlers.install(app)
-    app.add_middleware(ChatRoute)  # innermost: after the key and body-size middlewares
+    app.add_middleware(JsonBodyGuard)  # innermost: the chat route applies its rules itself
+    app.add_middleware(ChatRoute)  # after the key and body-size middlewares
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(AccountKeyMiddleware)
+    app.add_middleware(handlers.HandledErrors)  # inside CORS: a 500 carries its headers
     app.add_middleware(CORSMiddleware, **CORS)
     if telemetry is not None:  # telemetry settled as off: the chat route can skip the stack
         cors = CORSMiddleware(app.router, **CORS)  # the headers it adds for any origin
         app.chat_lane = ChatLane(ChatRoute(app.router), cors.simple_headers)
+    app.include_router(health_router)
     for router in (
-        health_router,
         inference_router,
         embeddings_router,
         collections_router,
@@ -191,6 +198,6 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         admin_router,
         admin_models_router,
     ):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     mcp_server.mount_mcp(app)
     return app

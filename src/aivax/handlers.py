@@ -9,8 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aivax.errors import AppError, error_envelope
+from aivax.kit.jsonlimits import MAX_JSON_DEPTH
 
 logger = logging.getLogger("aivax.errors")
 
@@ -41,6 +43,10 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"Unknown path: {request.method} {request.url.path}."
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
+    elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        # The standard JSON parser gives up on nesting deeper than the interpreter's stack.
+        message = _too_deep_message()
+        type_, code = "invalid_request_error", "json_too_deep"
     elif exc.status_code == 400 and isinstance(exc.__cause__, (UnicodeDecodeError, ValueError)):
         # FastAPI's body parser wraps decoding failures in a bare "error parsing the body".
         message = f"The request body is not valid UTF-8 JSON: {exc.__cause__}."
@@ -89,6 +95,41 @@ def _clean_location(location: tuple[Any, ...]) -> list[str]:
     return parts
 
 
+# Pydantic's type errors → the JSON type the field expects, in OpenAI's words.
+EXPECTED_TYPES = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "a boolean",
+    "float_type": "a number",
+    "string_type": "a string",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "list_type": "an array",
+}
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type of a parsed value, as OpenAI names it in `invalid_type` messages."""
+    if value is None:
+        return "null"
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a decimal number"),
+        (str, "a string"),
+        (dict, "an object"),
+        (list, "an array"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return "a value of another type"
+
+
+def _too_deep_message() -> str:
+    return f"The request body is nested more than {MAX_JSON_DEPTH} levels deep; flatten it."
+
+
 def _param(location: tuple[Any, ...]) -> str | None:
     return ".".join(_clean_location(location)) or None
 
@@ -116,21 +157,32 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
                 param=param,
             ),
         )
-    if kind == "json_invalid":
-        message = "The request body is not valid JSON: " + str(first.get("ctx", {}).get("error"))
-        code = "invalid_json"
-    elif kind == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}."
-        code = "unknown_parameter"
-    elif kind == "missing":
-        message = f"Missing required parameter: {param!r}."
-        code = "missing_required_parameter"
-    else:
-        message = f"Invalid value for {param!r}: {first.get('msg')}."
-        code = "invalid_value"
+    message, code = _describe(first, kind, param)
     return _json(
         400, error_envelope(message, type_="invalid_request_error", code=code, param=param)
     )
+
+
+def _describe(error: Any, kind: str, param: str | None) -> tuple[str, str]:
+    """The message and code of one body or query error."""
+    if kind == "json_invalid":
+        reason = str(error.get("ctx", {}).get("error"))
+        if "recursion limit" in reason:
+            return _too_deep_message(), "json_too_deep"
+        return f"The request body is not valid JSON: {reason}", "invalid_json"
+    if kind == "json_too_deep":
+        return f"Invalid value for {param!r}: {error.get('msg')}", "json_too_deep"
+    if kind in EXPECTED_TYPES:
+        return (
+            f"Invalid type for {param!r}: expected {EXPECTED_TYPES[kind]}, but got "
+            f"{_json_type(error.get('input'))} instead.",
+            "invalid_type",
+        )
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}.", "unknown_parameter"
+    if kind == "missing":
+        return f"Missing required parameter: {param!r}.", "missing_required_parameter"
+    return f"Invalid value for {param!r}: {error.get('msg')}.", "invalid_value"
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -147,6 +199,39 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         error_envelope(message, type_="server_error", code="internal_error"),
         {"x-request-id": request_id},
     )
+
+
+class HandledErrors:
+    """Answers an unexpected exception with the 500 envelope and keeps the connection.
+
+    Starlette's outermost error middleware re-raises after its 500 so that the server logs the
+    exception, and uvicorn then closes the connection: every keep-alive client pays a new
+    connection for one failed request. The exception is logged here instead (with the request
+    id), so it stops here. Only an exception after the response started goes on: that response
+    is cut short, and closing the connection is the only way to tell the client.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            response = await unexpected_error(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

@@ -12,7 +12,7 @@ from aivax.plans.schemas import PlanLimits
 class AccountSettings(BaseModel):
     """Account-wide switches; unknown keys are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     json_healing_for_response_format: bool = Field(
         default=False,
@@ -40,21 +40,21 @@ class AccountRead(BaseModel):
 
 
 class AccountUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     settings: AccountSettings | None = None
 
 
 class AccountCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=200)
     plan: str = Field(default="free", description="Plan id.")
 
 
 class AdminAccountUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     plan: str | None = Field(default=None, description="Move the account to this plan.")

@@ -14,14 +14,14 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class Prices(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input_price_per_m: int = Field(ge=0, description="Micro-USD per 1M input tokens.")
     output_price_per_m: int = Field(ge=0, description="Micro-USD per 1M output tokens.")
 
 
 class CatalogModelBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: ModelKind = Field(
         default="chat",
@@ -61,7 +61,7 @@ class CatalogModelCreate(CatalogModelBase):
 
 
 class CatalogModelUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     upstream_model: str | None = Field(default=None, min_length=1, max_length=200)
     credential: str | None = None
@@ -99,7 +99,7 @@ class CatalogModelRead(BaseModel):
 
 
 class CredentialCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(pattern=NAME_PATTERN)
     provider: Literal["openai", "anthropic"]

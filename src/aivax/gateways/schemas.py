@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aivax.keys.schemas import normalize_origin
+from aivax.kit.schemas import LaxUUID
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}[a-z0-9]$|^[a-z0-9]$"
 SamplingName = Literal[
@@ -24,7 +25,7 @@ MAX_TEMPLATE_CHARS = 50_000
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Sampling(Section):
@@ -92,7 +93,7 @@ class PublicAccess(Section):
 
 
 class Collections(Section):
-    ids: list[uuid.UUID] = Field(default_factory=list, max_length=20)
+    ids: list[LaxUUID] = Field(default_factory=list, max_length=20)
     strategy: Literal["always", "tool", "rewrite"] = "always"
     top_k: int = Field(default=5, ge=1, le=50)
     min_score: float = Field(default=0.0, ge=0, le=1)
@@ -115,11 +116,11 @@ class JsonSchemaSettings(Section):
     healing: bool = True
     max_attempts: int = Field(default=2, ge=0, le=5)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class WorkerSettings(Section):
-    worker_id: uuid.UUID
+    worker_id: LaxUUID
     events: list[Literal["request", "response"]] = Field(default_factory=lambda: ["request"])  # type: ignore[arg-type]
 
 
@@ -158,7 +159,7 @@ Slug = Annotated[str, Field(pattern=SLUG_PATTERN, description="Lower case, digit
 
 
 class GatewayCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     slug: Slug
     name: str = Field(default="", max_length=200)
@@ -169,7 +170,7 @@ class GatewayCreate(BaseModel):
 class GatewayUpdate(BaseModel):
     """Top-level fields replace; `config` sections given replace those sections only."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     slug: Slug | None = None
     name: str | None = Field(default=None, max_length=200)

@@ -42,6 +42,7 @@ from aivax.auth.middleware import (
     send_413,
     with_headers,
 )
+from aivax.bodyguard import reject_nul
 from aivax.errors import AppError
 from aivax.inference.endpoints import respond
 from aivax.inference.schemas import ChatCompletionRequest
@@ -106,7 +107,9 @@ class ChatRoute:
                 origin = value.decode("latin-1")
                 break
         principal = admitted_principal(state, origin)
-        body = ChatCompletionRequest.model_validate_json(await _read_body(receive))
+        raw = await _read_body(receive)
+        reject_nul(raw)
+        body = ChatCompletionRequest.model_validate_json(raw)
         return await respond(services, principal, body, state["request_id"], origin)
 
 
@@ -129,7 +132,9 @@ class ChatLane:
     envelope, then the exception goes on to the server's log). Starlette's application, its
     error and CORS middlewares and three wrapped `send`s cost about a tenth of a call's CPU
     (docs/performance.md). Used only when no telemetry is configured: FastAPI's telemetry
-    middleware stays in the stack, and with it `ChatRoute`.
+    middleware stays in the stack, and with it `ChatRoute`. As `handlers.HandledErrors` does
+    in the stack, an unexpected exception answered with the 500 envelope stops here (the
+    handler logged it), so the connection stays open; one after the response started goes on.
     """
 
     def __init__(self, route: ChatRoute, cors_headers: Mapping[str, str]) -> None:
@@ -157,7 +162,8 @@ class ChatLane:
         try:
             await self.route(scope, limited(receive, limit), tracked)
         except Exception as exc:
-            if not started:  # as from the stack's outermost middleware: its own headers only
-                response = await handlers.unexpected_error(Request(scope), exc)
-                await response(scope, receive, send)
-            raise
+            if started:
+                raise
+            # As from the stack's outermost middleware: its own headers only.
+            response = await handlers.unexpected_error(Request(scope), exc)
+            await response(scope, receive, send)

@@ -1,16 +1,19 @@
 """The OpenAI chat-completions request, validated strictly: an unknown field or content part is
-a 400 naming it, and a parameter AIVAX cannot honour is refused rather than dropped."""
+a 400 naming it, a value of the wrong JSON type is a 400 naming it (never coerced), and a
+parameter AIVAX cannot honour is refused rather than dropped."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from aivax.kit.jsonlimits import JsonObject, JsonTooDeep, loads_limited, too_deep_error
+from aivax.kit.schemas import RequestBody
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(RequestBody):
+    """Every part of the request: unknown fields refused, JSON types never coerced."""
 
 
 class TextPart(Strict):
@@ -79,9 +82,11 @@ class FunctionCall(Strict):
     @classmethod
     def _json_arguments(cls, value: str) -> str:
         try:
-            json.loads(value or "{}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"tool call arguments must be a JSON string ({exc.msg})") from None
+            loads_limited(value or "{}")
+        except JsonTooDeep:
+            raise too_deep_error() from None
+        except ValueError as exc:
+            raise ValueError(f"tool call arguments must be a JSON string ({exc})") from None
         return value
 
 
@@ -115,7 +120,7 @@ Message = Annotated[
 class FunctionDefinition(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
     strict: bool | None = None
 
 
@@ -136,10 +141,10 @@ class NamedToolChoice(Strict):
 class JSONSchemaFormat(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: JsonObject | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class ResponseFormat(Strict):
@@ -190,7 +195,7 @@ class ChatCompletionRequest(Strict):
     store: bool | None = None
     aivax: AivaxOptions | None = None
     # AIVAX structured output (see aivax.structured.pipeline).
-    response_schema: dict[str, Any] | None = None
+    response_schema: JsonObject | None = None
     json_only: bool = False
 
     @property

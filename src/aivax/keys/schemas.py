@@ -3,10 +3,12 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aivax.kit.schemas import Lax
 
 MAX_ALLOWED_ORIGINS = 50
 
@@ -32,10 +34,10 @@ def normalize_origin(value: str) -> str:
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(default="", max_length=200)
-    kind: KeyKind = KeyKind.PRIVATE
+    kind: Annotated[KeyKind, Lax] = KeyKind.PRIVATE
     allowed_origins: list[str] = Field(
         default_factory=list,
         max_length=MAX_ALLOWED_ORIGINS,

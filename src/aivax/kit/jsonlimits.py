@@ -8,9 +8,11 @@ parsers, validators and encoders fail with `RecursionError` — a 500 — or spe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 
 from aivax.errors import BadRequest
 
@@ -66,3 +68,57 @@ def loads_limited(
         raise ValueError(str(exc)) from None
     check_depth(value, param=param, limit=limit)
     return value
+
+
+def too_deep_error(limit: int = MAX_JSON_DEPTH) -> PydanticCustomError:
+    """The validation error of a field nested past the limit (rendered as `json_too_deep`)."""
+    return PydanticCustomError(
+        "json_too_deep", "nested more than {limit} levels deep; flatten it.", {"limit": limit}
+    )
+
+
+def _within_depth(value: Any) -> Any:
+    if depth_exceeds(value):
+        raise too_deep_error()
+    return value
+
+
+# A free-form JSON field of a request body (schemas, tool parameters, metadata): the one place
+# a validated body can nest without bound, so the one place its depth needs checking.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_within_depth)]
+
+
+class NulCharacter(BadRequest):
+    code = "nul_character"
+
+
+def nul_path(value: Any) -> str | None:
+    """Where a parsed JSON value has a string (or object key) with a NUL character, as a dotted
+    path like `messages.0.content`; None when it has none. PostgreSQL can store NUL in neither
+    text nor JSON, so such a string is refused on both databases alike."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if "\x00" in key:
+                    return child_path
+                stack.append((child, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(item))
+    return None
+
+
+def check_nul(value: Any, *, where: str = "the request body") -> None:
+    """Raise `NulCharacter` (400, naming the field) for a string with a NUL character."""
+    path = nul_path(value)
+    if path is not None:
+        raise NulCharacter(
+            f"{path!r} in {where} contains a NUL character (\\u0000), which AIVAX does not "
+            "store; remove it.",
+            param=path or None,
+        )

@@ -11,7 +11,7 @@ MIB = 1024 * 1024
 class PlanLimits(BaseModel):
     """Every limit a plan sets. Unknown keys are refused so a typo never goes unnoticed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     models_allowed: list[str] = Field(
         default_factory=lambda: ["*"],
@@ -60,7 +60,7 @@ class PlanRead(BaseModel):
 
 
 class PlanCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
     name: str = Field(min_length=1, max_length=100)
@@ -69,7 +69,7 @@ class PlanCreate(BaseModel):
 
 
 class PlanUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(default=None, min_length=1, max_length=100)
     description: str | None = Field(default=None, max_length=500)

@@ -26,7 +26,7 @@ MAX_INPUT_CHARS = 100_000
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=300)
     input: str | list[str] | list[int] | list[list[int]] = Field(

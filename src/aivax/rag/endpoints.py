@@ -4,18 +4,19 @@ only: a public key (in a browser) never manages or reads an account's collection
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from aivax.auth.dependencies import PrivateKey, Services
 from aivax.db import SessionDep
 from aivax.errors import BadRequest
+from aivax.kit.jsonlimits import NulCharacter, check_nul, loads_limited
 from aivax.kit.pagination import ListPage, PageLimit, page_of, whole
 from aivax.models import Document
 from aivax.rag import chunking, importer, retrieval, service
@@ -193,6 +194,22 @@ def _upload_kind(file: UploadFile) -> str:
     return by_type
 
 
+def _check_upload(external_id: str | None, title: str, meta: dict[str, Any], text: str) -> None:
+    """The form fields and the extracted text meet the rules of a JSON document body."""
+    check_nul({"id": external_id, "title": title, "metadata": meta})
+    if "\x00" in text:
+        raise NulCharacter(
+            "The file's text contains a NUL character, which AIVAX does not store; remove it "
+            "(a binary file sent as text has them).",
+            param="file",
+        )
+    try:
+        DocumentCreate(text=text[:1] or " ", metadata=meta)  # the metadata's size
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BadRequest(f"Invalid 'metadata': {first['msg']}.", param="metadata") from None
+
+
 @router.post("/{collection_id}/documents/upload", response_model=DocumentRead, status_code=201)
 async def upload_document(
     collection_id: str,
@@ -209,9 +226,9 @@ async def upload_document(
     kind = _upload_kind(file)
     raw = await file.read()
     try:
-        meta = json.loads(metadata)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"'metadata' is not JSON: {exc.msg}", param="metadata") from exc
+        meta = loads_limited(metadata, param="metadata")
+    except ValueError as exc:
+        raise BadRequest(f"'metadata' is not JSON: {exc}", param="metadata") from exc
     if not isinstance(meta, dict):
         raise BadRequest("'metadata' must be a JSON object.", param="metadata")
     try:
@@ -224,7 +241,7 @@ async def upload_document(
         ) from exc
     if not text.strip():
         raise BadRequest("The file has no text.", param="file")
-    DocumentCreate(text=text[:1] or " ", metadata=meta)  # validates the metadata's size
+    _check_upload(id, title, meta, text)
     item = service.DocumentInput(
         text,
         "text" if kind == "text" else "markdown",

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.errors import BadRequest, PayloadTooLarge
 from aivax.keys.service import Principal
+from aivax.kit.jsonlimits import MAX_JSON_DEPTH, JsonTooDeep, loads_limited, nul_path
 from aivax.models import Collection, Document
 from aivax.rag import service
 from aivax.rag.schemas import DocumentCreate
@@ -64,11 +65,15 @@ async def _spool(request: Request, limit: int) -> Any:
 
 def _parse_line(raw: bytes) -> tuple[DocumentCreate | None, str | None]:
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = loads_limited(raw)
+    except JsonTooDeep:
+        return None, f"nested more than {MAX_JSON_DEPTH} levels deep"
+    except ValueError as exc:
         return None, f"not JSON: {exc}"
     if not isinstance(value, dict):
         return None, "each line must be a JSON object"
+    if (where := nul_path(value)) is not None:
+        return None, f"{where}: contains a NUL character (\\u0000), which is not stored"
     if "id" in value and not isinstance(value["id"], str):
         value["id"] = str(value["id"]) if isinstance(value["id"], int) else value["id"]
     try:

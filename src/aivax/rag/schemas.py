@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from aivax.kit.schemas import LaxUUID
 
 DEFAULT_EMBEDDING_MODEL = "aivax/paraphrase-minilm-l3"
 MAX_DOCUMENT_CHARS = 2_000_000
@@ -47,7 +50,7 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 class CollectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=200)
     description: str = Field(default="", max_length=2000)
@@ -80,7 +83,7 @@ class CollectionCreate(BaseModel):
 
 
 class CollectionUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
@@ -128,7 +131,7 @@ class CollectionRead(BaseModel):
 
 
 class DocumentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS)
     content_type: Literal["text", "markdown", "html"] = "text"
@@ -145,7 +148,7 @@ class DocumentCreate(BaseModel):
 
 
 class DocumentUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str | None = Field(default=None, min_length=1, max_length=MAX_DOCUMENT_CHARS)
     content_type: Literal["text", "markdown", "html"] | None = None
@@ -187,7 +190,7 @@ class DocumentRead(BaseModel):
 
 
 class RerankSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["none", "endpoint", "model"] = "none"
     credential: str | None = Field(
@@ -210,11 +213,12 @@ class RerankSpec(BaseModel):
 
 
 class SearchRequest(BaseModel):
+    # Strict per field: MCP tool calls build this model from their own typed settings.
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(min_length=1, max_length=4000)
-    top_k: int = Field(default=5, ge=1, le=100)
-    min_score: float = Field(default=0.0, ge=0.0, le=1.0)
+    query: Annotated[str, Strict()] = Field(min_length=1, max_length=4000)
+    top_k: Annotated[int, Strict()] = Field(default=5, ge=1, le=100)
+    min_score: Annotated[float, Strict()] = Field(default=0.0, ge=0.0, le=1.0)
     mode: Literal["hybrid", "vector", "keyword"] = "hybrid"
     filter: dict[str, Any] | None = Field(
         default=None,
@@ -232,7 +236,7 @@ class SearchRequest(BaseModel):
 
 
 class MultiSearchRequest(SearchRequest):
-    collection_ids: list[uuid.UUID] = Field(min_length=1, max_length=20)
+    collection_ids: list[LaxUUID] = Field(min_length=1, max_length=20)
 
 
 class SearchResult(BaseModel):

@@ -53,7 +53,7 @@ class LedgerEntryRead(BaseModel):
 class CreditCreate(BaseModel):
     """A top-up or adjustment. Give the amount in micro-units or as a USD decimal string."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     amount_micros: int | None = Field(default=None, description="Amount in micro-USD.")
     amount_usd: str | None = Field(default=None, description="Amount as a decimal, e.g. '10.50'.")
