@@ -169,17 +169,19 @@ async def test_only_post_is_served_and_nothing_hangs(
     live_server: ThreadedServer, owner: AccountWithKeys, collection: str, method: str
 ) -> None:
     headers = {
-        **owner.headers,
         "accept": "text/event-stream",
         "x-aivax-collections": collection,
         "mcp-session-id": "any",
     }
+    public = {**headers, "Authorization": f"Bearer {owner.public_key}"}
     async with httpx.AsyncClient(base_url=live_server.url, timeout=10) as http:
-        for sent in (headers, {"accept": "text/event-stream"}):
-            response = await http.request(method, PATH, headers=sent)
-            error = assert_error(response, 405, "method_not_allowed")
-            assert response.headers["allow"] == "POST"
-            assert "POST" in str(error["message"])
+        response = await http.request(method, PATH, headers={**headers, **owner.headers})
+        error = assert_error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "POST"
+        assert "POST" in str(error["message"])
+        refused = await http.request(method, PATH, headers=public)
+        assert_error(refused, 403, "private_key_required")
+        assert_error(await http.request(method, PATH, headers=headers), 401)
 
 
 async def _post_raw(http: httpx.AsyncClient, headers: dict[str, str], body: bytes) -> Any:

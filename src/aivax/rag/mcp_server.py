@@ -291,7 +291,7 @@ class MethodNotAllowed(AppError):
 
 
 class McpEndpoint:
-    """Checks the method, the key and the headers, and that the body is JSON within the
+    """Checks the key, the method and the headers, and that the body is JSON within the
     nesting limit, then hands the request to the MCP session manager."""
 
     def __init__(self, app: FastAPI) -> None:
@@ -312,16 +312,16 @@ class McpEndpoint:
 
 
 def _request_error(scope: Scope) -> AppError | None:
-    """What is wrong with the request before its body is read: the method, then the caller
-    (a private key of an active account, before any `x-aivax-*` header is looked at), then
-    the headers."""
-    if scope["method"] != "POST":
-        return MethodNotAllowed(NOT_POSTED.format(path=PATH), headers={"allow": "POST"})
+    """What is wrong with the request before its body is read: the caller (a private key of
+    an active account, whatever the method, before any `x-aivax-*` header is looked at),
+    then the method, then the headers."""
     state = scope.setdefault("state", {})
     try:
         principal = admitted_principal(state, _header(scope, b"origin"))
         if principal.key_kind is not KeyKind.PRIVATE:
             raise Forbidden(PRIVATE_KEY_REQUIRED, code="private_key_required")
+        if scope["method"] != "POST":
+            raise MethodNotAllowed(NOT_POSTED.format(path=PATH), headers={"allow": "POST"})
         McpConfig({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]})
     except AppError as exc:
         return exc
