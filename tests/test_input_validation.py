@@ -427,3 +427,28 @@ async def test_error_responses_keep_the_connection(
             _two_requests_on_one_connection, live_server, starter.headers, request
         )
         assert answer == (status, None, 200), request
+
+
+@pytest.mark.parametrize("heal", [True, False])
+@pytest.mark.parametrize(
+    "output",
+    [
+        '{"a": ' + _nested(65) + "}",
+        '{"a": ' + _nested(5000) + "}",
+        "{'a': " + _nested(3000) + "}",  # not JSON: goes to the repairer
+    ],
+)
+def test_a_model_document_nested_too_deep_is_invalid_not_an_error(heal: bool, output: str) -> None:
+    from jsonschema import Draft202012Validator
+
+    from aivax.structured import pipeline
+
+    schema = {"type": "object"}
+    plan = pipeline.StructuredPlan(schema, Draft202012Validator(schema), "response_schema", heal, 1)
+    result = pipeline.check(plan, output)
+    assert not result.valid
+    assert result.errors in (
+        ["the output is nested more than 64 levels deep"],
+        ["the output is not JSON"],
+    )
+    assert pipeline.check(plan, '{"a": ' + _nested(60) + "}").valid

@@ -22,6 +22,8 @@ import json_repair
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from aivax.kit.jsonlimits import MAX_JSON_DEPTH, JsonTooDeep, check_depth, depth_exceeds
+
 FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)\n?\s*```", re.DOTALL)
 NUMBER = re.compile(r"^\s*-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?\s*$")
 MAX_FIX_ROUNDS = 20
@@ -80,19 +82,40 @@ def _cut_off(text: str) -> bool:
     return depth > 0 or in_string or (bool(end) and end[-1] not in "}]")
 
 
+TOO_DEEP = f"the output is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def load_document(text: str) -> Any:
+    """The model's JSON with the API's nesting limit (`JsonTooDeep` past it). The standard parser,
+    not orjson: a model may write NaN or integers wider than 64 bits, which it accepts."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JsonTooDeep(TOO_DEEP) from None
+    check_depth(value)
+    return value
+
+
 def parse(text: str) -> tuple[Any, list[str], str | None]:
     """(value, steps, problem). `problem` is set when nothing trustworthy could be parsed."""
     steps: list[str] = []
     candidate = _extract(text, steps)
     try:
-        return json.loads(candidate), steps, None
+        return load_document(candidate), steps, None
+    except JsonTooDeep:
+        return None, steps, TOO_DEEP
     except json.JSONDecodeError:
         pass
     if not candidate.startswith(("{", "[")):
         return None, steps, "the output is not JSON"
     if _cut_off(candidate):
         return None, steps, "the output was cut off before the document ended"
-    repaired, log = json_repair.repair_json(candidate, return_objects=True, logging=True)
+    try:
+        repaired, log = json_repair.repair_json(candidate, return_objects=True, logging=True)
+    except (RecursionError, ValueError):  # json_repair's parser is recursive
+        return None, steps, TOO_DEEP
+    if depth_exceeds(repaired):
+        return None, steps, TOO_DEEP
     if any("closing quote" in entry.get("text", "") for entry in log):
         return None, steps, "the output has an unterminated string"
     if repaired == "" or not isinstance(repaired, dict | list):

@@ -22,7 +22,8 @@ from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError, BadRequest
 from aivax.gateways.schemas import JsonSchemaSettings
 from aivax.inference.schemas import ChatCompletionRequest
-from aivax.structured.healing import HealResult, heal
+from aivax.kit.jsonlimits import JsonTooDeep
+from aivax.structured.healing import TOO_DEEP, HealResult, heal, load_document
 from aivax.structured.schema import check_schema
 
 DEFAULT_ATTEMPTS = 2
@@ -134,7 +135,9 @@ def check(plan: StructuredPlan, text: str) -> HealResult:
     if plan.heal:
         return heal(text, plan.validator)
     try:
-        document = json.loads(text)
+        document = load_document(text)
+    except JsonTooDeep:
+        return HealResult(None, False, [], [TOO_DEEP], raw=text)
     except json.JSONDecodeError:
         return HealResult(None, False, [], ["the output is not JSON"], raw=text)
     errors = sorted(error.message for error in plan.validator.iter_errors(document))
