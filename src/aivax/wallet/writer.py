@@ -266,7 +266,8 @@ async def _settle_with_retry(
         return len(items)
     except Exception as exc:
         if unavailable(exc):
-            logger.warning("settling %d calls failed (%s); they are kept", len(items), exc)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            logger.warning("settling %d calls failed (%s); they are kept", len(items), reason)
             return 0
         if len(items) == 1:
             hold_id, _, log, _ = items[0]
