@@ -166,7 +166,7 @@ async def test_bad_input_and_wrong_models(
             headers={"Authorization": f"Bearer {owner.public_key}"},
             json={"model": "aivax/paraphrase-minilm-l3", "input": "x"},
         )
-        assert_error(public, 403, "model_not_allowed")
+        assert_error(public, 403, "private_key_required")
 
 
 async def test_rate_limit_and_balance_like_chat(

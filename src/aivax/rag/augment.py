@@ -27,6 +27,7 @@ from aivax.inference.schemas import (
     ToolMessage,
 )
 from aivax.keys.service import Principal
+from aivax.kit.jsonlimits import JsonTooDeep, loads_limited
 from aivax.models import Collection
 from aivax.providers.base import UpstreamError
 from aivax.rag import chunking, internal, retrieval
@@ -214,8 +215,9 @@ async def _tool_turn(
     if call is None:
         return request, _report("tool", None, [])
     try:
-        query = str(json.loads(call.arguments or "{}").get("query") or latest_user_text(request))
-    except (json.JSONDecodeError, AttributeError):
+        arguments = loads_limited(call.arguments or "{}", param="arguments")
+        query = str(arguments.get("query") or latest_user_text(request))
+    except (ValueError, AttributeError, JsonTooDeep):
         query = latest_user_text(request)
     results = await _search(services, principal, section, query, request_id)
     text, kept = _passages(results, section.context_tokens)
