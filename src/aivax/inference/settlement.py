@@ -270,8 +270,8 @@ class Settler:
             fresh, self._incoming = self._incoming, []
             first = self._head + len(self._queued)
             if self.journal is not None and fresh:
-                append = asyncio.to_thread(self.journal.append, first, fresh)
-                writing = asyncio.ensure_future(append)
+                loop = asyncio.get_running_loop()
+                writing = loop.run_in_executor(None, self.journal.append, first, fresh)
                 try:
                     await asyncio.shield(writing)
                 except asyncio.CancelledError:  # at shutdown: let the append finish first
