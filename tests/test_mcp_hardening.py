@@ -1,6 +1,7 @@
 """`/v1/mcp/collections` refuses what it should: public keys before any header is read, every
 method but POST (405, as the streamable HTTP transport specifies for a server with no event
-stream), and bodies that are not UTF-8 JSON within the nesting limit (JSON-RPC -32700)."""
+stream), bodies that are not UTF-8 JSON within the nesting limit (JSON-RPC -32700) and NUL
+characters, which PostgreSQL cannot store (-32602)."""
 
 from __future__ import annotations
 
@@ -184,7 +185,9 @@ async def test_only_post_is_served_and_nothing_hangs(
         assert_error(await http.request(method, PATH, headers=headers), 401)
 
 
-async def _post_raw(http: httpx.AsyncClient, headers: dict[str, str], body: bytes) -> Any:
+async def _post_raw(
+    http: httpx.AsyncClient, headers: dict[str, str], body: bytes, code: int = -32700
+) -> Any:
     response = await http.post(
         PATH, headers={**headers, "content-type": "application/json"}, content=body
     )
@@ -193,7 +196,7 @@ async def _post_raw(http: httpx.AsyncClient, headers: dict[str, str], body: byte
     message = response.json()
     assert message["jsonrpc"] == "2.0"
     assert message["id"] is None
-    assert message["error"]["code"] == -32700
+    assert message["error"]["code"] == code
     return message["error"]["message"]
 
 
@@ -220,6 +223,16 @@ async def test_bodies_that_are_not_utf8_json_within_the_limit_are_parse_errors(
         surrogate = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "x": "\xed\xa0\x80"}'
         assert "UTF-8" in await _post_raw(http, headers, surrogate)
         assert "UTF-8" in await _post_raw(http, headers, b"{not json")
+        writer = {**headers, "x-aivax-allow-writes": "true"}
+        for name, arguments in [
+            ("insert_document", {"text": "nul\u0000byte", "id": "nul"}),
+            ("search_collections", {"query": "bread\u0000"}),
+        ]:
+            call = {"name": name, "arguments": arguments}
+            body = json.dumps(_rpc("tools/call", call)).encode()
+            message = await _post_raw(http, writer, body, code=-32602)
+            assert "'params.arguments." in message
+            assert "NUL character" in message
         # The server is unharmed: the next call is answered.
         listed = await http.post(PATH, headers=headers, json=MESSAGES["tools/list"])
         assert listed.status_code == 200, listed.text

@@ -13,8 +13,9 @@ and search any collection of the account. Configured per request by headers:
   x-aivax-allow-writes  true: also expose insert_document and delete_document
 
 Errors about the HTTP request (key, headers, method) are the API's OpenAI error envelope; a body
-that is not a JSON-RPC message gets a JSON-RPC error (-32700 for text that is not UTF-8 JSON or
-nests past the API's limit), as the MCP SDK answers other malformed bodies.
+the server does not take gets a JSON-RPC error with HTTP 400, as the MCP SDK answers other
+malformed bodies: -32700 for text that is not UTF-8 JSON or nests past the API's limit, -32602
+for a NUL character in a string.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from aivax.auth.dependencies import admitted_principal
 from aivax.errors import AppError, BadRequest, Forbidden
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
-from aivax.kit.jsonlimits import JsonTooDeep, loads_limited
+from aivax.kit.jsonlimits import JsonTooDeep, NulCharacter, check_nul, loads_limited
 from aivax.rag import retrieval, service
 from aivax.rag.schemas import DocumentCreate, RerankSpec, SearchRequest
 from aivax.services import AppServices
@@ -303,9 +304,9 @@ class McpEndpoint:
             await _send_error(send, error)
             return
         body = await _read_body(receive)
-        problem = _parse_problem(body)
+        problem = _body_problem(body)
         if problem is not None:
-            await _send_parse_error(send, problem)
+            await _send_rpc_error(send, *problem)
             return
         manager: StreamableHTTPSessionManager = self.app.state.mcp_manager
         await manager.handle_request(scope, _replay(body, receive), send)
@@ -355,17 +356,23 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_problem(body: bytes) -> str | None:
-    """Why `body` is not JSON this server parses (None: it is). The SDK's own parser raises
-    on invalid UTF-8 and recurses on deep nesting, both a 500; orjson checks UTF-8 strictly
-    and `loads_limited` stops at MAX_JSON_DEPTH levels. A tool call's arguments are part of
-    the body, so they are held to the limit too (and a search filter to its grammar)."""
+def _body_problem(body: bytes) -> tuple[int, str] | None:
+    """The JSON-RPC error code and message for a body this server does not take (None: it
+    takes it). The SDK's own parser raises on invalid UTF-8 and recurses on deep nesting,
+    both a 500; orjson checks UTF-8 strictly and `loads_limited` stops at MAX_JSON_DEPTH
+    levels. A tool call's arguments are part of the body, so they are held to the limit too
+    (and a search filter to its grammar). NUL characters are refused as on every other route:
+    PostgreSQL stores them in neither text nor JSON."""
     try:
-        loads_limited(body)
+        value = loads_limited(body)
     except JsonTooDeep as exc:
-        return exc.message
+        return types.PARSE_ERROR, f"Parse error: {exc.message}"
     except ValueError as exc:
-        return f"The body is not valid UTF-8 JSON ({exc})."
+        return types.PARSE_ERROR, f"Parse error: the body is not valid UTF-8 JSON ({exc})."
+    try:
+        check_nul(value)
+    except NulCharacter as exc:
+        return types.INVALID_PARAMS, f"Invalid params: {exc.message}"
     return None
 
 
@@ -383,15 +390,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _send_parse_error(send: Send, problem: str) -> None:
-    # JSON-RPC 2.0 section 5.1: -32700 with a null id (no id could be read); HTTP 400 as the
-    # streamable HTTP transport answers input it cannot accept.
+async def _send_rpc_error(send: Send, code: int, message: str) -> None:
+    # JSON-RPC 2.0 section 5: a null id where the request's id could not be read (and none is
+    # answered before the message is taken); HTTP 400 as the streamable HTTP transport
+    # answers input it cannot accept.
     body = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": None,
-            "error": {"code": types.PARSE_ERROR, "message": f"Parse error: {problem}"},
-        }
+        {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
     ).encode()
     await _send_json(send, 400, body, [])
 
