@@ -12,13 +12,14 @@ from aivax.caches import HotPathCaches
 from aivax.config import Settings
 from aivax.db import Database
 from aivax.inference.ratelimit import RateLimiter
-from aivax.inference.settlement import Settler
+from aivax.inference.settlement import Settler, build_settler
 from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
 from aivax.rag.jobs import JobRunner
 from aivax.rag.vectors import VectorIndex
 from aivax.wallet.hold_queue import HoldQueue
 from aivax.wallet.leases import LeaseBook
+from aivax.wallet.live import LiveHolds
 from aivax.wallet.writer import WalletWriter, build_writer
 
 logger = logging.getLogger("aivax")
@@ -37,6 +38,7 @@ class AppServices:
     caches: HotPathCaches
     writer: WalletWriter
     settler: Settler
+    live: LiveHolds
     holds: HoldQueue
     leases: LeaseBook
     vectors: VectorIndex
@@ -47,7 +49,8 @@ class AppServices:
         secret = load_or_create_secret(settings)
         database = Database(settings)
         writer = build_writer(settings, database)
-        settler = Settler(writer)
+        live = LiveHolds(database, max_age_seconds=settings.hold_max_age_seconds)
+        settler = build_settler(settings, writer, live)
         return cls(
             settings=settings,
             database=database,
@@ -63,13 +66,15 @@ class AppServices:
             caches=HotPathCaches(settings.cache_seconds),
             writer=writer,
             settler=settler,
-            holds=HoldQueue(database, settler, writer),
+            live=live,
+            holds=HoldQueue(database, settler, writer, live),
             leases=LeaseBook(
                 database,
                 settler,
                 calls=settings.wallet_lease_calls,
                 idle_seconds=settings.wallet_lease_idle_seconds,
                 max_seconds=settings.wallet_lease_max_seconds,
+                live=live,
             ),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
             jobs=JobRunner(
@@ -80,6 +85,7 @@ class AppServices:
         )
 
     async def close(self) -> None:
+        await self.live.stop()
         await self.jobs.stop()
         await self.leases.close()
         await self.settler.close()

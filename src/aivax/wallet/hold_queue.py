@@ -60,6 +60,7 @@ class HoldQueue:
         minimum_balance: int = 0,
     ) -> uuid.UUID:
         """Reserve `amount_micros` (see `ledger.hold`); raises what `ledger.hold` raises."""
+        self.settler.check_capacity()  # 503 while too many settlements wait for the database
         request = HoldRequest(account_id, amount_micros, ref, minimum_balance)
         writing = self._task is not None and not self._task.done()
         if not writing and self.calls_in_flight <= 1:

@@ -130,6 +130,7 @@ class LeaseBook:
         raises what a hold raises (`InsufficientBalance`, `WalletAccountNotFound`). `exact`:
         grow by no more than the call needs (a call clamped to what the balance affords)."""
         ledger.check_hold_amount(amount)
+        self.settler.check_capacity()  # 503 while too many settlements wait for the database
         self._ensure_sweeper()
         while True:
             lease = self._lease_for(account_id)
