@@ -20,6 +20,7 @@ from aivax.keys.service import Principal
 from aivax.kit.fastjson import FastJSONResponse
 from aivax.kit.pagination import IdCursor, ListPage, PageLimit, page_of
 from aivax.kit.streaming import EventStreamResponse
+from aivax.openapi import CHAT_COMPLETION_RESPONSES
 from aivax.providers.base import StreamEvent, UpstreamError
 from aivax.services import AppServices
 from aivax.structured import pipeline as structured
@@ -27,7 +28,7 @@ from aivax.structured import pipeline as structured
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=CHAT_COMPLETION_RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, principal: AnyKey, services: Services, request: Request
 ) -> JSONResponse | StreamingResponse:

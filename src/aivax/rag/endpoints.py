@@ -19,6 +19,7 @@ from aivax.errors import BadRequest
 from aivax.kit.jsonlimits import NulCharacter, check_nul, loads_limited
 from aivax.kit.pagination import ListPage, PageLimit, page_of, whole
 from aivax.models import Document
+from aivax.openapi import EXPORT_RESPONSES
 from aivax.rag import chunking, importer, retrieval, service
 from aivax.rag.schemas import (
     CollectionCreate,
@@ -341,7 +342,7 @@ async def import_jsonl(
     return report
 
 
-@router.get("/{collection_id}/export")
+@router.get("/{collection_id}/export", responses=EXPORT_RESPONSES)
 async def export_jsonl(
     collection_id: str, auth: PrivateKey, session: SessionDep, services: Services
 ) -> StreamingResponse:
