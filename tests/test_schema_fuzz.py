@@ -204,6 +204,22 @@ def app_schema() -> dict[str, Any]:
 schema = schemathesis.openapi.from_dict(app_schema())
 
 
+def test_every_operation_documents_the_error_envelope() -> None:
+    """The answers a client can get are in the schema, in the one shape the API sends."""
+    document = schema.raw_schema
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    envelope = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            statuses = operation["responses"]
+            if path in ("/healthz", "/readyz"):
+                continue
+            for status in ("400", "401", "404", "429", "500", "503"):
+                content = statuses[status]["content"]["application/json"]
+                assert content["schema"] == envelope, (method, path, status)
+    assert set(document["paths"]["/readyz"]["get"]["responses"]) == {"200", "503"}
+
+
 def test_fuzzed_schema_is_the_one_served(fuzz_target: FuzzTarget) -> None:
     served = requests.get(f"{fuzz_target.url}/openapi.json", timeout=10)
     assert served.status_code == 200
@@ -270,7 +286,7 @@ def with_real_model(path: str, body: Any) -> Any:
 def test_fuzzing_got_past_authentication() -> None:
     """Guards the run itself: with a key that stopped working, every operation would pass
     on 401s alone."""
-    assert STATUSES, "the fuzz run made no request"
+    assert STATUSES, "the fuzz run made no request (run the whole module)"
     stuck = sorted(label for label, counts in STATUSES.items() if set(counts) <= {401, 403})
     assert not stuck, f"only 401/403 answers for: {stuck}"
     accepted = [label for label, counts in STATUSES.items() if any(s < 300 for s in counts)]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -13,12 +16,23 @@ from aivax.services import AppServices
 router = APIRouter(tags=["health"])
 
 
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
+
+
+READINESS_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"model": Readiness, "description": "The database answers at the migrations' head."},
+    503: {"model": Readiness, "description": "Not ready: `checks` says what is not `ok`."},
+}
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=READINESS_RESPONSES)
 async def readyz(request: Request) -> JSONResponse:
     services: AppServices = request.app.state.services
     head: str = request.app.state.migration_head
