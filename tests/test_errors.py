@@ -44,6 +44,16 @@ async def test_wrong_type_names_the_parameter(
     assert error["param"] == "name"
 
 
+async def test_an_error_about_the_whole_body_says_so(
+    client: httpx.AsyncClient, account: AccountWithKeys
+) -> None:
+    response = await client.post("/v1/keys", headers=account.headers, json=["not", "an object"])
+    error = assert_error(response, 400, "invalid_type")
+    assert error["param"] is None
+    assert str(error["message"]).startswith("Invalid type for the request body: expected")
+    assert "None" not in str(error["message"])
+
+
 async def test_unknown_field_is_refused(
     client: httpx.AsyncClient, account: AccountWithKeys
 ) -> None:

@@ -164,25 +164,26 @@ async def validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _describe(error: Any, kind: str, param: str | None) -> tuple[str, str]:
-    """The message and code of one body or query error."""
+    """The message and code of one body or query error (`param` None: the whole body)."""
+    where = repr(param) if param is not None else "the request body"
     if kind == "json_invalid":
         reason = str(error.get("ctx", {}).get("error"))
         if "recursion limit" in reason:
             return _too_deep_message(), "json_too_deep"
         return f"The request body is not valid JSON: {reason}", "invalid_json"
     if kind == "json_too_deep":
-        return f"Invalid value for {param!r}: {error.get('msg')}", "json_too_deep"
+        return f"Invalid value for {where}: {error.get('msg')}", "json_too_deep"
     if kind in EXPECTED_TYPES:
         return (
-            f"Invalid type for {param!r}: expected {EXPECTED_TYPES[kind]}, but got "
+            f"Invalid type for {where}: expected {EXPECTED_TYPES[kind]}, but got "
             f"{_json_type(error.get('input'))} instead.",
             "invalid_type",
         )
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}.", "unknown_parameter"
     if kind == "missing":
-        return f"Missing required parameter: {param!r}.", "missing_required_parameter"
-    return f"Invalid value for {param!r}: {error.get('msg')}.", "invalid_value"
+        return f"Missing required parameter: {where}.", "missing_required_parameter"
+    return f"Invalid value for {where}: {error.get('msg')}.", "invalid_value"
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
