@@ -70,7 +70,7 @@ async def test_byok_call_is_logged_unpriced_and_not_charged(
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "Hello from fake"
     assert response.json()["aivax"]["cost_micros"] is None
-    await services.settler.drain()
+    await services.meter.drain()
     wallet = (await client.get("/v1/wallet", headers=owner.headers)).json()
     assert wallet["balance_micros"] == 5_000
     logs = (await client.get("/v1/requests", headers=owner.headers)).json()["data"]
@@ -93,7 +93,7 @@ async def test_priced_byok_model_is_billed(
         "/v1/chat/completions", headers=owner.headers, json={"model": "byok/mine/fake-ok", **CHAT}
     )
     assert response.json()["aivax"]["cost_micros"] == 14
-    await services.settler.drain()
+    await services.meter.drain()
     assert (await client.get("/v1/wallet", headers=owner.headers)).json()["balance_micros"] == (
         50_000 - 14
     )
@@ -213,7 +213,7 @@ async def test_request_log_is_scoped_to_the_account(
     await client.post(
         "/v1/chat/completions", headers=owner.headers, json={"model": "byok/mine/fake-ok", **CHAT}
     )
-    await services.settler.drain()
+    await services.meter.drain()
     owned = (await client.get("/v1/requests", headers=owner.headers)).json()["data"]
     assert [row["model"] for row in owned] == ["byok/mine/fake-ok"]
     assert (await client.get("/v1/requests", headers=stranger.headers)).json()["data"] == []

@@ -184,7 +184,7 @@ async def test_a_cancelled_call_is_logged_as_cancelled_and_its_hold_released(
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await services.leases.flush(account.id)
+    await services.meter.flush(account.id)
     async with services.database.sessions() as session:
         log = await session.scalar(select(RequestLog).where(RequestLog.request_id == request_id))
         statuses = list(
@@ -259,7 +259,7 @@ async def test_a_client_gone_before_its_body_gets_no_response(
     }
     await ChatRoute(not_reached)(scope, receive, send)
     assert sent == []
-    assert services.holds.calls_in_flight == 0
+    assert services.meter.calls_in_flight == 0
     from sqlalchemy import func, select
 
     from aivax.models import WalletHold

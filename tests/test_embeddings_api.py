@@ -112,6 +112,9 @@ async def test_remote_model_base64_billing_and_log(
     assert logs[-1].input_tokens == 3
     assert logs[-1].cost_micros == 3
     assert logs[-1].status == 200
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=30) as client:
+        # Reading the wallet closes the server's idle lease: the call shows as charged.
+        (await client.get("/v1/wallet", headers=owner.headers)).raise_for_status()
     async with services.database.sessions() as session:
         report = await wallet.check_invariant(session, owner.id)
     assert report.holds

@@ -389,7 +389,7 @@ async def test_request_log_records_the_gateway(
         headers=owner.headers,
         json={"model": "logged", "messages": [{"role": "user", "content": "hi"}]},
     )
-    await services.settler.drain()
+    await services.meter.drain()
     logs = (await client.get("/v1/requests", headers=owner.headers)).json()["data"]
     assert logs[0]["gateway_id"] == created["id"]
     assert logs[0]["model"] == "test/fake-ok"
@@ -415,7 +415,7 @@ async def _routed(
 async def _logs_for(
     services: AppServices, client: httpx.AsyncClient, account: AccountWithKeys
 ) -> list[dict[str, Any]]:
-    await services.settler.drain()
+    await services.meter.drain()
     rows: list[dict[str, Any]] = (await client.get("/v1/requests", headers=account.headers)).json()[
         "data"
     ]

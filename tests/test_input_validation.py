@@ -37,7 +37,7 @@ async def test_usage_by_day_counts_the_calls_made(
 ) -> None:
     for _ in range(2):
         assert (await _chat(client, starter)).status_code == 200
-    await services.settler.drain()
+    await services.meter.drain()
     logged = (await client.get("/v1/requests", headers=starter.headers)).json()["data"]
     day = logged[0]["created_at"][:10]
     for params in ({}, {"group_by": "day"}, {"since": "2020-01-01T00:00:00Z"}, {"since": day}):
@@ -70,7 +70,7 @@ async def test_usage_refuses_times_out_of_range_by_name(
     param: str,
 ) -> None:
     assert (await _chat(client, starter)).status_code == 200
-    await services.settler.drain()
+    await services.meter.drain()
     response = await client.get("/v1/usage", headers=starter.headers, params=params)
     assert assert_error(response, 400)["param"] == param
 

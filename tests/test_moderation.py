@@ -61,7 +61,7 @@ def _sent(fake: FakeUpstream, marker: str) -> bool:
 async def _last_log(
     services: AppServices, client: httpx.AsyncClient, account: AccountWithKeys
 ) -> dict[str, Any]:
-    await services.settler.drain()
+    await services.meter.drain()
     row: dict[str, Any] = (await client.get("/v1/requests", headers=account.headers)).json()[
         "data"
     ][0]

@@ -42,7 +42,7 @@ async def _post(client: httpx.AsyncClient, account: AccountWithKeys, **body: Any
 async def _logs(
     services: AppServices, client: httpx.AsyncClient, account: AccountWithKeys
 ) -> list[dict[str, Any]]:
-    await services.settler.drain()
+    await services.meter.drain()
     data: list[dict[str, Any]] = (await client.get("/v1/requests", headers=account.headers)).json()[
         "data"
     ]

@@ -38,7 +38,7 @@ async def test_hold_queue_admits_exactly_what_the_balance_covers(services: AppSe
 
     async def take() -> uuid.UUID | None:
         try:
-            return await services.holds.hold(
+            return await services.meter.holds.hold(
                 account_id=account.id, amount_micros=1_000, ref="batch"
             )
         except ledger.InsufficientBalance:
@@ -56,11 +56,11 @@ async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServic
     poor = await make_account(services, balance_micros=100)
     missing = uuid.uuid4()
     outcomes = await asyncio.gather(
-        services.holds.hold(account_id=rich.id, amount_micros=1_000, ref="a"),
-        services.holds.hold(account_id=poor.id, amount_micros=1_000, ref="b"),
-        services.holds.hold(account_id=missing, amount_micros=1_000, ref="c"),
-        services.holds.hold(account_id=rich.id, amount_micros=10**13, ref="d"),  # over the cap
-        services.holds.hold(account_id=rich.id, amount_micros=2_000, ref="e"),
+        services.meter.holds.hold(account_id=rich.id, amount_micros=1_000, ref="a"),
+        services.meter.holds.hold(account_id=poor.id, amount_micros=1_000, ref="b"),
+        services.meter.holds.hold(account_id=missing, amount_micros=1_000, ref="c"),
+        services.meter.holds.hold(account_id=rich.id, amount_micros=10**13, ref="d"),  # over the cap
+        services.meter.holds.hold(account_id=rich.id, amount_micros=2_000, ref="e"),
         return_exceptions=True,
     )
     assert isinstance(outcomes[0], uuid.UUID)
@@ -102,7 +102,7 @@ async def test_settle_many_writes_what_one_at_a_time_writes(services: AppService
     for batched in (False, True):
         account = await make_account(services, balance_micros=100_000)
         holds = [
-            await services.holds.hold(account_id=account.id, amount_micros=1_000, ref=f"r{i}")
+            await services.meter.holds.hold(account_id=account.id, amount_micros=1_000, ref=f"r{i}")
             for i in range(len(costs))
         ]
         async with services.database.sessions() as session:  # the reaper got to one first

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from aivax.config import Settings
-from aivax.inference.settlement import Settlement
+from aivax.wallet.settlement import Settlement
 from aivax.models import EntryKind, LedgerEntry, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
@@ -37,7 +37,7 @@ def book(
     (`horizon=0`: grants sized by calls alone, not by demand)."""
     return LeaseBook(
         services.database,
-        services.settler,
+        services.meter.settler,
         calls=calls,
         idle_seconds=idle,
         max_seconds=max_seconds,
@@ -89,7 +89,7 @@ async def test_calls_within_a_lease_write_nothing_until_it_closes(services: AppS
     assert (first_grant, second_grant) == (-400, -1_000)
     for reservation in [first, *more, fifth]:
         leases.finish(reservation, 30, None)
-    await services.settler.drain()
+    await services.meter.drain()
     [(granted, recorded, status)] = await holds_of(services, account.id)
     assert (granted, recorded, status) == (1_400, 150, "open")  # costs recorded, not yet charged
     await leases.flush(account.id)
@@ -185,7 +185,7 @@ async def test_an_idle_lease_closes_by_itself(services: AppServices) -> None:
     account = await make_account(services, balance_micros=10_000)
     leases.finish(await leases.reserve(account.id, 100, 0), 7, None)
     for _ in range(100):
-        await services.settler.drain()
+        await services.meter.drain()
         if [status for _, _, status in await holds_of(services, account.id)] == ["settled"]:
             break
         await asyncio.sleep(0.05)
@@ -203,7 +203,7 @@ async def test_a_lease_past_its_age_takes_no_new_call_and_closes_after_its_last(
     new = await leases.reserve(account.id, 100, 0)  # a second lease
     assert old.lease is not new.lease
     leases.finish(old, 10, None)  # the old lease's last call: it closes
-    await services.settler.drain()
+    await services.meter.drain()
     assert [status for _, _, status in await holds_of(services, account.id)] == [
         "settled",
         "open",
@@ -229,8 +229,8 @@ async def test_a_caller_that_leaves_while_its_lease_grows_gives_its_reservation_
         if leases.free(account.id):
             break
         await asyncio.sleep(0.05)
-    services.settler.submit(Settlement(hold_id=await other, cost_micros=0, log=None))
-    await services.settler.drain()
+    services.meter.settler.submit(Settlement(hold_id=await other, cost_micros=0, log=None))
+    await services.meter.drain()
     # All the lease holds is free: the reservation taken for the caller was given back.
     assert leases.free(account.id) == (await summary(services, account.id))[1] > 0
     await leases.flush(account.id)
@@ -267,7 +267,7 @@ async def test_the_reaper_charges_what_a_dead_process_recorded_and_returns_the_r
     leases = book(services)
     account = await make_account(services, balance_micros=10_000)
     leases.finish(await leases.reserve(account.id, 100, 0), 40, None)
-    await services.settler.drain()  # the cost is recorded; the process then "dies"
+    await services.meter.drain()  # the cost is recorded; the process then "dies"
     await reap(services, account.id)
     assert await holds_of(services, account.id) == [(400, 40, "expired")]
     assert await balance_and_ledger_sum(services, account.id) == (9_960, 9_960)
@@ -281,7 +281,7 @@ async def test_a_cost_that_arrives_after_the_reaper_is_still_charged(
     reservation = await leases.reserve(account.id, 100, 0)
     await reap(services, account.id)
     leases.finish(reservation, 25, None)
-    await services.settler.drain()
+    await services.meter.drain()
     assert await balance_and_ledger_sum(services, account.id) == (9_975, 9_975)
     assert (await entries_of(services, account.id))[-1] == ("usage", -25)
 
@@ -338,7 +338,7 @@ async def test_without_leases_each_call_holds_on_its_own(
         )
         response: Any = await respond(services, principal, body, "req_own_hold", None)
         assert response.status_code == 200
-        await services.settler.drain()
+        await services.meter.drain()
         async with services.database.sessions() as session:
             hold = (
                 await session.scalars(select(WalletHold).where(WalletHold.ref == "req_own_hold"))
@@ -357,7 +357,7 @@ async def test_without_leases_each_call_holds_on_its_own(
         )
         assert clamped.status_code == 200
         assert "x-aivax-max-tokens-clamped" in clamped.headers
-        await services.settler.drain()
+        await services.meter.drain()
         async with services.database.sessions() as session:
             held = (
                 await session.scalars(select(WalletHold).where(WalletHold.ref == "req_poor"))
@@ -392,7 +392,7 @@ async def test_reading_the_wallet_charges_the_calls_of_an_idle_lease(
     assert answer.status_code == 200
     cost = int(answer.headers["x-aivax-cost-micros"])
     assert cost > 0
-    await services.settler.drain()
+    await services.meter.drain()
     assert [status for _, _, status in await holds_of(services, account.id)] == ["open"]
     operator = await client.get(f"/admin/accounts/{account.id}/wallet", headers=admin_headers)
     assert (operator.json()["balance_micros"], operator.json()["held_micros"]) == (
@@ -412,7 +412,7 @@ async def test_reading_the_wallet_charges_the_calls_of_an_idle_lease(
         json={"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert again.status_code == 200
-    await services.settler.drain()
+    await services.meter.drain()
     operator_ledger = await client.get(
         f"/admin/accounts/{account.id}/ledger", headers=admin_headers
     )
@@ -464,7 +464,7 @@ async def test_a_negative_adjustment_may_take_what_an_idle_lease_holds(
     client: Any, services: AppServices, admin_headers: dict[str, str]
 ) -> None:
     account = await make_account(services, balance_micros=10_000)
-    services.leases.finish(await services.leases.reserve(account.id, 100, 0), 0, None)
+    services.meter.leases.finish(await services.meter.leases.reserve(account.id, 100, 0), 0, None)
     assert (await summary(services, account.id))[1] > 0  # held by the server's idle lease
     taken = await client.post(
         f"/admin/accounts/{account.id}/adjustments",

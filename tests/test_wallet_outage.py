@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from aivax.app import create_app
 from aivax.config import Settings
-from aivax.inference.settlement import Settlement, Settler
+from aivax.wallet.settlement import Settlement, Settler
 from aivax.kit.clock import utcnow
 from aivax.migrate import upgrade_to_head
 from aivax.models import EntryKind, LedgerEntry, RequestLog, WalletHold
@@ -97,7 +97,7 @@ async def _lease_with_calls(
     """An account with a 5,000 lease hold, and the settlements of calls that cost `costs`
     against it, then the lease's close."""
     account = await make_account(services, balance_micros=10_000)
-    (hold_id,) = await services.writer.hold_many([HoldRequest(account.id, 5_000, "lease")])
+    (hold_id,) = await services.meter.writer.hold_many([HoldRequest(account.id, 5_000, "lease")])
     assert isinstance(hold_id, uuid.UUID)
     calls = [Settlement(hold_id, cost, _log(account.id, cost), "lease") for cost in costs]
     return account, hold_id, [*calls, Settlement(hold_id, 0, None, "close")]
@@ -210,7 +210,7 @@ async def test_a_paid_call_gets_503_while_the_backlog_is_full(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     account = await make_account(services, plan="starter", balance_micros=1_000_000)
-    monkeypatch.setattr(services.settler, "backlog_max", 0)
+    monkeypatch.setattr(services.meter.settler, "backlog_max", 0)
     body = {"model": "test/fake-ok", "messages": [{"role": "user", "content": "hi"}]}
     answer = await client.post("/v1/chat/completions", json=body, headers=account.headers)
     assert answer.status_code == 503, answer.text

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from aivax.app import create_app
 from aivax.config import Settings
-from aivax.inference.settlement import Settlement
+from aivax.wallet.settlement import Settlement
 from aivax.models import LedgerEntry, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
@@ -57,7 +57,7 @@ async def _usage_details(services: AppServices, account_id: uuid.UUID) -> list[d
 def _book(services: AppServices, live: LiveHolds | None) -> LeaseBook:
     return LeaseBook(
         services.database,
-        services.settler,
+        services.meter.settler,
         calls=4,
         idle_seconds=600,
         max_seconds=600,
@@ -87,24 +87,24 @@ async def test_a_lease_in_use_is_renewed_past_the_maximum_age_and_the_reaper_lea
     assert await _statuses(services, running.id) == ["settled"]
     assert await balance_and_ledger_sum(services, running.id) == (9_300, 9_300)
     forgotten.finish(orphan, 0, None)
-    await services.settler.drain()
+    await services.meter.drain()
 
 
 async def test_a_call_own_hold_is_renewed_until_its_settlement_is_handed_over(
     services: AppServices,
 ) -> None:
     account = await make_account(services, balance_micros=10_000)
-    hold_id = await services.holds.hold(account_id=account.id, amount_micros=500, ref="req_long")
-    assert hold_id in services.live
-    await services.live.renew()
+    hold_id = await services.meter.holds.hold(account_id=account.id, amount_micros=500, ref="req_long")
+    assert hold_id in services.meter.live
+    await services.meter.live.renew()
     async with services.database.sessions() as session:
         renewed_at = await session.scalar(
             select(WalletHold.renewed_at).where(WalletHold.id == hold_id)
         )
     assert renewed_at is not None
-    services.settler.submit(Settlement(hold_id=hold_id, cost_micros=120, log=None))
-    assert hold_id not in services.live
-    await services.settler.drain()
+    services.meter.settler.submit(Settlement(hold_id=hold_id, cost_micros=120, log=None))
+    assert hold_id not in services.meter.live
+    await services.meter.drain()
     assert await balance_and_ledger_sum(services, account.id) == (9_880, 9_880)
 
 
@@ -117,11 +117,11 @@ async def test_a_late_lease_charge_never_takes_the_balance_below_zero(
     account = await make_account(services, balance_micros=1_000)
     running = await leases.reserve(account.id, 1_000, 0)
     assert await _reap(services, timedelta(0)) >= 1
-    spender = await services.holds.hold(account_id=account.id, amount_micros=900, ref="req_2")
-    services.settler.submit(Settlement(hold_id=spender, cost_micros=900, log=None))
-    await services.settler.drain()
+    spender = await services.meter.holds.hold(account_id=account.id, amount_micros=900, ref="req_2")
+    services.meter.settler.submit(Settlement(hold_id=spender, cost_micros=900, log=None))
+    await services.meter.drain()
     leases.finish(running, 400, None)  # only 100 is left
-    await services.settler.drain()
+    await services.meter.drain()
     assert await balance_and_ledger_sum(services, account.id) == (0, 0)
     late = (await _usage_details(services, account.id))[-1]
     assert late == {"late": True, "shortfall_micros": 300}
@@ -135,11 +135,11 @@ async def test_a_late_settlement_of_a_calls_own_hold_charges_only_what_is_left(
     services: AppServices,
 ) -> None:
     account = await make_account(services, balance_micros=1_000)
-    hold_id = await services.holds.hold(account_id=account.id, amount_micros=800, ref="req_late")
+    hold_id = await services.meter.holds.hold(account_id=account.id, amount_micros=800, ref="req_late")
     assert await services.database.write(
         lambda conn: ledger.close_recorded(conn, hold_id, expire=True)
     )
-    other = await services.holds.hold(account_id=account.id, amount_micros=1_000, ref="req_b")
+    other = await services.meter.holds.hold(account_id=account.id, amount_micros=1_000, ref="req_b")
     await services.database.write(lambda conn: ledger.settle(conn, other, 1_000))
     charged = await services.database.write(lambda conn: ledger.settle(conn, hold_id, 600))
     assert charged == 0
@@ -192,7 +192,7 @@ async def test_a_stream_longer_than_the_hold_age_keeps_its_lease(
                 streamed = await stream
                 assert streamed.status_code == 200
                 assert "[DONE]" in streamed.text
-                await services.leases.flush(account.id)
+                await services.meter.flush(account.id)
         statuses = await _statuses(services, account.id)
         assert set(statuses) == {"settled"}, statuses
         balance, total = await balance_and_ledger_sum(services, account.id)

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 
 from aivax.app import create_app
 from aivax.config import Settings
-from aivax.inference.settlement import Settlement
+from aivax.wallet.settlement import Settlement
 from aivax.kit.clock import utcnow
 from aivax.models import Account, HoldStatus, RequestLog, WalletHold
 from aivax.services import AppServices
@@ -40,14 +40,14 @@ async def built(request: pytest.FixtureRequest, settings: Settings) -> AsyncIter
 async def test_holds_and_settlements_through_either_writer(built: AppServices) -> None:
     account = await make_account(built, balance_micros=10_000)
     requests = [HoldRequest(account.id, 3_000, f"call-{n}") for n in range(4)]
-    results = await built.writer.hold_many(requests)
+    results = await built.meter.writer.hold_many(requests)
     held = [r for r in results if isinstance(r, uuid.UUID)]
     assert len(held) == 3
     assert isinstance(results[3], ledger.InsufficientBalance)
     assert "0.001000 USD available" in str(results[3])
     assert await balance_and_ledger_sum(built, account.id) == (1_000, 1_000)
 
-    missing, too_big = await built.writer.hold_many(
+    missing, too_big = await built.meter.writer.hold_many(
         [HoldRequest(uuid.uuid4(), 1, "nobody"), HoldRequest(account.id, 10**13, "cap")]
     )
     assert isinstance(missing, ledger.WalletAccountNotFound)
@@ -82,8 +82,8 @@ async def test_holds_and_settlements_through_either_writer(built: AppServices) -
         Settlement(held[1], 0, None),
         Settlement(held[2], 9_999, None),  # above the hold: capped at 3,000
     ]:
-        built.settler.submit(item)
-    await built.settler.drain()
+        built.meter.settler.submit(item)
+    await built.meter.settler.drain()
     assert await balance_and_ledger_sum(built, account.id) == (
         10_000 - 500 - 3_000,
         10_000 - 500 - 3_000,
@@ -104,8 +104,8 @@ async def test_the_writer_is_a_process_of_its_own(settings: Settings) -> None:
     services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
     try:
         account = await make_account(services, balance_micros=1_000)
-        await services.writer.hold_many([HoldRequest(account.id, 1, "start")])
-        writer = services.writer
+        await services.meter.writer.hold_many([HoldRequest(account.id, 1, "start")])
+        writer = services.meter.writer
         assert isinstance(writer, ProcessWriter)
         process = writer._process
         assert process is not None
@@ -119,7 +119,7 @@ async def test_the_writer_is_a_process_of_its_own(settings: Settings) -> None:
 async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: Settings) -> None:
     services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
     try:
-        writer = services.writer
+        writer = services.meter.writer
         assert isinstance(writer, ProcessWriter)
         account = await make_account(services, balance_micros=10_000)
         # A transaction that has written the account holds the write lock (SQLite) or the
@@ -128,9 +128,9 @@ async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: S
         await lock.execute(
             update(Account).where(Account.id == account.id).values(name=Account.name)
         )
-        services.holds.calls_in_flight = 2  # not a lone call: through the writer
+        services.meter.calls_in_flight = 2  # not a lone call: through the writer
         waiting = asyncio.ensure_future(
-            services.holds.hold(account_id=account.id, amount_micros=4_000, ref="doomed")
+            services.meter.holds.hold(account_id=account.id, amount_micros=4_000, ref="doomed")
         )
         for _ in range(200):
             await asyncio.sleep(0.02)
@@ -146,7 +146,7 @@ async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: S
         await lock.rollback()
         await lock.close()
 
-        held = await services.holds.hold(account_id=account.id, amount_micros=4_000, ref="next")
+        held = await services.meter.holds.hold(account_id=account.id, amount_micros=4_000, ref="next")
         assert isinstance(held, uuid.UUID)
         assert writer._process is not None
         assert writer._process.pid != first.pid
@@ -159,14 +159,14 @@ async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: S
             )
             assert count == 1  # the killed writer's hold never committed
     finally:
-        services.holds.calls_in_flight = 0
+        services.meter.calls_in_flight = 0
         await services.close()
 
 
 async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
     built: AppServices,
 ) -> None:
-    built.holds.calls_in_flight = 2  # not a lone call: through the writer
+    built.meter.calls_in_flight = 2  # not a lone call: through the writer
     try:
         account, lock, waiting = await hold_behind_a_lock(built, "gone")
         await asyncio.sleep(0.1)
@@ -174,7 +174,7 @@ async def test_a_hold_for_a_caller_that_left_is_given_back_by_the_writer(
         with pytest.raises(asyncio.CancelledError):
             await waiting
     finally:
-        built.holds.calls_in_flight = 0
+        built.meter.calls_in_flight = 0
     await lock.commit()
     await lock.close()
     released = [HoldStatus.RELEASED.value]
@@ -190,19 +190,19 @@ async def test_a_lone_hold_survives_a_lost_database_connection(settings: Setting
     services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
     try:
         account = await make_account(services, balance_micros=10_000)
-        services.holds.calls_in_flight = 2  # through the writer
-        first = await services.holds.hold(account_id=account.id, amount_micros=1_000, ref="a")
+        services.meter.calls_in_flight = 2  # through the writer
+        first = await services.meter.holds.hold(account_id=account.id, amount_micros=1_000, ref="a")
         async with services.database.engine.connect() as conn:
             await conn.exec_driver_sql(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        second = await services.holds.hold(account_id=account.id, amount_micros=1_000, ref="b")
+        second = await services.meter.holds.hold(account_id=account.id, amount_micros=1_000, ref="b")
         assert isinstance(first, uuid.UUID)
         assert isinstance(second, uuid.UUID)
         assert await balance_and_ledger_sum(services, account.id) == (8_000, 8_000)
     finally:
-        services.holds.calls_in_flight = 0
+        services.meter.calls_in_flight = 0
         await services.close()
 
 
@@ -236,7 +236,7 @@ async def test_a_writer_that_raises_fails_the_holds_instead_of_hanging(
         async def close(self) -> None:
             return None
 
-    queue = HoldQueue(services.database, services.settler, Broken())  # type: ignore[arg-type]
+    queue = HoldQueue(services.database, services.meter.settler, Broken())  # type: ignore[arg-type]
     queue.calls_in_flight = 2  # through the writer
     account = await make_account(services, balance_micros=1_000)
     with pytest.raises(RuntimeError, match="writer bug"):
@@ -258,7 +258,7 @@ async def test_a_writer_that_cannot_start_answers_503(
     services = AppServices.build(settings.model_copy(update={"wallet_writer": "process"}))
     try:
         account = await make_account(services, balance_micros=1_000)
-        (result,) = await services.writer.hold_many([HoldRequest(account.id, 10, "x")])
+        (result,) = await services.meter.writer.hold_many([HoldRequest(account.id, 10, "x")])
         assert isinstance(result, WalletWriterUnavailable)
         assert result.status == 503
     finally:
@@ -397,7 +397,7 @@ async def test_the_writer_stops_on_json_that_is_no_message(
 async def test_the_server_starts_its_writer_before_the_first_request(settings: Settings) -> None:
     application = create_app(settings.model_copy(update={"wallet_writer": "process"}))
     async with LifespanManager(application):
-        writer = application.state.services.writer
+        writer = application.state.services.meter.writer
         assert isinstance(writer, ProcessWriter)
         assert writer._process is not None
         assert writer._process.is_alive()
@@ -417,5 +417,5 @@ async def test_a_writer_that_cannot_start_at_boot_does_not_stop_the_server(
         async with httpx.AsyncClient(transport=transport, base_url="http://aivax.test") as http:
             assert (await http.get("/healthz")).status_code == 200
         account = await make_account(services, balance_micros=1_000)
-        (result,) = await services.writer.hold_many([HoldRequest(account.id, 1, "boot")])
+        (result,) = await services.meter.writer.hold_many([HoldRequest(account.id, 1, "boot")])
         assert isinstance(result, WalletWriterUnavailable)  # each call tries again, and says so

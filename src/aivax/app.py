@@ -145,10 +145,8 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         owned = services is None
         app.state.services = services or AppServices.build(settings)
         await seed_models(app.state.services)
-        await app.state.services.writer.start()  # before the first request, not during it
-        await app.state.services.settler.start()  # what an earlier server left unwritten
+        await app.state.services.meter.start()  # before the first request, not during it
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
-        app.state.services.live.start()
         indexer.register(app.state.services)
         if app.state.services.settings.jobs_enabled:
             app.state.services.jobs.start()
@@ -160,7 +158,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
-            await app.state.services.live.stop()
+            await app.state.services.meter.stop()
             if owned:
                 await app.state.services.close()
 

@@ -12,15 +12,11 @@ from aivax.caches import HotPathCaches
 from aivax.config import Settings
 from aivax.db import Database
 from aivax.inference.ratelimit import RateLimiter
-from aivax.inference.settlement import Settler, build_settler
 from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
 from aivax.rag.jobs import JobRunner
 from aivax.rag.vectors import VectorIndex
-from aivax.wallet.hold_queue import HoldQueue
-from aivax.wallet.leases import LeaseBook
-from aivax.wallet.live import LiveHolds
-from aivax.wallet.writer import WalletWriter, build_writer
+from aivax.wallet.meter import Meter
 
 logger = logging.getLogger("aivax")
 
@@ -36,11 +32,7 @@ class AppServices:
     registry: ProviderRegistry
     limiter: RateLimiter
     caches: HotPathCaches
-    writer: WalletWriter
-    settler: Settler
-    live: LiveHolds
-    holds: HoldQueue
-    leases: LeaseBook
+    meter: Meter
     vectors: VectorIndex
     jobs: JobRunner
 
@@ -48,9 +40,6 @@ class AppServices:
     def build(cls, settings: Settings) -> AppServices:
         secret = load_or_create_secret(settings)
         database = Database(settings)
-        writer = build_writer(settings, database)
-        live = LiveHolds(database, max_age_seconds=settings.hold_max_age_seconds)
-        settler = build_settler(settings, writer, live)
         return cls(
             settings=settings,
             database=database,
@@ -64,18 +53,7 @@ class AppServices:
                 timeout_seconds=settings.redis_timeout_seconds,
             ),
             caches=HotPathCaches(settings.cache_seconds),
-            writer=writer,
-            settler=settler,
-            live=live,
-            holds=HoldQueue(database, settler, writer, live),
-            leases=LeaseBook(
-                database,
-                settler,
-                calls=settings.wallet_lease_calls,
-                idle_seconds=settings.wallet_lease_idle_seconds,
-                max_seconds=settings.wallet_lease_max_seconds,
-                live=live,
-            ),
+            meter=Meter(settings, database),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
             jobs=JobRunner(
                 database,
@@ -85,11 +63,8 @@ class AppServices:
         )
 
     async def close(self) -> None:
-        await self.live.stop()
         await self.jobs.stop()
-        await self.leases.close()
-        await self.settler.close()
-        await self.writer.close()
+        await self.meter.close()
         await self.registry.close()
         await self.limiter.close()
         await self.database.dispose()

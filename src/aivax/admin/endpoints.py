@@ -111,7 +111,7 @@ async def adjust(
     idempotency_key: IdempotencyHeader = None,
 ) -> CreditResult:
     if data.micros < 0:  # may take what this server's idle wallet lease holds: give it back first
-        await services.leases.flush(account_id)
+        await services.meter.flush(account_id)
     return await _credit(session, account_id, data, idempotency_key, EntryKind.ADJUSTMENT, response)
 
 
@@ -119,7 +119,7 @@ async def adjust(
 async def get_wallet(
     account_id: uuid.UUID, _: Operator, session: SessionDep, services: Services
 ) -> WalletRead:
-    await services.leases.flush(account_id)  # as in GET /v1/wallet
+    await services.meter.flush(account_id)  # as in GET /v1/wallet
     summary = await wallet_service.summary(session, account_id)
     return WalletRead(
         account_id=summary.account_id,
@@ -139,7 +139,7 @@ async def list_ledger(
     kind: EntryKind | None = None,
 ) -> ListPage[LedgerEntryRead]:
     await account_service.get(session, account_id)
-    await services.leases.flush(account_id)
+    await services.meter.flush(account_id)
     entries = await wallet_service.list_entries(
         session, account_id, limit=limit, after=after, kind=kind
     )

@@ -16,6 +16,7 @@ from aivax.inference import catalog_view, repository, responses
 from aivax.inference.accumulate import Accumulator, delta_of
 from aivax.inference.pipeline import PreparedCall, client_error, finish, open_stream, prepare
 from aivax.inference.schemas import ChatCompletionRequest
+from aivax.inference.steps import Steps
 from aivax.keys.service import Principal
 from aivax.kit.fastjson import FastJSONResponse
 from aivax.kit.pagination import IdCursor, ListPage, PageLimit, page_of
@@ -69,9 +70,11 @@ async def _complete(
     body: ChatCompletionRequest,
     request_id: str,
     origin: str | None,
+    steps: Steps | None = None,
 ) -> tuple[PreparedCall, Accumulator]:
-    """One whole non-streamed call: prepared, run, settled."""
-    call = await prepare(services, principal, body, request_id, origin=origin)
+    """One whole non-streamed call: prepared, run, settled (as the next of `steps`, if
+    given)."""
+    call = await prepare(services, principal, body, request_id, origin=origin, steps=steps)
     accumulator = Accumulator()
     status = 499  # unless the call completes or fails upstream
     code: str | None = "cancelled"
@@ -96,7 +99,8 @@ async def _structured(
     call: PreparedCall,
     accumulator: Accumulator,
 ) -> JSONResponse:
-    """Heal and validate; re-ask (each a full, billed call) until valid or out of attempts."""
+    """Heal and validate; re-ask (each a full call, reserved, billed and logged as the next
+    step of the same request) until valid or out of attempts."""
     plan = call.structured
     assert plan is not None  # noqa: S101 - the caller checked
     result = structured.check(plan, "".join(accumulator.text))
@@ -108,7 +112,7 @@ async def _structured(
             {**body.model_dump(exclude_none=True, by_alias=True), "messages": messages}
         )
         call, accumulator = await _complete(
-            services, principal, retry, f"{call.request_id}-retry{attempts}", origin
+            services, principal, retry, call.request_id, origin, call.steps
         )
         total_cost += call.cost_micros or 0
         attempts += 1

@@ -21,7 +21,7 @@ from aivax.gateways.schemas import Routing
 from aivax.inference import admission, truncation
 from aivax.inference.accumulate import Accumulator, is_content
 from aivax.inference.schemas import ChatCompletionRequest
-from aivax.inference.settlement import Settlement, log_row
+from aivax.inference.steps import Steps
 from aivax.inference.tokens import count_input_tokens, estimate_output_tokens
 from aivax.inference.truncation import Truncation
 from aivax.keys.service import Principal
@@ -34,7 +34,7 @@ from aivax.structured import grammar_support
 from aivax.structured import pipeline as structured
 from aivax.wallet import ledger
 from aivax.wallet import service as wallet
-from aivax.wallet.leases import Reservation
+from aivax.wallet.meter import NOTHING, Reservation, log_row
 
 logger = logging.getLogger("aivax.inference")
 
@@ -145,8 +145,8 @@ class PreparedCall:
     provider: Provider
     upstream: UpstreamRequest
     admission: admission.Admission
-    hold_id: uuid.UUID | None
-    reservation: Reservation | None = None
+    reservation: Reservation
+    steps: Steps
     gateway_id: uuid.UUID | None = None
     requested_model: str = ""
     fallbacks: list[Attempt] = field(default_factory=list)
@@ -172,10 +172,14 @@ async def prepare(
     *,
     origin: str | None = None,
     internal: bool = False,
+    steps: Steps | None = None,
 ) -> PreparedCall:
     """`internal`: a call AIVAX makes itself for a gateway (query rewriting, retrieval
-    decisions): `request.model` is a model, never a gateway, and public keys may make it."""
+    decisions): `request.model` is a model, never a gateway, and public keys may make it.
+    `steps`: the API request this call is one model request of (re-asks, retrieval calls);
+    by default it is the first."""
     admission.check_parameters(request)
+    steps = steps or Steps(request_id)
     requested_model = request.model
     gateway = (
         None
@@ -201,7 +205,7 @@ async def prepare(
             principal,
             gateway_compose.effective_config(gateway.config, principal).collections,
             request,
-            request_id,
+            steps,
             supports_tools=model.supports_tools or model.byok,
         )
     body = request.upstream_body()
@@ -244,7 +248,7 @@ async def prepare(
             for f in fallbacks
         ]
     )
-    held, hold_amount, max_tokens, money_headers = await _hold(
+    reservation, max_tokens, money_headers = await _hold(
         services,
         principal,
         limits,
@@ -262,7 +266,7 @@ async def prepare(
     admitted = admission.Admission(
         input_tokens=input_tokens,
         max_tokens=max_tokens,
-        hold_micros=hold_amount,
+        hold_micros=reservation.amount,
         headers={
             **headers,
             **money_headers,
@@ -287,8 +291,8 @@ async def prepare(
             stream=request.stream,
         ),
         admission=admitted,
-        hold_id=held if isinstance(held, uuid.UUID) else None,
-        reservation=held if isinstance(held, Reservation) else None,
+        reservation=reservation,
+        steps=steps,
         input_tokens=input_tokens,
         gateway_id=gateway.id if gateway is not None else None,
         requested_model=requested_model,
@@ -442,46 +446,26 @@ async def _hold(
     request_id: str,
     *,
     worst: int,
-) -> tuple[uuid.UUID | Reservation | None, int, int, dict[str, str]]:
-    """Reserve `worst` (see `_reserve`); only when that is refused, read the balance to clamp
-    `max_tokens` to what it affords on `model` (or refuse with 402)."""
+) -> tuple[Reservation, int, dict[str, str]]:
+    """Reserve `worst` with the wallet meter; only when that is refused, read the balance to
+    clamp `max_tokens` to what it affords on `model` (or refuse with 402)."""
     if not worst:
-        return None, 0, max_tokens, {}
+        return NOTHING, max_tokens, {}
+    meter, account_id = services.meter, principal.account_id
     minimum = limits.multimodal_min_balance_micros if media else limits.min_balance_micros
     try:
-        held = await _reserve(services, principal, worst, minimum, request_id, exact=False)
-        return held, worst, max_tokens, {}
+        reserved = await meter.reserve(account_id, worst, minimum, ref=request_id)
+        return reserved, max_tokens, {}
     except ledger.InsufficientBalance:
         pass
-    account_id = principal.account_id
     async with services.database.sessions() as session:
         balance = (await wallet.summary(session, account_id)).balance_micros
-    balance += services.leases.free(account_id)  # a lease's unused money is spendable too
+    balance += meter.unreserved(account_id)
     amount, clamped, headers = admission.clamp_to_balance(
         model, balance, minimum, input_tokens, max_tokens, media
     )
-    held = await _reserve(services, principal, amount, minimum, request_id, exact=True)
-    return held, amount, clamped, headers
-
-
-async def _reserve(
-    services: AppServices,
-    principal: Principal,
-    amount: int,
-    minimum: int,
-    request_id: str,
-    *,
-    exact: bool,
-) -> uuid.UUID | Reservation:
-    """From the account's wallet lease, or — leases off — in a hold of the call's own."""
-    if services.leases.enabled:
-        return await services.leases.reserve(principal.account_id, amount, minimum, exact=exact)
-    return await services.holds.hold(
-        account_id=principal.account_id,
-        amount_micros=amount,
-        ref=request_id,
-        minimum_balance=minimum,
-    )
+    reserved = await meter.reserve(account_id, amount, minimum, exact=True, ref=request_id)
+    return reserved, clamped, headers
 
 
 def open_stream(call: PreparedCall, accumulator: Accumulator) -> AsyncIterator[StreamEvent]:
@@ -583,7 +567,7 @@ def _log_failed_attempt(call: PreparedCall, model: ResolvedModel, error: Upstrea
     log = _log_values(
         call, model=model, status=error.status, error_code=error.code, input_tokens=0, cost=0
     )
-    call.services.settler.submit(Settlement(hold_id=None, cost_micros=0, log=log))
+    call.services.meter.record(log)
 
 
 def _log_values(
@@ -597,7 +581,8 @@ def _log_values(
     """The request-log row of `call` answered by `model`; `usage` takes `log_row`'s token,
     cost, `estimated` and `first` arguments."""
     return log_row(
-        request_id=call.request_id,
+        request_id=call.steps.request_id,
+        step=call.steps.next(),
         account_id=call.principal.account_id,
         key_id=call.principal.key_id,
         gateway_id=call.gateway_id,
@@ -623,8 +608,7 @@ async def finish(
     cost = admission.cost_micros(call.model, input_tokens, output_tokens) or 0
     if not (input_tokens or output_tokens):
         cost = 0
-    held = call.hold_id is not None or call.reservation is not None
-    charge = min(cost, call.admission.hold_micros) if held else 0
+    charge = call.reservation.charge_for(cost)
     call.input_tokens, call.output_tokens, call.estimated = input_tokens, output_tokens, estimated
     call.cost_micros = charge if call.model.priced else None
     log = _log_values(
@@ -639,10 +623,7 @@ async def finish(
         estimated=estimated,
         first=accumulator.first_token_at,
     )
-    if call.reservation is not None:
-        call.services.leases.finish(call.reservation, charge, log)
-    else:
-        call.services.settler.submit(Settlement(hold_id=call.hold_id, cost_micros=charge, log=log))
+    call.services.meter.settle(call.reservation, charge, log)
 
 
 def _usage(call: PreparedCall, accumulator: Accumulator) -> tuple[int, int, int, bool]:

@@ -73,12 +73,12 @@ class ChatRoute:
         if not takes(scope):
             await self.app(scope, receive, send)
             return
-        holds = scope["app"].state.services.holds
-        holds.calls_in_flight += 1
+        meter = scope["app"].state.services.meter
+        meter.calls_in_flight += 1
         try:
             await self._serve(scope, receive, send)
         finally:
-            holds.calls_in_flight -= 1
+            meter.calls_in_flight -= 1
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -67,6 +67,9 @@ class RequestLog(Base):
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(128))
+    # The model requests of one API request (re-asks, retrieval calls, failed attempts) share
+    # its request id and are numbered from 1 in the order they ended.
+    step: Mapped[int] = mapped_column(default=1, server_default="1")
     account_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
     key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     gateway_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)

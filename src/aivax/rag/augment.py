@@ -26,6 +26,7 @@ from aivax.inference.schemas import (
     SystemMessage,
     ToolMessage,
 )
+from aivax.inference.steps import Steps
 from aivax.keys.service import Principal
 from aivax.kit.jsonlimits import JsonTooDeep, loads_limited
 from aivax.models import Collection
@@ -151,11 +152,13 @@ async def augment(
     principal: Principal,
     section: Collections | None,
     request: ChatCompletionRequest,
-    request_id: str,
+    steps: Steps,
     *,
     supports_tools: bool,
 ) -> tuple[ChatCompletionRequest, dict[str, Any] | None]:
-    """The request with retrieved context added, and the retrieval report."""
+    """The request with retrieved context added, and the retrieval report. The strategies'
+    own model calls are steps of the caller's request (`steps`)."""
+    request_id = steps.request_id
     if section is None or not section.ids:
         return request, None
     question = latest_user_text(request)
@@ -166,7 +169,7 @@ async def augment(
         strategy = "always"
     try:
         if strategy == "tool":
-            return await _tool_turn(services, principal, section, request, request_id)
+            return await _tool_turn(services, principal, section, request, steps)
         query = question
         if strategy == "rewrite":
             rewritten = await internal.call(
@@ -178,6 +181,7 @@ async def augment(
                     {"role": "user", "content": _transcript(request)},
                 ],
                 max_tokens=64,
+                steps=steps,
             )
             query = rewritten.generated_text().strip().strip('"') or question
         results = await _search(services, principal, section, query, request_id)
@@ -205,11 +209,17 @@ async def _tool_turn(
     principal: Principal,
     section: Collections,
     request: ChatCompletionRequest,
-    request_id: str,
+    steps: Steps,
 ) -> tuple[ChatCompletionRequest, dict[str, Any] | None]:
     messages = [m.model_dump(exclude_none=True) for m in request.messages]
     decided = await internal.call(
-        services, principal, request.model, messages, max_tokens=128, tools=[SEARCH_TOOL]
+        services,
+        principal,
+        request.model,
+        messages,
+        max_tokens=128,
+        tools=[SEARCH_TOOL],
+        steps=steps,
     )
     call = next((c for c in decided.tool_calls.values() if c.name == TOOL_NAME), None)
     if call is None:
@@ -219,7 +229,7 @@ async def _tool_turn(
         query = str(arguments.get("query") or latest_user_text(request))
     except (ValueError, AttributeError, JsonTooDeep):
         query = latest_user_text(request)
-    results = await _search(services, principal, section, query, request_id)
+    results = await _search(services, principal, section, query, steps.request_id)
     text, kept = _passages(results, section.context_tokens)
     call_id = call.id or f"call_{uuid.uuid4().hex[:12]}"
     exchange = [

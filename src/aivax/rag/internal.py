@@ -9,6 +9,7 @@ from typing import Any
 from aivax.inference import pipeline as inference
 from aivax.inference.accumulate import Accumulator
 from aivax.inference.schemas import ChatCompletionRequest
+from aivax.inference.steps import Steps
 from aivax.keys.service import Principal
 from aivax.providers.base import UpstreamError
 from aivax.services import AppServices
@@ -22,8 +23,11 @@ async def call(
     *,
     max_tokens: int,
     tools: list[dict[str, Any]] | None = None,
+    steps: Steps | None = None,
 ) -> Accumulator:
-    """One billed, non-streamed call of `model` made by AIVAX itself (logged like any call)."""
+    """One billed, non-streamed call of `model` made by AIVAX itself, reserved, settled and
+    logged like any call: as the next step of the caller's request when `steps` is given,
+    else under a request id of its own."""
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
@@ -33,8 +37,9 @@ async def call(
     if tools:
         body["tools"] = tools
     request = ChatCompletionRequest.model_validate(body)
+    steps = steps or Steps(f"internal:{uuid.uuid4()}")
     call = await inference.prepare(
-        services, principal, request, f"internal:{uuid.uuid4()}", internal=True
+        services, principal, request, steps.request_id, internal=True, steps=steps
     )
     accumulator = Accumulator()
     status, code = 200, None

@@ -1,5 +1,6 @@
 """Every embedding call — `/v1/embeddings`, indexing a document, embedding a search query — is
-billed like chat: hold the input cost before the call, settle what the model reports after,
+billed like chat, through the same wallet meter: reserve the input cost before the call
+(from the account's wallet lease when leases are on), settle what the model reports after,
 one request-log row per call. `/v1/embeddings` also passes the chat rate limits (requests and
 input tokens per minute per account and model; BYOK: requests per minute)."""
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import BadRequest
 from aivax.inference import admission
-from aivax.inference.settlement import Settlement, log_row
 from aivax.inference.tokens import count_text
 from aivax.keys.service import Principal
 from aivax.plans.schemas import PlanLimits
@@ -22,6 +22,7 @@ from aivax.providers.base import UpstreamError
 from aivax.rag.embedders import Embedder, EmbedderUnavailable, Matrix, local_embedder
 from aivax.rag.remote import RemoteEmbedder
 from aivax.services import AppServices
+from aivax.wallet.meter import log_row
 
 
 class NotAnEmbeddingModel(BadRequest):
@@ -90,27 +91,19 @@ async def embed(
         headers = await admission.check_rate_limits(
             services.limiter, rate_limit_for, limits, model, estimate
         )
-    # Hold the estimate with a margin (tokenizers differ); settle what the model counted.
+    # Reserve the estimate with a margin (tokenizers differ); settle what the model counted.
     worst = admission.cost_micros(model, estimate * 2 + 16, 0) or 0
-
-    async def reserve() -> uuid.UUID | None:
-        if not worst:
-            return None
-        return await services.holds.hold(
-            account_id=account_id,
-            amount_micros=worst,
-            ref=request_id,
-            minimum_balance=limits.min_balance_micros,
-        )
-
+    meter = services.meter
     started = time.perf_counter()
     embedding: asyncio.Task[tuple[Matrix, int]] | None = None
     if model.provider == "local_embedding":
-        # A packaged model costs nothing to run: embed while the hold is taken (it is thrown
-        # away if the hold is refused). Upstream models are only called once the hold is in.
+        # A packaged model costs nothing to run: embed while the reservation is taken (it is
+        # thrown away if that is refused). Upstream models are only called once it is in.
         embedding = asyncio.create_task(embedder.embed(texts))
     try:
-        hold_id = await reserve()
+        reservation = await meter.reserve(
+            account_id, worst, limits.min_balance_micros, ref=request_id
+        )
     except BaseException:
         if embedding is not None:
             embedding.cancel()
@@ -126,24 +119,22 @@ async def embed(
         status, error_code = 499, "cancelled"
         raise
     finally:
-        cost = admission.cost_micros(model, tokens, 0) if tokens else 0
-        charge = min(cost or 0, worst) if hold_id is not None else 0
-        services.settler.submit(
-            Settlement(
-                hold_id=hold_id,
-                cost_micros=charge,
-                log=log_row(
-                    request_id=request_id,
-                    account_id=account_id,
-                    key_id=key_id,
-                    model=model,
-                    status=status,
-                    error_code=error_code,
-                    input_tokens=tokens,
-                    cost=charge if model.priced else None,
-                    started=started,
-                ),
-            )
+        cost = (admission.cost_micros(model, tokens, 0) or 0) if tokens else 0
+        charge = reservation.charge_for(cost)
+        meter.settle(
+            reservation,
+            charge,
+            log_row(
+                request_id=request_id,
+                account_id=account_id,
+                key_id=key_id,
+                model=model,
+                status=status,
+                error_code=error_code,
+                input_tokens=tokens,
+                cost=charge if model.priced else None,
+                started=started,
+            ),
         )
     assert vectors is not None  # noqa: S101 - set when embed() returned
     return Embedded(vectors, tokens, charge if model.priced else None, headers)

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/wallet", tags=["wallet"])
 async def get_wallet(auth: PrivateKey, session: SessionDep, services: Services) -> WalletRead:
     """The balance. The answering server first closes its idle wallet lease for the account,
     so calls that have ended show as charged, with nothing held for them."""
-    await services.leases.flush(auth.account.id)
+    await services.meter.flush(auth.account.id)
     summary = await service.summary(session, auth.account.id)
     return WalletRead(
         account_id=summary.account_id,
@@ -34,7 +34,7 @@ async def list_ledger(
     after: IdCursor = None,
     kind: EntryKind | None = None,
 ) -> ListPage[LedgerEntryRead]:
-    await services.leases.flush(auth.account.id)
+    await services.meter.flush(auth.account.id)
     entries = await service.list_entries(
         session, auth.account.id, limit=limit, after=after, kind=kind
     )

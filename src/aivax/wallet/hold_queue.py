@@ -24,10 +24,10 @@ import asyncio
 import uuid
 
 from aivax.db import NOT_NOW, Database
-from aivax.inference.settlement import Settlement, Settler
 from aivax.wallet import ledger
 from aivax.wallet.ledger import HoldRequest
 from aivax.wallet.live import LiveHolds
+from aivax.wallet.settlement import Settlement, Settler
 from aivax.wallet.writer import HoldResult, WalletWriter
 
 MAX_BATCH = 128

@@ -46,9 +46,9 @@ from typing import Any
 
 from aivax.db import Database
 from aivax.errors import AppError
-from aivax.inference.settlement import Settlement, Settler
 from aivax.wallet import ledger
 from aivax.wallet.live import LiveHolds
+from aivax.wallet.settlement import Settlement, Settler
 from aivax.wallet.writer import WalletWriterUnavailable
 
 logger = logging.getLogger("aivax.wallet.leases")
@@ -75,7 +75,7 @@ class Lease:
     taken_since_grant: int = 0  # the worst cases of the calls admitted since then
     retired: bool = False  # takes no more calls; closes when its last call ends
     closed: bool = False
-    growing: asyncio.Task[Reservation | None] | None = None
+    growing: asyncio.Task[LeaseClaim | None] | None = None
 
     @property
     def free(self) -> int:
@@ -83,8 +83,8 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation:
-    """One call's worst case, reserved from a lease."""
+class LeaseClaim:
+    """One call's worst case, reserved from a lease (the meter's `Reservation` wraps it)."""
 
     lease: Lease
     amount: int
@@ -125,7 +125,7 @@ class LeaseBook:
 
     async def reserve(
         self, account_id: uuid.UUID, amount: int, minimum: int, *, exact: bool = False
-    ) -> Reservation:
+    ) -> LeaseClaim:
         """Reserve a call's worst case `amount` for a plan that wants `minimum` spendable;
         raises what a hold raises (`InsufficientBalance`, `WalletAccountNotFound`). `exact`:
         grow by no more than the call needs (a call clamped to what the balance affords)."""
@@ -152,7 +152,7 @@ class LeaseBook:
             if taken is not None:
                 return taken
 
-    def finish(self, reservation: Reservation, charge: int, log: dict[str, Any] | None) -> None:
+    def finish(self, reservation: LeaseClaim, charge: int, log: dict[str, Any] | None) -> None:
         """A call ended having cost `charge` (at most its reservation): the rest of its
         reservation is free again, and the cost and the request-log row go to the settler."""
         lease = reservation.lease
@@ -212,16 +212,16 @@ class LeaseBook:
             lease = self._current[account_id] = Lease(account_id, opened=now, used=now)
         return lease
 
-    def _take(self, lease: Lease, amount: int) -> Reservation:
+    def _take(self, lease: Lease, amount: int) -> LeaseClaim:
         lease.reserved += amount
         lease.taken_since_grant += amount
         lease.calls += 1
         lease.used = self.clock()
-        return Reservation(lease, amount)
+        return LeaseClaim(lease, amount)
 
     async def _grow(
         self, lease: Lease, amount: int, minimum: int, *, exact: bool
-    ) -> Reservation | None:
+    ) -> LeaseClaim | None:
         """Grant the lease what the call needs (and room for more calls unless `exact`), then
         reserve the call's worst case in the same step; None when the lease's hold turned out
         to be closed (the lease is retired, and the caller starts a new one)."""
@@ -280,7 +280,7 @@ class LeaseBook:
         elapsed = max(self.clock() - lease.granted_at, RATE_FLOOR_SECONDS)
         return int(lease.taken_since_grant * self.horizon_seconds / elapsed)
 
-    def _give_back(self, task: asyncio.Task[Reservation | None]) -> None:
+    def _give_back(self, task: asyncio.Task[LeaseClaim | None]) -> None:
         """A grant whose caller left while it was taken: its reservation ends unused."""
         if task.cancelled() or task.exception() is not None:
             return

@@ -1,6 +1,6 @@
-"""Settlement off the response path: each finished call's cost is recorded against its wallet
-lease (or its own hold is settled or released) and its request-log row written by the wallet
-writer (`wallet.writer`), many calls per transaction.
+"""Settlement off the response path, behind the wallet meter (`wallet.meter`): each finished
+call's cost is recorded against its wallet lease (or its own hold is settled or released) and
+its request-log row written by the wallet writer (`wallet.writer`), many calls per transaction.
 
 The response never waits for the ledger; the amount it reports is already exact (the charge is
 min(cost, reservation), computed in memory).
@@ -30,9 +30,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from aivax.catalog.service import ResolvedModel
 from aivax.config import Settings
-from aivax.kit.clock import utcnow
 from aivax.wallet.journal import JOURNAL_DIR, SettlementJournal
 from aivax.wallet.live import LiveHolds
 from aivax.wallet.writer import (
@@ -55,51 +53,6 @@ RETRY_MAX_SECONDS = 5.0
 # Failed tries a caller of `drain` (a wallet read) waits through before it gets 503.
 DRAIN_ATTEMPTS = 3
 CLOSE_TIMEOUT_SECONDS = 30.0
-
-
-def log_row(
-    *,
-    request_id: str,
-    account_id: uuid.UUID,
-    key_id: uuid.UUID | None,
-    model: ResolvedModel,
-    status: int,
-    error_code: str | None,
-    input_tokens: int,
-    cost: int | None,
-    started: float,
-    output_tokens: int = 0,
-    cached: int = 0,
-    estimated: bool = False,
-    first: float | None = None,
-    gateway_id: uuid.UUID | None = None,
-    stream: bool = False,
-    flags: list[str] | None = None,
-) -> dict[str, Any]:
-    """The request-log row of one call (chat or embeddings); `started` and `first` are
-    `time.perf_counter()` readings."""
-    return {
-        "request_id": request_id,
-        "account_id": account_id,
-        "key_id": key_id,
-        "gateway_id": gateway_id,
-        "model": model.id,
-        "provider": model.provider,
-        "upstream_model": model.upstream_model,
-        "byok": model.byok,
-        "stream": stream,
-        "status": status,
-        "error_code": error_code,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cached_input_tokens": cached,
-        "cost_micros": cost,
-        "estimated": estimated,
-        "latency_ms": int((time.perf_counter() - started) * 1000),
-        "ttft_ms": int((first - started) * 1000) if first else None,
-        "flags": flags or None,
-        "created_at": utcnow(),
-    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -331,6 +331,7 @@ def _log_from_wire(row: dict[str, Any]) -> dict[str, Any]:
         if row.get(name) is not None:
             row[name] = uuid.UUID(row[name])
     row["created_at"] = datetime.fromisoformat(row["created_at"])
+    row.setdefault("step", 1)  # journaled by a server from before request steps
     return row
 
 
