@@ -30,6 +30,7 @@ from aivax.gateways.endpoints import router as gateways_router
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
 from aivax.inference.route import ChatLane, ChatRoute, takes
+from aivax.jobs.endpoints import router as admin_jobs_router
 from aivax.keys.endpoints import router as keys_router
 from aivax.migrate import head_revision
 from aivax.openapi import ERROR_RESPONSES
@@ -128,6 +129,11 @@ class AivaxApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def register_job_handlers(services: AppServices) -> None:
+    """Every domain's job handlers, in `aivax serve` and `aivax worker` alike."""
+    indexer.register(services)
+
+
 def app_from_environment() -> FastAPI:
     """The app of one worker of `aivax serve --workers N`: uvicorn imports this in each worker
     process, which reads the same settings from the environment as the parent did."""
@@ -147,7 +153,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         await seed_models(app.state.services)
         await app.state.services.meter.start()  # before the first request, not during it
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
-        indexer.register(app.state.services)
+        register_job_handlers(app.state.services)
         if app.state.services.settings.jobs_enabled:
             app.state.services.jobs.start()
         try:
@@ -195,6 +201,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         credentials_router,
         admin_router,
         admin_models_router,
+        admin_jobs_router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
     mcp_server.mount_mcp(app)

@@ -7,8 +7,11 @@ the API uses. Errors print one line and exit non-zero.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
+import os
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +29,8 @@ from aivax.admin import tokens as operator_tokens
 from aivax.catalog.service import ModelsFileError
 from aivax.config import Settings, SettingsError, load_settings
 from aivax.errors import AppError
+from aivax.jobs import service as job_service
+from aivax.jobs.schemas import JobRead as AdminJobRead
 from aivax.keys import service as key_service
 from aivax.keys.schemas import KeyCreate, KeyKind, KeyRead
 from aivax.kit.money import micros_to_usd, usd_to_micros
@@ -38,6 +43,7 @@ from aivax.wallet import service as wallet_service
 from aivax.wallet.schemas import LedgerEntryRead
 
 T = TypeVar("T")
+logger = logging.getLogger("aivax")
 
 app = typer.Typer(
     help="AIVAX: OpenAI-compatible AI orchestration platform.",
@@ -51,11 +57,15 @@ keys_app = typer.Typer(help="Create, list and revoke an account's API keys.", no
 wallet_app = typer.Typer(help="Top up, inspect and check wallets.", no_args_is_help=True)
 plans_app = typer.Typer(help="List plans and edit their limits.", no_args_is_help=True)
 admin_app = typer.Typer(help="Operator admin tokens.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="List, inspect, retry and cancel background jobs.", no_args_is_help=True
+)
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(plans_app, name="plans")
 app.add_typer(admin_app, name="admin-token")
+app.add_typer(jobs_app, name="jobs")
 
 
 class CliError(Exception):
@@ -131,6 +141,14 @@ def serve(
         int | None,
         typer.Option(help="Server processes (AIVAX_WORKERS); more than one needs AIVAX_REDIS_URL."),
     ] = None,
+    jobs: Annotated[
+        bool | None,
+        typer.Option(
+            "--jobs/--no-jobs",
+            help="Run job workers in the server processes (AIVAX_JOBS_ENABLED); --no-jobs for "
+            "an API replica next to `aivax worker` processes.",
+        ),
+    ] = None,
 ) -> None:
     """Migrate, bootstrap on first start, and run the HTTP server."""
     import uvicorn
@@ -138,7 +156,10 @@ def serve(
     from aivax.app import create_app
     from aivax.bootstrap import bootstrap
 
-    settings = settings_or_exit(host=host, port=port, workers=workers)
+    settings = settings_or_exit(host=host, port=port, workers=workers, jobs_enabled=jobs)
+    if jobs is not None:
+        # The processes of `--workers N` read their settings from the environment.
+        os.environ["AIVAX_JOBS_ENABLED"] = "true" if jobs else "false"
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -179,6 +200,81 @@ async def _bootstrap_and_close(services: AppServices, bootstrap: Callable[..., A
     try:
         await seed_models(services)  # first: a bad file must not swallow the one-time banner
         return await bootstrap(services)
+    finally:
+        await services.close()
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated queues to take jobs from (AIVAX_JOBS_QUEUES); all."),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, max=256, help="Jobs run at the same time (AIVAX_JOBS_CONCURRENCY)."),
+    ] = None,
+    register: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="MODULE:FUNCTION called with the services to register more job handlers "
+            "(repeatable).",
+        ),
+    ] = None,
+) -> None:
+    """Run job workers without the HTTP server, until SIGTERM or Ctrl-C; jobs still running
+    then are queued again at once."""
+    settings = settings_or_exit(jobs_enabled=True, jobs_queues=queues, jobs_concurrency=concurrency)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        extensions = [_load_extension(spec) for spec in register or []]
+    except (ImportError, AttributeError, ValueError) as exc:
+        fail(f"cannot load a --register hook: {exc}")
+    try:
+        asyncio.run(_work(settings, extensions))
+    except CliError as exc:
+        fail(str(exc))
+    except (SQLAlchemyError, OSError) as exc:
+        fail(f"worker stopped: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+def _load_extension(spec: str) -> Callable[[AppServices], None]:
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(f"{spec!r} is not MODULE:FUNCTION")
+    function: Callable[[AppServices], None] = getattr(
+        importlib.import_module(module_name), function_name
+    )
+    return function
+
+
+async def _work(settings: Settings, extensions: list[Callable[[AppServices], None]]) -> None:
+    """What `aivax serve` runs in the background (the app's lifespan: wallet meter, reaper,
+    job workers), without HTTP."""
+    from aivax.app import create_app
+
+    services = AppServices.build(settings)
+    try:
+        async with services.database.sessions() as session:
+            if await current_revision(session) != head_revision():
+                raise CliError("the database schema is not up to date; run 'aivax migrate' first")
+        for extension in extensions:
+            extension(services)
+        application = create_app(settings, services=services)
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopped.set)
+        async with application.router.lifespan_context(application):
+            logger.info(
+                "job worker %s: queues %s, concurrency %d",
+                services.jobs.worker_id,
+                ",".join(settings.jobs_queues) or "all",
+                settings.jobs_concurrency,
+            )
+            await stopped.wait()
     finally:
         await services.close()
 
@@ -467,6 +563,72 @@ def plans_set(
     async def action(_: AppServices, session: AsyncSession) -> Any:
         plan = await plan_service.update(session, plan_id, PlanUpdate(limits=changes))
         return PlanRead.model_validate(plan)
+
+    show(run(action))
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+JobArg = Annotated[str, typer.Argument(help="Job id.")]
+
+
+def _job_json(job: Any) -> dict[str, Any]:
+    return AdminJobRead.model_validate(job).model_dump(mode="json")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[
+        str | None, typer.Option(help="queued, running, done, failed, dead or cancelled.")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="Job kind.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue name.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100, help="How many.")] = 20,
+) -> None:
+    """List jobs, newest first."""
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return await job_service.list_page(
+            session, kind=kind, status=status, queue=queue, limit=limit
+        )
+
+    for job in list(run(action))[:limit]:
+        error = f"  {job.error.splitlines()[0][:80]}" if job.error else ""
+        typer.echo(
+            f"{job.id}  {job.status:<9}  {job.queue:<10}  {job.kind:<20}  "
+            f"attempts {job.attempts}{error}"
+        )
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: JobArg) -> None:
+    """Show one job."""
+    target = parse_uuid(job_id, "job")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return _job_json(await job_service.get(session, target))
+
+    show(run(action))
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: JobArg) -> None:
+    """Queue a dead, failed or cancelled job again, with all its attempts."""
+    target = parse_uuid(job_id, "job")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return _job_json(await job_service.retry(session, target))
+
+    show(run(action))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: JobArg) -> None:
+    """Cancel a queued job at once, or ask a running one to stop."""
+    target = parse_uuid(job_id, "job")
+
+    async def action(_: AppServices, session: AsyncSession) -> Any:
+        return _job_json(await job_service.cancel(session, target))
 
     show(run(action))
 

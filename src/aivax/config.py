@@ -144,13 +144,24 @@ class Settings(BaseSettings):
         default=1024, ge=16, description="SQLite: memory for in-process collection vectors."
     )
     jobs_enabled: bool = Field(
-        default=True, description="Run background jobs (indexing) in this process."
+        default=True,
+        description="Run job workers in this process (`aivax serve`); `serve --no-jobs` turns "
+        "them off for an API replica.",
     )
     jobs_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often an idle worker looks for queued jobs."
     )
     jobs_lease_seconds: float = Field(
-        default=120.0, ge=5, description="A running job not renewed this long is resumed."
+        default=120.0,
+        ge=1,
+        description="A running job whose worker stopped renewing its lease this long is resumed.",
+    )
+    jobs_concurrency: int = Field(
+        default=2, ge=1, le=256, description="Jobs one process runs at the same time."
+    )
+    jobs_queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Queues this process takes jobs from (comma-separated); empty: all.",
     )
     rag_import_max_lines: int = Field(
         default=100_000, ge=1, description="Most lines one JSONL import may have."
@@ -167,6 +178,13 @@ class Settings(BaseSettings):
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @field_validator("jobs_queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [queue.strip() for queue in value.split(",") if queue.strip()]
         return value
 
     @field_validator("database_url")

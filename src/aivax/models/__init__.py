@@ -4,9 +4,10 @@ from aivax.models.account import Account, AccountStatus, ApiKey
 from aivax.models.base import Base
 from aivax.models.catalog import CatalogModel, ProviderCredential, RequestLog
 from aivax.models.gateway import Gateway, GatewayVersion
+from aivax.models.job import Job, JobSchedule
 from aivax.models.operator import OperatorToken, SystemState
 from aivax.models.plan import Plan
-from aivax.models.rag import Chunk, Collection, Document, Job
+from aivax.models.rag import Chunk, Collection, Document
 from aivax.models.wallet import EntryKind, HoldStatus, LedgerEntry, WalletHold
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "GatewayVersion",
     "HoldStatus",
     "Job",
+    "JobSchedule",
     "LedgerEntry",
     "OperatorToken",
     "Plan",

@@ -1,4 +1,4 @@
-"""RAG collections, their documents and chunks, and the durable background jobs that index them.
+"""RAG collections, their documents and chunks (indexed by jobs: aivax.models.job).
 
 Chunk vectors live in `chunks.embedding`: a pgvector `vector` on PostgreSQL (HNSW-indexed per
 dimension, see aivax.rag.vectors) and float32 bytes on SQLite. Full-text search uses a generated
@@ -9,7 +9,6 @@ migration 0004 with dialect-specific SQL, outside these models.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, Uuid
@@ -89,27 +88,3 @@ class Chunk(Base):
         Index("ix_chunks_collection_id", "collection_id"),
         Index("ix_chunks_document_id_position", "document_id", "position"),
     )
-
-
-class Job(Timestamped, Base):
-    """A durable background job: claimed with a lease, so a crashed worker's job is resumed."""
-
-    __tablename__ = "jobs"
-
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    account_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
-    )
-    kind: Mapped[str] = mapped_column(String(40))
-    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # queued → running → done | failed
-    status: Mapped[str] = mapped_column(String(20), default="queued")
-    progress_done: Mapped[int] = mapped_column(default=0)
-    progress_total: Mapped[int] = mapped_column(default=0)
-    attempts: Mapped[int] = mapped_column(default=0)
-    error: Mapped[str | None] = mapped_column(String(2000))
-    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
-    locked_until: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
-
-    __table_args__ = (Index("ix_jobs_status_locked_until", "status", "locked_until"),)

@@ -49,7 +49,6 @@ async def _wait_for(services: AppServices, document: Document, wait: bool) -> No
     """Poll the document's status until it settles (the job runs in the background)."""
     if not wait:
         return
-    services.jobs.wake()
     deadline = time.monotonic() + WAIT_SECONDS_MAX
     while time.monotonic() < deadline:
         async with services.database.sessions() as session:
@@ -160,7 +159,6 @@ async def create_document(
     )
     await session.commit()
     await _wait_for(services, document, wait)
-    services.jobs.wake()
     return await _fresh(services, document)
 
 
@@ -311,7 +309,6 @@ async def update_document(
     await service.update_document(services, session, auth.principal, collection, document, data)
     await session.commit()
     await _wait_for(services, document, wait)
-    services.jobs.wake()
     return await _fresh(services, document)
 
 
@@ -338,7 +335,6 @@ async def import_jsonl(
 ) -> dict[str, Any]:
     collection = await service.get_collection(session, auth.account.id, collection_id)
     report = await importer.import_jsonl(services, session, auth.principal, collection, request)
-    services.jobs.wake()
     return report
 
 

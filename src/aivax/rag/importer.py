@@ -109,7 +109,7 @@ async def import_jsonl(
             to_index.append(str(document.id))
     job = None
     if to_index:
-        job = service.enqueue(
+        job = await service.enqueue(
             session,
             principal.account_id,
             service.INDEX_JOB,

@@ -20,11 +20,11 @@ from sqlalchemy.engine import Connection
 
 from aivax.catalog import service as catalog
 from aivax.errors import AppError
+from aivax.jobs import JobContext
 from aivax.kit.clock import utcnow
 from aivax.models import Account, Chunk, Collection, Document
 from aivax.providers.base import UpstreamError
 from aivax.rag import chunking, metering
-from aivax.rag.jobs import JobContext
 from aivax.rag.service import INDEX_JOB, REEMBED_JOB, plan_limits
 from aivax.services import AppServices
 

@@ -259,7 +259,6 @@ async def _insert(
             services, session, principal, collection, service.input_of(data)
         )
         await session.commit()
-    services.jobs.wake()
     return {"document_id": str(document.id), "status": document.status}
 
 

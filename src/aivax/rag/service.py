@@ -1,6 +1,6 @@
 """Collections and documents: every query is scoped to the account (another account's object
 is a 404), storage is counted toward the account's quota, and indexing is queued as a durable
-job (aivax.rag.jobs)."""
+job (aivax.jobs) in the same transaction as the document."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aivax import jobs
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError, BadRequest, Forbidden, NotFound
@@ -23,6 +24,7 @@ from aivax.inference.admission import (
     refuse_rate,
 )
 from aivax.inference.ratelimit import RateLimiter
+from aivax.jobs import service as jobs_service
 from aivax.keys.service import Principal
 from aivax.kit.clock import utcnow
 from aivax.models import Account, Chunk, Collection, Document, Job, Plan
@@ -251,7 +253,7 @@ async def update_collection(
         await services.vectors.ensure_index(dimensions)
         collection.embedding_model = data.embedding_model
         collection.dimensions = dimensions
-        job = enqueue(
+        job = await enqueue(
             session,
             principal.account_id,
             REEMBED_JOB,
@@ -259,7 +261,6 @@ async def update_collection(
         )
         await session.flush()
         collection.reembed_job_id = job.id
-        services.jobs.wake()
     collection.updated_at = utcnow()
     await session.flush()
     return collection
@@ -354,19 +355,17 @@ async def list_collections(session: AsyncSession, account_id: uuid.UUID) -> list
 # --- jobs ----------------------------------------------------------------------------------
 
 
-def enqueue(
+async def enqueue(
     session: AsyncSession, account_id: uuid.UUID, kind: str, payload: dict[str, Any], total: int = 0
 ) -> Job:
-    job = Job(account_id=account_id, kind=kind, payload=payload, progress_total=total)
-    session.add(job)
-    return job
+    return await jobs.enqueue(session, kind, payload, account_id=account_id, progress_total=total)
 
 
 def job_read(job: Job) -> JobRead:
     return JobRead(
         id=job.id,
         kind=job.kind,
-        status=job.status,
+        status=jobs_service.account_status(job.status),
         progress_done=job.progress_done,
         progress_total=job.progress_total,
         attempts=job.attempts,
@@ -479,7 +478,7 @@ async def create_document(
         ) from None
     job = None
     if needs_index:
-        job = enqueue(
+        job = await enqueue(
             session, principal.account_id, INDEX_JOB, {"document_ids": [str(document.id)]}, 1
         )
         await session.flush()
@@ -542,7 +541,7 @@ async def update_document(
         document.text, document.content_type = item.text, item.content_type
         document.content_hash, document.bytes = digest, text_bytes(item.text)
         document.status, document.error, document.chunks_done = "queued", None, 0
-        job = enqueue(
+        job = await enqueue(
             session, principal.account_id, INDEX_JOB, {"document_ids": [str(document.id)]}, 1
         )
     document.title, document.metadata_ = item.title, item.metadata
