@@ -12,9 +12,9 @@ from aivax.caches import HotPathCaches
 from aivax.config import Settings
 from aivax.db import Database
 from aivax.inference.ratelimit import RateLimiter
+from aivax.jobs.runner import JobRunner
 from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
-from aivax.rag.jobs import JobRunner
 from aivax.rag.vectors import VectorIndex
 from aivax.wallet.meter import Meter
 
@@ -55,11 +55,7 @@ class AppServices:
             caches=HotPathCaches(settings.cache_seconds),
             meter=Meter(settings, database),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
-            jobs=JobRunner(
-                database,
-                poll_seconds=settings.jobs_poll_seconds,
-                lease_seconds=settings.jobs_lease_seconds,
-            ),
+            jobs=JobRunner.from_settings(database, settings),
         )
 
     async def close(self) -> None:
