@@ -125,3 +125,51 @@ def test_redis_outage_settings_default_to_refusing_with_short_timeouts(
     assert settings.redis_outage == "refuse"
     assert settings.redis_fallback_seconds == 300
     assert settings.redis_timeout_seconds == 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HTTPS_PROXY", "socks5://operator:pw-1234@proxy:1080"),
+        ("https_proxy", "http://operator:pw-1234@proxy:99999"),
+        ("AIVAX_HTTP_PROXY", "http://operator:pw-1234@proxy:3128/path"),
+        ("HTTP_PROXY", "http://:3128"),
+        ("NO_PROXY", "localhost,10.0.0.0/33"),
+        ("AIVAX_UPSTREAM_CLIENT", "curl"),
+    ],
+)
+def test_invalid_upstream_client_or_proxy_settings_stop_the_server_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    variable: str,
+    value: str,
+) -> None:
+    import typer
+
+    from aivax.cli import settings_or_exit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(typer.Exit) as raised:
+        settings_or_exit()
+    assert raised.value.exit_code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: invalid setting "), error
+    assert variable.upper() in error
+    assert "\n" not in error
+    assert "pw-1234" not in error  # a proxy URL may carry a password: never echoed
+
+
+def test_proxy_variables_are_read_under_their_conventional_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("https_proxy", "proxy.corp:3128")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:8080")
+    monkeypatch.setenv("NO_PROXY", "localhost, *.corp,[::1],10.0.0.0/8")
+    settings = load_settings()
+    assert settings.upstream_client == "own"
+    assert settings.https_proxy == "http://proxy.corp:3128"  # a bare host:port is http://
+    assert settings.http_proxy == "http://proxy.corp:8080"
+    assert settings.no_proxy == ["localhost", ".corp", "::1", "10.0.0.0/8"]

@@ -5,10 +5,19 @@ Nothing else in the code base reads the environment; everything receives a `Sett
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError as SourceError
 
@@ -136,6 +145,29 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Longest silence accepted from an upstream."
     )
     upstream_retries: int = Field(default=2, ge=0, le=5, description="Retries before 1st byte.")
+    upstream_client: Literal["own", "httpx"] = Field(
+        default="own",
+        description="HTTP client for operator upstreams: own (an HTTP/1 client for chat, httpx "
+        "on aiohttp for other calls) or httpx (httpx with its own transport for every call).",
+    )
+    # The proxy variables under their conventional names too (either case), as curl, httpx and
+    # urllib read them; the AIVAX_ form wins when both are set.
+    http_proxy: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AIVAX_HTTP_PROXY", "HTTP_PROXY"),
+        description="Forward proxy for http:// operator upstreams (also HTTP_PROXY).",
+    )
+    https_proxy: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AIVAX_HTTPS_PROXY", "HTTPS_PROXY"),
+        description="Forward proxy for https:// operator upstreams (also HTTPS_PROXY).",
+    )
+    no_proxy: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("AIVAX_NO_PROXY", "NO_PROXY"),
+        description="Upstream hosts called directly although a proxy is set (also NO_PROXY): "
+        "comma-separated names (suffix match), IP addresses or networks, host:port, or *.",
+    )
     local_model_threads: int = Field(default=2, ge=1, description="CPU threads per local model.")
     local_model_max_waiting: int = Field(
         default=16, ge=0, description="Requests that may wait for a busy local model (then 503)."
@@ -187,6 +219,63 @@ class Settings(BaseSettings):
             return [queue.strip() for queue in value.split(",") if queue.strip()]
         return value
 
+    @field_validator("http_proxy", "https_proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        """The messages never repeat the value: a proxy URL may carry a password."""
+        value = (value or "").strip()
+        if not value:
+            return None
+        if "://" not in value:  # a bare host:port means an http:// proxy, as curl and httpx read it
+            value = f"http://{value}"
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(
+                f"proxy scheme {parts.scheme!r} is not supported; use an http:// (or https://) "
+                "proxy"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+        except ValueError:
+            raise ValueError("the proxy port must be a number from 0 to 65535") from None
+        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must be a proxy address like http://proxy.example:3128")
+        return value
+
+    @field_validator("no_proxy", mode="before")
+    @classmethod
+    def _split_no_proxy(cls, value: object) -> object:
+        """Entries as urllib matches them: `*.example.com` and `.example.com` both mean
+        example.com and its subdomains; `[::1]` means ::1."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list):
+            return value
+        entries = []
+        for raw in value:
+            entry = str(raw).strip().lower()
+            if entry.startswith("*."):
+                entry = entry[1:]
+            if entry.startswith("[") and entry.endswith("]"):
+                entry = entry[1:-1]
+            if entry:
+                entries.append(entry)
+        return entries
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _no_proxy_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"{entry!r} is not an IP network like 10.0.0.0/8; list host names "
+                        "without a path"
+                    ) from None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, value: str) -> str:
@@ -229,7 +318,15 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
-SENSITIVE_SETTINGS = frozenset({"secret_key", "database_url", "redis_url"})
+SENSITIVE_SETTINGS = frozenset(
+    {"secret_key", "database_url", "redis_url", "http_proxy", "https_proxy"}
+)
+# Settings also read under a conventional name (without the AIVAX_ prefix).
+CONVENTIONAL_NAMES = {
+    "http_proxy": "HTTP_PROXY",
+    "https_proxy": "HTTPS_PROXY",
+    "no_proxy": "NO_PROXY",
+}
 
 
 class SettingsError(Exception):
@@ -245,11 +342,13 @@ def load_settings(**overrides: object) -> Settings:
         if not first["loc"]:  # a rule between settings: its input is all of them, never shown
             message = first["msg"].removeprefix("Value error, ")
             raise SettingsError(f"invalid settings: {message}") from None
-        field = str(first["loc"][0])
+        # A field read through an alias is reported under the alias (`AIVAX_HTTP_PROXY`).
+        field = str(first["loc"][0]).removeprefix("AIVAX_").lower()
+        variable = f"AIVAX_{field.upper()}"
+        if field in CONVENTIONAL_NAMES:
+            variable = f"{variable} or {CONVENTIONAL_NAMES[field]}"
         # Values that may carry credentials are never echoed.
         shown = "" if field in SENSITIVE_SETTINGS else f" (got {first.get('input')!r})"
-        raise SettingsError(
-            f"invalid setting AIVAX_{field.upper()}: {first['msg']}{shown}"
-        ) from None
+        raise SettingsError(f"invalid setting {variable}: {first['msg']}{shown}") from None
     except SourceError as exc:
         raise SettingsError(f"invalid settings: {str(exc).splitlines()[0]}") from None
