@@ -150,6 +150,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
         app.state.services = services or AppServices.build(settings)
+        logger.info("%s", app.state.services.registry.describe())
         await seed_models(app.state.services)
         await app.state.services.meter.start()  # before the first request, not during it
         reaper = asyncio.create_task(reap_holds_forever(app.state.services))
