@@ -219,6 +219,12 @@ class JobRunner:
         self.wake()
         await asyncio.wait_for(self._idle.wait(), timeout)
 
+    async def drain(self) -> None:
+        """Wait until the jobs running here have ended."""
+        while self._running:
+            tasks = [task for task, _ in self._running.values()]
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     # --- the loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
