@@ -41,7 +41,7 @@ async def app_client(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
     """The real app on its own services built from `settings` with `changes`, and the headers
     of a funded account."""
-    built = AppServices.build(settings.model_copy(update={"wallet_writer": "inline", **changes}))
+    built = AppServices.build(isolated(settings, wallet_writer="inline", **changes))
     try:
         account = await make_account(built, plan="starter", balance_micros=1_000_000)
         application = create_app(built.settings, services=built)
@@ -51,6 +51,13 @@ async def app_client(
                 yield http, account.headers
     finally:
         await built.close()
+
+
+def isolated(settings: Settings, **changes: Any) -> Settings:
+    """`settings` with `changes` and no proxy from the environment the tests run in."""
+    return settings.model_copy(
+        update={"http_proxy": None, "https_proxy": None, "no_proxy": [], **changes}
+    )
 
 
 def chat_requests(upstream: FakeUpstream, since: int) -> list[dict[str, str]]:
@@ -144,7 +151,7 @@ async def test_an_https_upstream_is_reached_with_connect_through_the_https_proxy
     proxy records (and answers 502) is the only way the call could have gone. HTTPS_PROXY does
     not apply to the http:// fake, which is called directly."""
     registry = ProviderRegistry(
-        settings.model_copy(update={"https_proxy": proxy.url, "upstream_client": upstream_client})
+        isolated(settings, https_proxy=proxy.url, upstream_client=upstream_client)
     )
     try:
         http = registry.upstream("https://upstream.invalid/v1", guarded=False)
@@ -200,7 +207,7 @@ async def test_account_supplied_urls_never_go_through_the_proxy(
     """The SSRF guard vets the address it connects to; through a proxy, the proxy would pick
     it. The same origin as an operator upstream goes through the proxy. (127.0.0.1 is on the
     test settings' SSRF allowlist.)"""
-    registry = ProviderRegistry(settings.model_copy(update={"http_proxy": proxy.url}))
+    registry = ProviderRegistry(isolated(settings, http_proxy=proxy.url))
     chat_url = f"{fake_openai.base_url}/chat/completions"
     body = json.dumps(CHAT | {"model": "fake-ok"}).encode()
     try:
@@ -269,7 +276,7 @@ def test_the_aivax_form_of_a_proxy_variable_wins(monkeypatch: pytest.MonkeyPatch
 
 def test_without_proxy_settings_the_own_client_serves_chat(settings: Settings) -> None:
     """The decision is made once per origin: later calls get the same client object."""
-    registry = ProviderRegistry(settings)
+    registry = ProviderRegistry(isolated(settings))
     first = registry.upstream("http://127.0.0.1:9/v1", guarded=False)
     assert type(first).__name__ == "Http1Upstream"
     assert registry.upstream("http://127.0.0.1:9/v1/x", guarded=False) is first
