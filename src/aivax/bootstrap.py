@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.accounts import service as account_service
-from aivax.admin import tokens as operator_tokens
+from aivax.auth import operator_tokens
 from aivax.db import insert_ignoring_conflicts
 from aivax.keys import service as key_service
 from aivax.keys.schemas import KeyCreate, KeyKind

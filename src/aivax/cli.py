@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.accounts import service as account_service
 from aivax.accounts.schemas import AdminAccountUpdate
-from aivax.admin import tokens as operator_tokens
+from aivax.auth import operator_tokens
 from aivax.catalog.service import ModelsFileError
 from aivax.config import Settings, SettingsError, load_settings
 from aivax.errors import AppError

@@ -1,1 +1,1 @@
-"""The operator surface: `/admin` endpoints and admin tokens."""
+"""The operator surface: `/admin` endpoints (operator tokens are checked by `auth`)."""

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from aivax.admin import tokens as operator_tokens
+from aivax.auth import operator_tokens
 from aivax.auth.middleware import presented_token
 from aivax.db import SessionDep
 from aivax.errors import AppError, Forbidden, Unauthorized

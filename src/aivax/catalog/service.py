@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import repository
+from aivax.catalog.local_embedding import LOCAL_MODELS
 from aivax.catalog.schemas import (
     CatalogModelCreate,
     CatalogModelRead,
@@ -120,8 +121,6 @@ def _check_model_shape(
                 param="options.dimensions",
             )
     if provider == "local_embedding":
-        from aivax.rag.embedders import LOCAL_MODELS
-
         if upstream not in LOCAL_MODELS:
             raise BadRequest(
                 f"Unknown local embedding model {upstream!r}; available: "

@@ -15,7 +15,7 @@ from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from aivax.models.base import Base, BigIntId, Timestamped
-from aivax.rag.vector_type import EmbeddingColumn
+from aivax.models.vector_type import EmbeddingColumn
 
 
 class Collection(Timestamped, Base):

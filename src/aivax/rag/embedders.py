@@ -19,13 +19,14 @@ import threading
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from aivax.catalog.local_embedding import LOCAL_MODELS
 
 Matrix = npt.NDArray[np.float32]
 
@@ -201,21 +202,6 @@ class WordLlamaEmbedder(_LocalEmbedder):
         tokens = sum(min(len(e.ids), self.max_input_tokens) for e in encoded)
         return normalise(model.embed(list(texts), norm=True)), tokens
 
-
-@dataclass(frozen=True)
-class LocalModelSpec:
-    """One packaged embedding model; a catalog model's `upstream_model` names it."""
-
-    name: str
-    dimensions: int
-    max_input_tokens: int
-
-
-LOCAL_MODELS: dict[str, LocalModelSpec] = {
-    "minilm-l6-int8": LocalModelSpec("minilm-l6-int8", 384, 256),
-    "paraphrase-minilm-l3": LocalModelSpec("paraphrase-minilm-l3", 384, 128),
-    "wordllama-l2-256": LocalModelSpec("wordllama-l2-256", 256, 512),
-}
 
 _local_cache: dict[str, Embedder] = {}
 _local_lock = threading.Lock()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-from aivax.rag.vector_type import EmbeddingColumn
+from aivax.models.vector_type import EmbeddingColumn
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -21,7 +21,7 @@ depends_on: str | Sequence[str] | None = None
 
 BigIntId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-# The embedding models shipped inside PyPI packages (aivax.rag.embedders.LOCAL_MODELS).
+# The embedding models shipped inside PyPI packages (aivax.catalog.local_embedding.LOCAL_MODELS).
 # Prices are micro-USD per 1M input tokens.
 LOCAL_EMBEDDING_MODELS = [
     ("aivax/paraphrase-minilm-l3", "paraphrase-minilm-l3", 384, 128),
