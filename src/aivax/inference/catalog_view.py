@@ -143,6 +143,7 @@ class RequestLogRead(BaseModel):
     object: Literal["request_log"] = "request_log"
     id: int
     request_id: str
+    step: int = 1  # the model requests of one API request share its id, numbered from 1
     key_id: uuid.UUID | None
     gateway_id: uuid.UUID | None
     model: str
