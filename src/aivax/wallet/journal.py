@@ -1,7 +1,7 @@
 """The settlement journal: every settlement a server process queues is kept in a file of its own
 under `AIVAX_DATA_DIR/wallet-journal/` from before it is sent to the database until its
 transaction has committed, so that neither a database outage nor the process's death loses a
-call's charge or its request-log row (`inference.settlement` writes and reads it).
+call's charge or its request-log row (`wallet.settlement` writes and reads it).
 
 One file per server process, named by a random id and locked (`flock`) by that process while it
 runs; a file nobody holds is an orphan, left by a process that stopped with settlements not yet

@@ -19,7 +19,7 @@ The writer process is forked from a fork server that has already imported this m
 starting one takes milliseconds. It ends when the server closes its socket, or when the server
 dies (its end of the socket closes with it). If the writer dies, the calls waiting on it fail
 with 503 (retryable), the settlements it had not written are kept by the settler and sent
-again (`inference.settlement`), and the next write starts a new writer.
+again (`wallet.settlement`), and the next write starts a new writer.
 
 A settlement batch is answered with how many of its items, from the first, are done: written, or
 refused for good (an error the database's return would not cure: logged, and the call goes
