@@ -60,6 +60,10 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         else os.environ.get("AIVAX_TEST_REDIS_URL") or None,
         ssrf_allowlist=["127.0.0.1"],
         upstream_read_timeout_seconds=20,
+        # The suite talks to its loopback fakes directly, whatever proxy the machine sets.
+        http_proxy=None,
+        https_proxy=None,
+        no_proxy=[],
     )
 
 
