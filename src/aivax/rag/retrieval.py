@@ -84,7 +84,12 @@ async def run(
         if request.mode in ("hybrid", "keyword"):
             for collection in collections:
                 keyword_hits += await search.keyword(
-                    session, collection.id, request.query, pool, conditions
+                    session,
+                    collection.id,
+                    request.query,
+                    pool,
+                    conditions,
+                    version=collection.vectors_version,
                 )
         for vector_task in vector_tasks:
             vector_hits += await vector_task
