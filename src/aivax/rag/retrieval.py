@@ -40,9 +40,7 @@ async def run(
     limits = await cached_plan_limits(services, session, principal.plan_id)
     if rate_limited:
         await hit_rate(services.limiter, "search", principal.account_id, limits.search_rpm)
-    pool = search.candidate_count(
-        max(request.top_k, request.rerank.candidates if request.rerank else 0)
-    )
+    pool = search.candidate_count()
     conditions = search.metadata_conditions(request.filter)
     vector_hits: list[tuple[int, float]] = []
     keyword_hits: list[tuple[int, float]] = []

@@ -47,7 +47,10 @@ from aivax.rag.schemas import SearchResult, scalar_kind
 __all__ = ["keyword", "query_words"]
 
 RRF_K = 60
-CANDIDATES_MIN = 20
+# Every search fuses the same candidates whatever its `top_k` (at most 100, the request's
+# limit): a larger top_k extends the list, never reorders it. A pool of 4 x top_k made the top
+# 10 differ from the first 10 of the top 100 for most queries.
+CANDIDATES = 100
 
 
 @dataclass
@@ -61,8 +64,8 @@ class Candidate:
     score: float = 0.0
 
 
-def candidate_count(top_k: int) -> int:
-    return max(CANDIDATES_MIN, top_k * 4)
+def candidate_count() -> int:
+    return CANDIDATES
 
 
 def metadata_conditions(filter_: dict[str, Any] | None) -> list[ColumnElement[bool]]:
