@@ -40,7 +40,7 @@ async def run(
     limits = await cached_plan_limits(services, session, principal.plan_id)
     if rate_limited:
         await hit_rate(services.limiter, "search", principal.account_id, limits.search_rpm)
-    pool = search.candidate_count()
+    pool = search.candidate_count(request.group_by)
     conditions = search.metadata_conditions(request.filter)
     vector_hits: list[tuple[int, float]] = []
     keyword_hits: list[tuple[int, float]] = []
@@ -105,6 +105,7 @@ async def run(
         request.mode,
     )
     owned = {c.id: c for c in collections}
+    grouped = request.group_by == "document"
     if request.rerank is not None and request.rerank.type != "none":
         top = candidates[: request.rerank.candidates]
         hydrated = await search.hydrate(session, top, owned)
@@ -115,10 +116,15 @@ async def run(
             result.rerank_score = round(score, 6)
             result.score = round(score, 6)
         hydrated.sort(key=lambda r: -r.score)
-        results = [r for r in hydrated if r.score >= request.min_score][: request.top_k]
+        results = [r for r in hydrated if r.score >= request.min_score]
     else:
-        kept = [c for c in candidates if c.score >= request.min_score][: request.top_k]
-        results = await search.hydrate(session, kept, owned)
+        kept = [c for c in candidates if c.score >= request.min_score]
+        if grouped:
+            kept = await search.document_groups(session, kept, request.top_k)
+        results = await search.hydrate(session, kept[: None if grouped else request.top_k], owned)
+    if grouped:
+        results = search.group_results(results, request.top_k)
+    results = results[: request.top_k]
     return SearchResponse(data=results, mode=request.mode, usage={"embedding_tokens": tokens})
 
 

@@ -226,6 +226,11 @@ class SearchRequest(BaseModel):
         "($eq $ne $in $nin $gt $gte $lt $lte); all conditions must hold.",
     )
     rerank: RerankSpec | None = None
+    group_by: Literal["chunk", "document"] = Field(
+        default="chunk",
+        description="'document': one result per document (its best chunk), its other "
+        "matching chunks in `matches`, so top_k counts documents.",
+    )
 
     @field_validator("filter")
     @classmethod
@@ -237,6 +242,16 @@ class SearchRequest(BaseModel):
 
 class MultiSearchRequest(SearchRequest):
     collection_ids: list[LaxUUID] = Field(min_length=1, max_length=20)
+
+
+class ChunkMatch(BaseModel):
+    """Another chunk of a result's document that matched (group_by 'document')."""
+
+    chunk_id: int
+    position: int
+    heading_path: list[str]
+    text: str
+    score: float
 
 
 class SearchResult(BaseModel):
@@ -254,6 +269,10 @@ class SearchResult(BaseModel):
     vector_score: float | None
     keyword_score: float | None
     rerank_score: float | None = None
+    matches: list[ChunkMatch] | None = Field(
+        default=None,
+        description="group_by 'document': the document's other matching chunks, best first.",
+    )
 
 
 class SearchResponse(BaseModel):

@@ -42,7 +42,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from aivax.models import Chunk, Document
 from aivax.rag.keyword import keyword, query_words
-from aivax.rag.schemas import SearchResult, scalar_kind
+from aivax.rag.schemas import ChunkMatch, SearchResult, scalar_kind
 
 __all__ = ["keyword", "query_words"]
 
@@ -51,6 +51,9 @@ RRF_K = 60
 # limit): a larger top_k extends the list, never reorders it. A pool of 4 x top_k made the top
 # 10 differ from the first 10 of the top 100 for most queries.
 CANDIDATES = 100
+# group_by "document": chunks ranked before grouping, so top_k documents are found even when
+# the best documents each hold many matching chunks.
+DOCUMENT_CANDIDATES = 400
 
 
 @dataclass
@@ -64,8 +67,53 @@ class Candidate:
     score: float = 0.0
 
 
-def candidate_count() -> int:
-    return CANDIDATES
+def candidate_count(group_by: str = "chunk") -> int:
+    return DOCUMENT_CANDIDATES if group_by == "document" else CANDIDATES
+
+
+async def document_groups(
+    session: AsyncSession, candidates: Sequence[Candidate], top_k: int
+) -> list[Candidate]:
+    """The candidates of the `top_k` documents whose best chunks rank first (every matching
+    chunk of each), in ranking order; group_results then folds them per document."""
+    if not candidates:
+        return []
+    rows = await session.execute(
+        select(Chunk.id, Chunk.document_id).where(Chunk.id.in_([c.chunk_id for c in candidates]))
+    )
+    owner = {int(row[0]): row[1] for row in rows}
+    chosen: list[uuid.UUID] = []
+    for candidate in candidates:
+        document = owner.get(candidate.chunk_id)
+        if document is not None and document not in chosen:
+            chosen.append(document)
+            if len(chosen) == top_k:
+                break
+    wanted = set(chosen)
+    return [c for c in candidates if owner.get(c.chunk_id) in wanted]
+
+
+def group_results(results: Sequence[SearchResult], top_k: int) -> list[SearchResult]:
+    """One result per document, its best chunk (results come best first), the others listed
+    in `matches`."""
+    best: dict[uuid.UUID, SearchResult] = {}
+    for result in results:
+        head = best.get(result.document_id)
+        if head is None:
+            if len(best) < top_k:
+                best[result.document_id] = result.model_copy(update={"matches": []})
+            continue
+        assert head.matches is not None  # noqa: S101 - set when the document was first seen
+        head.matches.append(
+            ChunkMatch(
+                chunk_id=result.chunk_id,
+                position=result.position,
+                heading_path=result.heading_path,
+                text=result.text,
+                score=result.score,
+            )
+        )
+    return list(best.values())
 
 
 def metadata_conditions(filter_: dict[str, Any] | None) -> list[ColumnElement[bool]]:
