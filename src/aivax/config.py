@@ -204,6 +204,57 @@ class Settings(BaseSettings):
     rag_upload_max_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1_000, description="Largest document file upload."
     )
+    sandbox_bwrap: str = Field(
+        default="bwrap",
+        description="bubblewrap executable (a name looked up on PATH, or a path); without it "
+        "Bash and code execution are unavailable.",
+    )
+    sandbox_root: Path | None = Field(
+        default=None, description="Where sandbox workspaces live; unset: data_dir/sandbox."
+    )
+    sandbox_uid: int = Field(
+        default=65534,
+        ge=1,
+        le=2**32 - 2,
+        description="When the server runs as root: the unprivileged host user sandboxes run as.",
+    )
+    sandbox_gid: int = Field(
+        default=65534, ge=1, le=2**32 - 2, description="The group of sandbox_uid."
+    )
+    sandbox_idle_seconds: float = Field(
+        default=3600.0, gt=0, description="A workspace unused this long is deleted."
+    )
+    sandbox_wall_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="A sandboxed command is killed after this."
+    )
+    sandbox_cpu_seconds: int = Field(
+        default=30, ge=1, le=3600, description="CPU seconds per process of a command."
+    )
+    sandbox_memory_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=16 * 1024 * 1024,
+        description="Address space per process of a command (RLIMIT_AS).",
+    )
+    sandbox_processes: int = Field(
+        default=64, ge=2, le=4096, description="Processes and threads a command may have."
+    )
+    sandbox_file_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest file a command may write."
+    )
+    sandbox_open_files: int = Field(
+        default=256, ge=16, le=65536, description="Open files per process of a command."
+    )
+    sandbox_workspace_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024 * 1024, description="Largest workspace."
+    )
+    sandbox_output_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Output (stdout + stderr) kept per command."
+    )
+    sandbox_tmp_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Size of each of a command's in-memory /tmp and /dev/shm.",
+    )
 
     @field_validator("ssrf_allowlist", mode="before")
     @classmethod
@@ -312,6 +363,15 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with 'redis://', 'rediss://' or 'unix://'")
         return value or None
+
+    @model_validator(mode="after")
+    def _sandbox_consistent(self) -> Settings:
+        if self.sandbox_idle_seconds < 2 * self.sandbox_wall_seconds:
+            raise ValueError(
+                "AIVAX_SANDBOX_IDLE_SECONDS must be at least twice AIVAX_SANDBOX_WALL_SECONDS "
+                "(a workspace must never look idle while a command runs in it)"
+            )
+        return self
 
     @property
     def is_sqlite(self) -> bool:
