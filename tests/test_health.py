@@ -16,7 +16,10 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "migrations": "ok"}}
+    body = ready.json()
+    assert body["status"] == "ready"
+    assert body["checks"] == {"database": "ok", "migrations": "ok"}
+    assert set(body["features"]["sandbox"]) == {"available", "reason"}
 
 
 async def _readyz(settings: Settings) -> httpx.Response:
@@ -65,3 +68,17 @@ def test_fastapi_telemetry_is_off_unless_a_provider_is_configured(
     monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
     monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
     assert telemetry_config() is None
+
+
+async def test_readyz_says_when_the_sandbox_is_unavailable(tmp_path: Path) -> None:
+    """A server without bubblewrap is ready all the same; `features` says Bash cannot run."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/new.db",
+        sandbox_bwrap=str(tmp_path / "no-bwrap"),
+    )
+    response = await _readyz(settings)
+    sandbox = response.json()["features"]["sandbox"]
+    assert sandbox["available"] is False
+    assert "bubblewrap not found" in sandbox["reason"]

@@ -157,10 +157,12 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         register_job_handlers(app.state.services)
         if app.state.services.settings.jobs_enabled:
             app.state.services.jobs.start()
+        await app.state.services.sandbox.start()  # logs whether Bash can run here
         try:
             async with mcp_server.running(app, app.state.services):
                 yield
         finally:
+            await app.state.services.sandbox.stop()
             await app.state.services.jobs.stop()
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

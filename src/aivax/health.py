@@ -1,4 +1,5 @@
-"""`/healthz`: the process is up. `/readyz`: the database answers and its schema is at head."""
+"""`/healthz`: the process is up. `/readyz`: the database answers and its schema is at head;
+`features` says which optional capabilities this server has (they do not affect readiness)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -16,9 +17,17 @@ from aivax.services import AppServices
 router = APIRouter(tags=["health"])
 
 
+class Feature(BaseModel):
+    available: bool
+    reason: str
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+    features: dict[str, Feature] = Field(
+        description="`sandbox`: whether Bash and code execution can run here (bubblewrap)."
+    )
 
 
 READINESS_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -48,7 +57,10 @@ async def readyz(request: Request) -> JSONResponse:
     if checks["database"] == "ok":
         checks["migrations"] = "ok" if current == head else f"at {current!r}, head is {head!r}"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
+    sandbox = await services.sandbox.availability()
+    body = Readiness(
+        status="ready" if ready else "not_ready",
+        checks=checks,
+        features={"sandbox": Feature(available=sandbox.available, reason=sandbox.reason)},
     )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -16,6 +16,7 @@ from aivax.jobs.runner import JobRunner
 from aivax.kit.crypto import SecretBox, random_secret
 from aivax.providers.registry import ProviderRegistry
 from aivax.rag.vectors import VectorIndex
+from aivax.sandbox import Sandbox
 from aivax.wallet.meter import Meter
 
 logger = logging.getLogger("aivax")
@@ -35,6 +36,7 @@ class AppServices:
     meter: Meter
     vectors: VectorIndex
     jobs: JobRunner
+    sandbox: Sandbox
 
     @classmethod
     def build(cls, settings: Settings) -> AppServices:
@@ -56,9 +58,11 @@ class AppServices:
             meter=Meter(settings, database),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
             jobs=JobRunner.from_settings(database, settings),
+            sandbox=Sandbox(settings),
         )
 
     async def close(self) -> None:
+        await self.sandbox.stop()
         await self.jobs.stop()
         await self.meter.close()
         await self.registry.close()

@@ -186,3 +186,17 @@ def test_settings_keep_workspaces_longer_than_a_run(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AIVAX_SANDBOX_PROCESSES", "1")
     with pytest.raises(SettingsError, match="AIVAX_SANDBOX_PROCESSES"):
         load_settings(_env_file=None)
+
+
+async def test_unavailable_when_the_sandbox_user_cannot_reach_the_root(data_dir: Path) -> None:
+    """As root, runs start as an unprivileged user that must be able to pass the directories
+    above the workspaces; the probe says which setting to change."""
+    if os.geteuid() != 0:
+        pytest.skip("only a server running as root switches to the sandbox user")
+    closed = data_dir / "closed"
+    closed.mkdir(mode=0o700)
+    sandbox = Sandbox(sandbox_settings(data_dir, sandbox_root=closed / "sandbox"))
+    availability = await sandbox.availability()
+    assert not availability.available
+    assert "AIVAX_SANDBOX_ROOT" in availability.reason
+    assert list((closed / "sandbox").iterdir()) == []  # the probe cleaned up after itself

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from aivax.config import Settings
@@ -16,7 +16,7 @@ from aivax.sandbox.bwrap import bwrap_argv, data_files
 from aivax.sandbox.errors import SandboxNetworkUnsupported, SandboxUnavailable, WorkspaceFull
 from aivax.sandbox.process import BwrapProcess, Outcome, Spawn, run_bwrap
 from aivax.sandbox.schemas import Availability, Limits, RunResult
-from aivax.sandbox.workspaces import Workspace, Workspaces, disk_usage
+from aivax.sandbox.workspaces import Workspace, Workspaces, disk_usage, remove_tree
 
 logger = logging.getLogger("aivax.sandbox")
 
@@ -79,19 +79,29 @@ class Sandbox:
                 f"bubblewrap not found ({self.settings.sandbox_bwrap!r}); install Debian's "
                 "'bubblewrap' package or set AIVAX_SANDBOX_BWRAP",
             )
-        with tempfile.TemporaryDirectory(prefix="aivax-sandbox-probe-") as scratch:
-            if self.run_as is not None:
-                os.chown(scratch, *self.run_as)
-            try:
-                outcome = await self._execute(bwrap, ["true"], Path(scratch), PROBE_LIMITS, None)
-            except OSError as exc:
-                return Availability(False, f"{bwrap} cannot be started: {exc.strerror}")
+        root = self.workspaces.root
+        # In a workspace of the real root: bwrap must reach it as the sandbox user.
+        probe = Workspace(f"probe-{secrets.token_hex(8)}", root / f"probe-{secrets.token_hex(8)}")
+        try:
+            await asyncio.to_thread(self.workspaces.create, probe)
+            outcome = await self._execute(bwrap, ["true"], probe.files, PROBE_LIMITS, None)
+        except OSError as exc:
+            return Availability(False, f"cannot run {bwrap} in {root}: {exc}")
+        finally:
+            await asyncio.to_thread(remove_tree, probe.home)
         if outcome.status != 0:
-            detail = outcome.stderr.decode(errors="replace").strip().splitlines()
+            lines = outcome.stderr.decode(errors="replace").strip().splitlines()
+            detail = lines[0] if lines else f"exit status {outcome.status}"
+            if "Permission denied" in detail and self.run_as is not None:
+                return Availability(
+                    False,
+                    f"{detail}: the sandbox user {self.run_as[0]} cannot reach {root}; let it "
+                    "pass (chmod o+x) each directory above, or set AIVAX_SANDBOX_ROOT elsewhere",
+                )
             return Availability(
                 False,
-                f"{bwrap} cannot create a sandbox here: {detail[0] if detail else outcome.status}"
-                " (unprivileged user namespaces must be allowed; see docs/operations.md)",
+                f"{bwrap} cannot create a sandbox here: {detail} (unprivileged user "
+                "namespaces must be allowed; see docs/operations.md)",
             )
         return Availability(True, f"bubblewrap at {bwrap}, no network, rlimits per run")
 
