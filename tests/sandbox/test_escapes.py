@@ -226,9 +226,35 @@ async def test_background_process_does_not_outlive_the_run(host: SandboxHost) ->
     result = await host.sandbox.run(
         f"python3 -c 'import time; time.sleep(1000)' {marker} & "
         f"setsid python3 -c 'import time; time.sleep(1000)' {marker} & "
-        f"nohup sleep 1000 {marker} >/dev/null 2>&1 & echo started",
+        f"nohup python3 -c 'import time; time.sleep(1000)' {marker} >/dev/null 2>&1 & "
+        "sleep 0.5; pgrep -fc '^python3 -c import time'",
         workspace=workspace,
     )
-    assert result.stdout == b"started\n"
+    assert result.stdout == b"3\n"  # all three were running when the command returned
     assert result.exit_code == 0
+    assert stray_processes(marker) == []
+
+
+async def test_a_cancelled_run_leaves_nothing_running(host: SandboxHost) -> None:
+    marker = f"cancelled-{uuid.uuid4().hex}"
+    workspace = await host.sandbox.workspaces.open("account", "conversation")
+    run = asyncio.create_task(
+        host.sandbox.run(
+            f"python3 -c 'import time; time.sleep(1000)' {marker} & "
+            f"python3 -c 'import time; time.sleep(1000)' {marker}",
+            workspace=workspace,
+        )
+    )
+    for _ in range(100):
+        if stray_processes(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert stray_processes(marker)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    for _ in range(100):
+        if not stray_processes(marker):
+            break
+        await asyncio.sleep(0.05)
     assert stray_processes(marker) == []
