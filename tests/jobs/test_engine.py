@@ -92,6 +92,36 @@ async def test_a_commit_wakes_the_local_runner_at_once(
         await runner.stop()
 
 
+async def test_a_job_committed_while_the_runner_looks_is_run_before_it_calls_itself_idle(
+    second_database: Database, account: AccountWithKeys
+) -> None:
+    """The claim looked before the job's commit; the wake that commit sent must make the
+    runner look again, not report idle (wait_idle would return with the job still queued)."""
+    kind, ran = unique_kind("race"), asyncio.Event()
+    runner = make_runner(second_database, poll_seconds=3600)
+
+    async def handler(_: JobContext) -> None:
+        ran.set()
+
+    runner.register(kind, handler)
+    claim, looked = runner.claim_one, asyncio.Event()
+
+    async def claim_that_looked_first() -> Any:
+        taken = await claim()
+        if not looked.is_set():  # the first look: the job commits while it is "in flight"
+            looked.set()
+            await _enqueue(second_database, kind, account)
+        return taken
+
+    runner.claim_one = claim_that_looked_first  # type: ignore[method-assign]
+    runner.start()
+    try:
+        await runner.wait_idle(timeout=20)
+        assert ran.is_set()
+    finally:
+        await runner.stop()
+
+
 async def test_a_delayed_job_waits_for_its_run_at(
     services: AppServices, account: AccountWithKeys
 ) -> None:

@@ -233,7 +233,9 @@ class JobRunner:
             self._wake.clear()
             await self._fire_schedules_if_due()
             claimed = await self._fill_slots()
-            if not claimed and not self._running:
+            # A wake() during the claim may be for a job committed after the claim looked:
+            # look again before calling this runner idle.
+            if not claimed and not self._running and not self._wake.is_set():
                 self._idle.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
