@@ -20,7 +20,7 @@ from aivax.db import Database
 from aivax.migrate import alembic_config, upgrade_to_head
 from aivax.models import WalletHold
 from aivax.services import AppServices
-from aivax.wallet import ledger
+from aivax.wallet import holds, open_holds
 from tests.fixtures.databases import create_database, drop_database
 from tests.fixtures.factories import make_account
 
@@ -39,8 +39,8 @@ async def test_open_holds_are_looked_up_through_the_partial_index(services: AppS
     if engine.dialect.name != "sqlite":
         return  # PostgreSQL picks plans by table statistics: there the index is what is checked
     queries = [
-        ledger.open_total_query(uuid.uuid4()),
-        ledger.stale_holds_query(created_before=datetime.now(UTC), limit=10),
+        open_holds.open_total_query(uuid.uuid4()),
+        open_holds.stale_holds_query(created_before=datetime.now(UTC), limit=10),
     ]
     async with engine.connect() as conn:
         for query in queries:
@@ -74,7 +74,7 @@ async def test_0005_goes_down_and_up_with_holds_in_place(
     try:
         account = await make_account(replace(services, database=database), balance_micros=1_000)
         opened = await database.write(
-            lambda conn: ledger.hold(conn, account_id=account.id, amount_micros=300, ref="kept")
+            lambda conn: holds.hold(conn, account_id=account.id, amount_micros=300, ref="kept")
         )
         assert isinstance(opened, uuid.UUID)
         engine = create_async_engine(fresh_database_url)
@@ -87,7 +87,7 @@ async def test_0005_goes_down_and_up_with_holds_in_place(
                 assert await conn.run_sync(_hold_indexes) == NEW
                 status = (await conn.execute(select(WalletHold.status))).scalar_one()
                 assert status == "open"
-                total = await conn.run_sync(lambda c: ledger.open_hold_total(c, account.id))
+                total = await conn.run_sync(lambda c: open_holds.open_hold_total(c, account.id))
                 assert total == 300
         finally:
             await engine.dispose()

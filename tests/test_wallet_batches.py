@@ -1,5 +1,5 @@
 """Group commit on the wallet's hot path: `HoldQueue` (holds of concurrent requests in one
-transaction) and `ledger.settle_many` (a settlement batch) must write exactly what one-at-a-time
+transaction) and `closing.settle_many` (a settlement batch) must write exactly what one-at-a-time
 holds, settles and releases write, and keep every refusal with the request it belongs to."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from sqlalchemy import select, update
 from aivax.db import NOT_NOW
 from aivax.models import HoldStatus, LedgerEntry, WalletHold
 from aivax.services import AppServices
-from aivax.wallet import ledger
+from aivax.wallet import closing, ledger
+from aivax.wallet.holds import HoldRequest, hold_many
 from tests.fixtures.factories import make_account
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock, hold_statuses_once
 
@@ -59,7 +60,8 @@ async def test_a_refusal_in_a_batch_reaches_only_its_request(services: AppServic
         services.meter.holds.hold(account_id=rich.id, amount_micros=1_000, ref="a"),
         services.meter.holds.hold(account_id=poor.id, amount_micros=1_000, ref="b"),
         services.meter.holds.hold(account_id=missing, amount_micros=1_000, ref="c"),
-        services.meter.holds.hold(account_id=rich.id, amount_micros=10**13, ref="d"),  # over the cap
+        # over the cap:
+        services.meter.holds.hold(account_id=rich.id, amount_micros=10**13, ref="d"),
         services.meter.holds.hold(account_id=rich.id, amount_micros=2_000, ref="e"),
         return_exceptions=True,
     )
@@ -113,20 +115,20 @@ async def test_settle_many_writes_what_one_at_a_time_writes(services: AppService
             )
             await session.commit()
         await services.database.run_write(
-            lambda conn, hold=holds[3], owner=account.id: ledger._return_and_charge(
+            lambda conn, hold=holds[3], owner=account.id: closing._return_and_charge(
                 conn, owner, hold, 1_000, 0, 0
             )
         )
         items = [*zip(holds, costs, strict=True), (holds[0], 300)]  # the first one twice
         if batched:
             await services.database.run_write(
-                lambda conn, batch=items: ledger.settle_many(conn, batch)
+                lambda conn, batch=items: closing.settle_many(conn, batch)
             )
         else:
             for hold_id, cost in items:
                 await services.database.run_write(
                     lambda conn, h=hold_id, c=cost: (
-                        ledger.settle(conn, h, c) if c else ledger.release(conn, h)
+                        closing.settle(conn, h, c) if c else closing.release(conn, h)
                     )
                 )
         written.append(await _entries(services, account.id))
@@ -169,7 +171,7 @@ async def test_a_failed_wallet_transaction_leaves_nothing_behind(services: AppSe
     account = await make_account(services, balance_micros=10_000)
 
     def hold_then_fail(conn: Any) -> None:
-        ledger.hold_many(conn, [ledger.HoldRequest(account.id, 4_000, "doomed")])
+        hold_many(conn, [HoldRequest(account.id, 4_000, "doomed")])
         raise RuntimeError("after the hold")
 
     with pytest.raises(RuntimeError):

@@ -14,12 +14,12 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from aivax.config import Settings
-from aivax.wallet.settlement import Settlement
 from aivax.models import EntryKind, LedgerEntry, RequestLog, WalletHold
 from aivax.services import AppServices
-from aivax.wallet import ledger
+from aivax.wallet import closing, ledger
 from aivax.wallet import service as wallet
 from aivax.wallet.leases import HORIZON_SECONDS, LeaseBook
+from aivax.wallet.settlement import Settlement
 from tests.fixtures.factories import make_account, make_plan, principal_of
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock
 
@@ -251,7 +251,7 @@ async def test_a_negative_charge_against_a_lease_is_refused_and_changes_nothing(
     assert hold_id is not None
 
     def charge(conn: Any) -> None:
-        ledger.charge_holds(conn, {hold_id: -1})
+        closing.charge_holds(conn, {hold_id: -1})
 
     with pytest.raises(ValueError, match="cannot be negative"):
         await services.database.write(charge)
@@ -306,7 +306,7 @@ async def reap(services: AppServices, account_id: uuid.UUID) -> uuid.UUID:
     """Expire the account's one open hold as the reaper does (after its process died); its id."""
     [hold_id] = await open_hold_ids(services, account_id)
     closed = await services.database.write(
-        lambda conn: ledger.close_recorded(conn, hold_id, expire=True)
+        lambda conn: closing.close_recorded(conn, hold_id, expire=True)
     )
     assert closed
     return hold_id

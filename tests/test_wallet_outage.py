@@ -29,14 +29,14 @@ from sqlalchemy import func, select
 
 from aivax.app import create_app
 from aivax.config import Settings
-from aivax.wallet.settlement import Settlement, Settler
 from aivax.kit.clock import utcnow
 from aivax.migrate import upgrade_to_head
 from aivax.models import EntryKind, LedgerEntry, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import service as wallet_service
+from aivax.wallet.holds import HoldRequest
 from aivax.wallet.journal import SUFFIX, SettlementJournal
-from aivax.wallet.ledger import HoldRequest
+from aivax.wallet.settlement import Settlement, Settler
 from aivax.wallet.writer import InlineWriter, SettleItem, WalletWriterUnavailable
 from tests.conftest import TEST_SECRET, FakeUpstream
 from tests.fixtures.factories import AccountWithKeys, install_fake_models, make_account

@@ -14,13 +14,13 @@ from sqlalchemy import select
 
 from aivax.app import create_app
 from aivax.config import Settings
-from aivax.wallet.settlement import Settlement
 from aivax.models import LedgerEntry, WalletHold
 from aivax.services import AppServices
-from aivax.wallet import ledger
+from aivax.wallet import closing
 from aivax.wallet import service as wallet
 from aivax.wallet.leases import LeaseBook
 from aivax.wallet.live import LiveHolds
+from aivax.wallet.settlement import Settlement
 from tests.fixtures.factories import make_account
 from tests.fixtures.wallet import balance_and_ledger_sum
 
@@ -94,7 +94,9 @@ async def test_a_call_own_hold_is_renewed_until_its_settlement_is_handed_over(
     services: AppServices,
 ) -> None:
     account = await make_account(services, balance_micros=10_000)
-    hold_id = await services.meter.holds.hold(account_id=account.id, amount_micros=500, ref="req_long")
+    hold_id = await services.meter.holds.hold(
+        account_id=account.id, amount_micros=500, ref="req_long"
+    )
     assert hold_id in services.meter.live
     await services.meter.live.renew()
     async with services.database.sessions() as session:
@@ -135,13 +137,15 @@ async def test_a_late_settlement_of_a_calls_own_hold_charges_only_what_is_left(
     services: AppServices,
 ) -> None:
     account = await make_account(services, balance_micros=1_000)
-    hold_id = await services.meter.holds.hold(account_id=account.id, amount_micros=800, ref="req_late")
+    hold_id = await services.meter.holds.hold(
+        account_id=account.id, amount_micros=800, ref="req_late"
+    )
     assert await services.database.write(
-        lambda conn: ledger.close_recorded(conn, hold_id, expire=True)
+        lambda conn: closing.close_recorded(conn, hold_id, expire=True)
     )
     other = await services.meter.holds.hold(account_id=account.id, amount_micros=1_000, ref="req_b")
-    await services.database.write(lambda conn: ledger.settle(conn, other, 1_000))
-    charged = await services.database.write(lambda conn: ledger.settle(conn, hold_id, 600))
+    await services.database.write(lambda conn: closing.settle(conn, other, 1_000))
+    charged = await services.database.write(lambda conn: closing.settle(conn, hold_id, 600))
     assert charged == 0
     assert await balance_and_ledger_sum(services, account.id) == (0, 0)
     assert (await _usage_details(services, account.id))[-1] == {

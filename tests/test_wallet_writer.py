@@ -18,13 +18,13 @@ from sqlalchemy import func, select, update
 
 from aivax.app import create_app
 from aivax.config import Settings
-from aivax.wallet.settlement import Settlement
 from aivax.kit.clock import utcnow
 from aivax.models import Account, HoldStatus, RequestLog, WalletHold
 from aivax.services import AppServices
 from aivax.wallet import ledger
 from aivax.wallet import writer as writer_module
-from aivax.wallet.ledger import HoldRequest
+from aivax.wallet.holds import HoldRequest
+from aivax.wallet.settlement import Settlement
 from aivax.wallet.writer import ProcessWriter, WalletWriterUnavailable
 from tests.fixtures.factories import make_account
 from tests.fixtures.wallet import balance_and_ledger_sum, hold_behind_a_lock, hold_statuses_once
@@ -146,7 +146,9 @@ async def test_a_dead_writer_fails_its_waiting_calls_and_is_replaced(settings: S
         await lock.rollback()
         await lock.close()
 
-        held = await services.meter.holds.hold(account_id=account.id, amount_micros=4_000, ref="next")
+        held = await services.meter.holds.hold(
+            account_id=account.id, amount_micros=4_000, ref="next"
+        )
         assert isinstance(held, uuid.UUID)
         assert writer._process is not None
         assert writer._process.pid != first.pid
@@ -197,7 +199,9 @@ async def test_a_lone_hold_survives_a_lost_database_connection(settings: Setting
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        second = await services.meter.holds.hold(account_id=account.id, amount_micros=1_000, ref="b")
+        second = await services.meter.holds.hold(
+            account_id=account.id, amount_micros=1_000, ref="b"
+        )
         assert isinstance(first, uuid.UUID)
         assert isinstance(second, uuid.UUID)
         assert await balance_and_ledger_sum(services, account.id) == (8_000, 8_000)

@@ -3,7 +3,7 @@
 Every billed call holds its worst case before the upstream is called, so the hold is on the
 response path of every call. One transaction per hold spends most of its time on what a
 transaction costs (begin, commit); `HoldQueue` takes every hold requested while the event loop
-was busy in the next batch (`ledger.hold_many`: each hold is still one conditional UPDATE, so a
+was busy in the next batch (`holds.hold_many`: each hold is still one conditional UPDATE, so a
 batch never overdraws). Nothing waits to fill a batch: a lone call's hold is written at once,
 and under load each batch takes whatever queued meanwhile.
 
@@ -24,8 +24,8 @@ import asyncio
 import uuid
 
 from aivax.db import NOT_NOW, Database
-from aivax.wallet import ledger
-from aivax.wallet.ledger import HoldRequest
+from aivax.wallet import holds
+from aivax.wallet.holds import HoldRequest
 from aivax.wallet.live import LiveHolds
 from aivax.wallet.settlement import Settlement, Settler
 from aivax.wallet.writer import HoldResult, WalletWriter
@@ -59,7 +59,7 @@ class HoldQueue:
         ref: str,
         minimum_balance: int = 0,
     ) -> uuid.UUID:
-        """Reserve `amount_micros` (see `ledger.hold`); raises what `ledger.hold` raises."""
+        """Reserve `amount_micros` (see `holds.hold`); raises what `holds.hold` raises."""
         self.settler.check_capacity()  # 503 while too many settlements wait for the database
         request = HoldRequest(account_id, amount_micros, ref, minimum_balance)
         writing = self._task is not None and not self._task.done()
@@ -67,7 +67,7 @@ class HoldQueue:
             # A lone call is written right here if the database lets us at once. Anything that
             # has to wait goes through the queue, whose writer outlives a caller that leaves
             # (and gives back a hold taken for it).
-            taken = self.database.write_now(lambda conn: ledger.hold_many(conn, [request]))
+            taken = self.database.write_now(lambda conn: holds.hold_many(conn, [request]))
             if taken is not NOT_NOW:
                 (result,) = taken
                 if isinstance(result, Exception):

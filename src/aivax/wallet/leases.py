@@ -13,16 +13,16 @@ however many processes or replicas share the account.
 - A call that fits is admitted with no database work. The plan's minimum balance is then
   checked against the lease alone (the lease is part of the spendable balance, so this is
   conservative); a call that fails that check, or does not fit, makes the lease grow.
-- Growing is one transaction (`ledger.grant`): it checks the minimum against the real balance
+- Growing is one transaction (`grants.grant`): it checks the minimum against the real balance
   and moves the call's worst case plus room for more calls into the lease: for `calls` more
   calls, or for what the lease's calls reserved per `horizon_seconds` since its last grant if
   that is more, so a busy account grows its lease about once per horizon rather than every few
   calls. No more than a quarter of the balance is taken unless the call needs more (other
   processes may want some). One call grows a lease at a time; the others wait for it.
 - Each finished call's cost is recorded against the lease with its request-log row, by the
-  settler, in the same batch transactions as before (`ledger.charge_holds`). The balance moves
+  settler, in the same batch transactions as before (`closing.charge_holds`). The balance moves
   when the lease closes: the recorded costs are charged as one `usage` entry and the rest comes
-  back (`ledger.close_recorded`). Each call's own cost is in the request log at once.
+  back (`closing.close_recorded`). Each call's own cost is in the request log at once.
 - A lease closes when it has been idle for `idle_seconds`; when it is `max_seconds` old (it
   takes no more calls and closes when its last call ends); when the account's wallet is read
   through this process (`flush`); and at shutdown. The leases of a process that dies are
@@ -46,7 +46,7 @@ from typing import Any
 
 from aivax.db import Database
 from aivax.errors import AppError
-from aivax.wallet import ledger
+from aivax.wallet import grants, holds, ledger
 from aivax.wallet.live import LiveHolds
 from aivax.wallet.settlement import Settlement, Settler
 from aivax.wallet.writer import WalletWriterUnavailable
@@ -129,7 +129,7 @@ class LeaseBook:
         """Reserve a call's worst case `amount` for a plan that wants `minimum` spendable;
         raises what a hold raises (`InsufficientBalance`, `WalletAccountNotFound`). `exact`:
         grow by no more than the call needs (a call clamped to what the balance affords)."""
-        ledger.check_hold_amount(amount)
+        holds.check_hold_amount(amount)
         self.settler.check_capacity()  # 503 while too many settlements wait for the database
         self._ensure_sweeper()
         while True:
@@ -232,8 +232,8 @@ class LeaseBook:
             want = need if exact else max(need, room + minimum - free)
             hold_id = lease.hold_id
 
-            def grant(conn: Any) -> ledger.Grant | AppError:
-                return ledger.grant(
+            def grant(conn: Any) -> grants.Grant | AppError:
+                return grants.grant(
                     conn,
                     account_id=lease.account_id,
                     hold_id=hold_id,

@@ -19,7 +19,7 @@ import uuid
 
 from aivax.db import Database
 from aivax.kit.clock import utcnow
-from aivax.wallet import ledger
+from aivax.wallet import open_holds
 
 logger = logging.getLogger("aivax.wallet")
 
@@ -47,7 +47,7 @@ class LiveHolds:
         if not ids:
             return 0
         now = utcnow()
-        return await self.database.write(lambda conn: ledger.renew_holds(conn, ids, now))
+        return await self.database.write(lambda conn: open_holds.renew_holds(conn, ids, now))
 
     def start(self) -> None:
         if self._task is None or self._task.done():

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from aivax.kit.clock import utcnow
 from aivax.models import EntryKind, LedgerEntry, WalletHold
-from aivax.wallet import ledger, repository
+from aivax.wallet import closing, holds, ledger, open_holds, repository
 from aivax.wallet.ledger import (  # noqa: F401 - the errors are part of this API
     MAX_MOVEMENT_MICROS,
     HoldAlreadyReleased,
@@ -84,7 +84,7 @@ async def hold(
     """Reserve `amount_micros`; succeeds only if the balance covers it (one conditional UPDATE)."""
     hold_id = await _run(
         session,
-        lambda conn: ledger.hold(
+        lambda conn: holds.hold(
             conn,
             account_id=account_id,
             amount_micros=amount_micros,
@@ -97,13 +97,13 @@ async def hold(
 
 async def settle(session: AsyncSession, hold_id: uuid.UUID, actual_micros: int) -> WalletHold:
     """Charge the real cost (at most the hold) and return the rest. Idempotent."""
-    await _run(session, lambda conn: ledger.settle(conn, hold_id, actual_micros))
+    await _run(session, lambda conn: closing.settle(conn, hold_id, actual_micros))
     return await _load_hold(session, hold_id)
 
 
 async def release(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold:
     """Return a hold untouched (nothing was used). Idempotent; a no-op on a closed hold."""
-    await _run(session, lambda conn: ledger.release(conn, hold_id))
+    await _run(session, lambda conn: closing.release(conn, hold_id))
     return await _load_hold(session, hold_id)
 
 
@@ -120,8 +120,8 @@ async def reap_stale_holds(session: AsyncSession, *, max_age: timedelta, batch: 
     what was recorded against a hold (a lease's calls) is charged, the rest given back."""
 
     def reap(conn: Any) -> int:
-        ids = ledger.stale_hold_ids(conn, created_before=utcnow() - max_age, limit=batch)
-        return sum(ledger.close_recorded(conn, hold_id, expire=True) for hold_id in ids)
+        ids = open_holds.stale_hold_ids(conn, created_before=utcnow() - max_age, limit=batch)
+        return sum(closing.close_recorded(conn, hold_id, expire=True) for hold_id in ids)
 
     return await _run(session, reap)
 
@@ -138,7 +138,7 @@ async def summary(session: AsyncSession, account_id: uuid.UUID) -> WalletSummary
         balance = ledger.cached_balance(conn, account_id)
         if balance is None:
             raise WalletAccountNotFound(f"No account {str(account_id)!r}.", param="account_id")
-        return WalletSummary(account_id, balance, ledger.open_hold_total(conn, account_id))
+        return WalletSummary(account_id, balance, open_holds.open_hold_total(conn, account_id))
 
     return await _run(session, read)
 

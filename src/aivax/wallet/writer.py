@@ -1,5 +1,5 @@
-"""Where the hot path's wallet writes run: wallet holds (`ledger.hold_many`) and settlement
-batches (`ledger.settle_many` plus request-log rows).
+"""Where the hot path's wallet writes run: wallet holds (`holds.hold_many`) and settlement
+batches (`closing.settle_many` plus request-log rows).
 
 - `InlineWriter` runs them in this process, through `Database.write` / `Database.run_write`.
 - `ProcessWriter` (the default, `AIVAX_WALLET_WRITER=process`) hands them to a wallet-writer
@@ -61,8 +61,8 @@ from aivax.config import Settings
 from aivax.db import Database, FastStatement, connection_lost
 from aivax.errors import AppError, ServiceUnavailable
 from aivax.models import RequestLog
-from aivax.wallet import ledger
-from aivax.wallet.ledger import HoldRequest
+from aivax.wallet import closing, holds, ledger
+from aivax.wallet.holds import HoldRequest
 
 logger = logging.getLogger("aivax.wallet.writer")
 
@@ -137,8 +137,8 @@ def unavailable(error: BaseException) -> bool:
 
 def _settle(conn: Connection, items: Sequence[SettleItem], *, replay: bool = False) -> None:
     """Modes: "hold" settles a call's own hold at the cost (0 releases it); "lease" records
-    the cost against a lease (`ledger.charge_holds`); "close" closes a lease at what was
-    recorded against it (`ledger.close_recorded`), after this batch's charges. `replay`: skip
+    the cost against a lease (`closing.charge_holds`); "close" closes a lease at what was
+    recorded against it (`closing.close_recorded`), after this batch's charges. `replay`: skip
     the items already written (`_not_written`)."""
     if replay:
         items = _not_written(conn, items)
@@ -154,13 +154,13 @@ def _settle(conn: Connection, items: Sequence[SettleItem], *, replay: bool = Fal
             charges[hold_id] = charges.get(hold_id, 0) + cost
         else:
             closes.append(hold_id)
-    ledger.lock_accounts_of(conn, [*charges, *closes])
+    closing.lock_accounts_of(conn, [*charges, *closes])
     if holds:
-        ledger.settle_many(conn, holds)
+        closing.settle_many(conn, holds)
     if charges:
-        ledger.charge_holds(conn, charges)
+        closing.charge_holds(conn, charges)
     for hold_id in closes:
-        ledger.close_recorded(conn, hold_id)
+        closing.close_recorded(conn, hold_id)
     logs = [log for _, _, log, _ in items if log is not None]
     if logs:
         _INSERT_LOG.many(conn, logs)
@@ -200,7 +200,7 @@ async def _write_holds(database: Database, requests: Sequence[HoldRequest]) -> l
     async def attempt() -> list[HoldResult]:
         if database.is_postgresql and len(requests) == 1:
             return [await _lone_hold_on_postgresql(database, requests[0])]
-        taken = await database.write(lambda conn: ledger.hold_many(conn, list(requests)))
+        taken = await database.write(lambda conn: holds.hold_many(conn, list(requests)))
         return list(taken)
 
     try:
@@ -217,11 +217,11 @@ async def _lone_hold_on_postgresql(database: Database, request: HoldRequest) -> 
     asyncio layer cost more than the statement's round trip (0.6 against 0.4 ms). A connection
     that fails mid-statement is dropped, not reused; if it was lost, so is the rest of the pool
     (SQLAlchemy does the same when it sees a lost connection itself)."""
-    hold_id, params = ledger.one_statement_hold(request)
+    hold_id, params = holds.one_statement_hold(request)
     async with database.engine.connect() as conn:
         raw = await conn.get_raw_connection()
         try:
-            taken = await ledger.HOLD_ONE_STATEMENT.first_on_asyncpg(
+            taken = await holds.HOLD_ONE_STATEMENT.first_on_asyncpg(
                 raw.driver_connection, conn.dialect, params
             )
         except BaseException as exc:
