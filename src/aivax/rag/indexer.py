@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection
 
 from aivax.catalog import service as catalog
@@ -304,10 +305,29 @@ async def _fail(services: AppServices, document_id: uuid.UUID, message: str) -> 
     )
 
 
+# An import (or a re-embedding) changes the chunk table's statistics at once; PostgreSQL plans
+# search from them, and autovacuum may be off or far behind: measured 50-66 ms p50 per search
+# after an import until the next ANALYZE, 14 ms after it. Single-document jobs leave it to
+# autovacuum.
+ANALYZE_MIN_DOCUMENTS = 50
+
+
+async def analyze(services: AppServices) -> None:
+    """PostgreSQL: refresh the planner's statistics of the tables a search reads."""
+    if not services.database.is_postgresql:
+        return
+    async with services.database.engine.connect() as conn:
+        await conn.execute(sql_text("ANALYZE chunks, documents"))
+        await conn.commit()
+
+
 def register(services: AppServices) -> None:
     async def index_job(context: JobContext) -> dict[str, Any]:
         ids = [uuid.UUID(value) for value in context.payload.get("document_ids", [])]
-        return await _in_groups(context, ids, force=False)
+        outcome = await _in_groups(context, ids, force=False)
+        if len(ids) >= ANALYZE_MIN_DOCUMENTS:
+            await analyze(services)
+        return outcome
 
     async def reembed_collection(context: JobContext) -> dict[str, Any]:
         collection_id = uuid.UUID(context.payload["collection_id"])
@@ -321,7 +341,9 @@ def register(services: AppServices) -> None:
                     )
                 ).all()
             )
-        return await _in_groups(context, ids, force=True)
+        outcome = await _in_groups(context, ids, force=True)
+        await analyze(services)
+        return outcome
 
     async def _in_groups(
         context: JobContext, ids: list[uuid.UUID], *, force: bool
