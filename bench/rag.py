@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -45,7 +45,7 @@ from aivax.keys import service as key_service
 from aivax.keys.schemas import KeyCreate
 from aivax.keys.service import Principal
 from aivax.migrate import upgrade_to_head
-from aivax.models import Chunk, Collection, Document, EntryKind, Plan
+from aivax.models import Chunk, Collection, Document, EntryKind, Job, Plan
 from aivax.rag import indexer, retrieval, service
 from aivax.rag.embedders import local_embedder
 from aivax.rag.schemas import CollectionCreate, SearchRequest
@@ -111,6 +111,82 @@ def build_corpus(limit: int) -> list[Case]:
     ordered = sorted(cases.values(), key=lambda c: c.doc_id)
     random.Random(7).shuffle(ordered)
     return ordered[:limit]
+
+
+def build_topics_corpus(limit: int) -> list[Case]:
+    """The second corpus: long natural-language queries. Each paragraph of 50+ words of this
+    Python's language and library reference topics (`pydoc_data.topics`, prose, not code) is a
+    document; its longest sentence of 12-45 words, removed from it, is the query."""
+    import pydoc_data.topics
+
+    cases: list[Case] = []
+    for name, body in sorted(pydoc_data.topics.topics.items()):
+        for index, paragraph in enumerate(re.split(r"\n\s*\n", body)):
+            words = paragraph.split()
+            if len(words) < 50 or paragraph.lstrip().startswith((">>>", "   ")):
+                continue
+            sentences = re.split(r"(?<=[.!?])\s+", " ".join(words))
+            usable = [s for s in sentences if 12 <= len(s.split()) <= 45]
+            if not usable or len(sentences) < 3:
+                continue
+            query = max(usable, key=lambda sentence: len(sentence.split()))
+            rest = " ".join(sentence for sentence in sentences if sentence != query)
+            cases.append(Case(f"{name}#{index}", f"{name}\n\n{rest}", query))
+    random.Random(7).shuffle(cases)
+    return cases[:limit]
+
+
+def plain_bm25(cases: list[Case]) -> dict[str, float]:
+    """The reference: one OR query of the query's words over an FTS5 table of the whole
+    documents (no chunks), ranked by FTS5's bm25 with the same tokenizer."""
+    import sqlite3
+
+    from aivax.rag.search import query_words
+
+    db = sqlite3.connect(":memory:")
+    db.execute(
+        "CREATE VIRTUAL TABLE docs USING fts5(key UNINDEXED, body, tokenize='porter unicode61')"
+    )
+    db.executemany("INSERT INTO docs VALUES (?, ?)", [(c.doc_id, c.document) for c in cases])
+    ndcgs, recalls = [], []
+    for case in cases:
+        words = query_words(case.query)
+        expression = " OR ".join('"' + w.replace('"', "") + '"' for w in words)
+        rows = db.execute(
+            "SELECT key FROM docs WHERE docs MATCH ? ORDER BY bm25(docs) LIMIT ?", (expression, K)
+        ).fetchall()
+        ndcg, recall = ndcg_recall([row[0] for row in rows], case.doc_id)
+        ndcgs.append(ndcg)
+        recalls.append(recall)
+    return {
+        "ndcg@10": round(statistics.fmean(ndcgs), 4),
+        "recall@10": round(statistics.fmean(recalls), 4),
+    }
+
+
+async def hnsw_recall(
+    services: AppServices, principal: Principal, collection: Collection, cases: list[Case]
+) -> float:
+    """PostgreSQL: the share of the exact vector top 10 (a NumPy scan of every embedding) that
+    the HNSW search returns."""
+    async with services.database.sessions() as session:
+        rows = (
+            await session.execute(
+                select(Chunk.id, Chunk.embedding).where(Chunk.collection_id == collection.id)
+            )
+        ).all()
+    ids = np.array([row[0] for row in rows])
+    matrix = np.stack([np.asarray(row[1], dtype=np.float32) for row in rows])
+    embedder = local_embedder(collection.embedding_model.removeprefix("aivax/"))
+    shares = []
+    for case in cases:
+        query = embedder.embed_sync([case.query])[0][0]  # type: ignore[attr-defined]
+        exact = set(ids[np.argsort(-(matrix @ query))[:K]].tolist())
+        results = await search(
+            services, principal, collection, SearchRequest(query=case.query, top_k=K, mode="vector")
+        )
+        shares.append(len(exact & {r.chunk_id for r in results}) / K)
+    return round(statistics.fmean(shares), 4)
 
 
 def ndcg_recall(ranked: list[str], relevant: str) -> tuple[float, float]:
@@ -186,11 +262,22 @@ async def make_collection(
             )
             await session.flush()
             ids.append(str(document.id))
-        service.enqueue(session, principal.account_id, service.INDEX_JOB, {"document_ids": ids})
+        job = service.enqueue(
+            session, principal.account_id, service.INDEX_JOB, {"document_ids": ids}
+        )
+        if inspect.isawaitable(job):
+            job = await job
         await session.commit()
+        job_id = job.id
     started = time.perf_counter()
     services.jobs.wake()
     await services.jobs.wait_idle(timeout=3600)
+    while True:  # the runner may look idle before it has claimed the job
+        async with services.database.sessions() as session:
+            finished = await session.scalar(select(Job.finished_at).where(Job.id == job_id))
+        if finished is not None:
+            break
+        await asyncio.sleep(0.05)
     seconds = time.perf_counter() - started
     async with services.database.sessions() as session:
         stats = await service.collection_stats(session, [collection.id])
@@ -211,9 +298,12 @@ async def search(
     return response.data
 
 
-async def quality(services: AppServices, principal: Principal, cases: list[Case]) -> dict[str, Any]:
-    table: dict[str, Any] = {}
-    for model in LOCAL_MODELS:
+async def quality(
+    services: AppServices, principal: Principal, cases: list[Case], models: list[str]
+) -> dict[str, Any]:
+    table: dict[str, Any] = {"plain BM25 (documents)": plain_bm25(cases)}
+    print(f"  plain BM25: {json.dumps(table['plain BM25 (documents)'])}", flush=True)
+    for model in models:
         collection, seconds, chunks = await make_collection(services, principal, model, cases)
         row: dict[str, Any] = {"chunks": chunks, "chunks_per_s": round(chunks / seconds, 1)}
         for mode in ("keyword", "vector", "hybrid"):
@@ -231,6 +321,8 @@ async def quality(services: AppServices, principal: Principal, cases: list[Case]
                 "ndcg@10": round(statistics.fmean(ndcgs), 4),
                 "recall@10": round(statistics.fmean(recalls), 4),
             }
+        if services.vectors.is_postgres:
+            row["hnsw_recall@10"] = await hnsw_recall(services, principal, collection, cases)
         table[model] = row
         print(f"  {model}: {json.dumps(row)}", flush=True)
     return table
@@ -364,8 +456,12 @@ async def run(url: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"documents": len(cases)}
     try:
         if not args.skip_quality:
-            result["quality"] = await quality(services, principal, cases)
-        result["latency"] = await latency(services, principal, cases, args.sizes)
+            result["quality"] = await quality(services, principal, cases, args.models)
+            topics = build_topics_corpus(args.documents)
+            print(f"corpus 2: {len(topics)} reference paragraphs / long queries", flush=True)
+            result["quality_long_queries"] = await quality(services, principal, topics, args.models)
+        if not args.skip_latency:
+            result["latency"] = await latency(services, principal, cases, args.sizes)
     finally:
         await services.jobs.stop()
         await services.close()
@@ -378,6 +474,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--postgres", help="also run on this postgresql+asyncpg:// URL")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--models", nargs="+", default=LOCAL_MODELS)
+    parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
