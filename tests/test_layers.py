@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "kit": BASE,
     "errors": BASE,
     "config": BASE,
+    "metrics": BASE,  # recorders every layer is given; its endpoint module is an entry
     # persistence
     "models": DATA,
     "db": DATA,

@@ -32,6 +32,7 @@ from aivax.inference.endpoints import router as inference_router
 from aivax.inference.route import ChatLane, ChatRoute, takes
 from aivax.jobs.endpoints import router as admin_jobs_router
 from aivax.keys.endpoints import router as keys_router
+from aivax.metrics import endpoints as metrics_endpoints
 from aivax.migrate import head_revision
 from aivax.openapi import ERROR_RESPONSES
 from aivax.rag import indexer, mcp_server
@@ -159,7 +160,10 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
             app.state.services.jobs.start()
         await app.state.services.sandbox.start()  # logs whether Bash can run here
         try:
-            async with mcp_server.running(app, app.state.services):
+            async with (
+                mcp_server.running(app, app.state.services),
+                metrics_endpoints.running(app, app.state.services),
+            ):
                 yield
         finally:
             await app.state.services.sandbox.stop()
@@ -207,5 +211,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
         admin_jobs_router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)
+    if settings.metrics:
+        app.include_router(metrics_endpoints.router, responses=ERROR_RESPONSES)
     mcp_server.mount_mcp(app)
     return app

@@ -189,7 +189,25 @@ def serve(
         return
     # uvicorn binds the port here and starts each worker as a new interpreter, which builds
     # its own app (services, wallet writer, leases) from the environment.
+    try:
+        _share_metrics(settings)
+    except OSError as exc:
+        fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     uvicorn.run("aivax.app:app_from_environment", factory=True, workers=settings.workers, **options)
+
+
+def _share_metrics(settings: Settings) -> None:
+    """With metrics on, the workers write their metrics to files in one directory, which
+    /metrics adds up whichever worker answers. prometheus-client reads the directory from
+    PROMETHEUS_MULTIPROC_DIR when a worker imports it, so it is set before they start; the
+    files of an earlier run are deleted first (counters start again from zero)."""
+    if not settings.metrics:
+        return
+    directory = (settings.metrics_dir or settings.data_dir / "metrics").resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 async def _bootstrap_and_close(services: AppServices, bootstrap: Callable[..., Any]) -> Any:

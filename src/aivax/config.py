@@ -255,6 +255,24 @@ class Settings(BaseSettings):
         ge=1024 * 1024,
         description="Size of each of a command's in-memory /tmp and /dev/shm.",
     )
+    metrics: bool = Field(
+        default=False,
+        description="Serve GET /metrics (Prometheus text format) to the operator admin token; "
+        "off: no route, and nothing is recorded.",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="With metrics on: also serve /metrics without authentication on this port "
+        "(bound to metrics_host), for a scraper on a private network.",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address the metrics port binds to.")
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="`aivax serve --workers N`: where each process writes its metrics for "
+        "/metrics to add up (emptied at start); unset: data_dir/metrics.",
+    )
 
     @field_validator("ssrf_allowlist", mode="before")
     @classmethod

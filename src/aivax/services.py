@@ -14,6 +14,7 @@ from aivax.db import Database
 from aivax.inference.ratelimit import RateLimiter
 from aivax.jobs.runner import JobRunner
 from aivax.kit.crypto import SecretBox, random_secret
+from aivax.metrics import Metrics, build_metrics
 from aivax.providers.registry import ProviderRegistry
 from aivax.rag.vectors import VectorIndex
 from aivax.sandbox import Sandbox
@@ -37,11 +38,13 @@ class AppServices:
     vectors: VectorIndex
     jobs: JobRunner
     sandbox: Sandbox
+    metrics: Metrics
 
     @classmethod
     def build(cls, settings: Settings) -> AppServices:
         secret = load_or_create_secret(settings)
         database = Database(settings)
+        metrics = build_metrics(settings)
         return cls(
             settings=settings,
             database=database,
@@ -53,12 +56,14 @@ class AppServices:
                 outage=settings.redis_outage,
                 fallback_seconds=settings.redis_fallback_seconds,
                 timeout_seconds=settings.redis_timeout_seconds,
+                metrics=metrics,
             ),
             caches=HotPathCaches(settings.cache_seconds),
-            meter=Meter(settings, database),
+            meter=Meter(settings, database, metrics),
             vectors=VectorIndex(database, cache_bytes=settings.rag_vector_cache_mb * 1024 * 1024),
-            jobs=JobRunner.from_settings(database, settings),
+            jobs=JobRunner.from_settings(database, settings, metrics),
             sandbox=Sandbox(settings),
+            metrics=metrics,
         )
 
     async def close(self) -> None:

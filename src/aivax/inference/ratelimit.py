@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from aivax.errors import ServiceUnavailable
+from aivax.metrics import NO_METRICS, Metrics
 
 logger = logging.getLogger("aivax.ratelimit")
 
@@ -183,7 +184,9 @@ class RateLimiter:
         outage: OutagePolicy = "refuse",
         fallback_seconds: float = 300.0,
         timeout_seconds: float = 1.0,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self.metrics = metrics
         self._shared = _Counters.on(_storage(redis_url, timeout_seconds))
         # Failures that mean "Redis cannot decide now"; in-process memory cannot fail so.
         self._store_errors: tuple[type[Exception], ...] = (
@@ -215,6 +218,12 @@ class RateLimiter:
         return await self._hit(RateLimitItemPerMinute(per_minute), scope, max(tokens, 1))
 
     async def _hit(self, item: RateLimitItem, scope: str, cost: int) -> Decision:
+        decision = await self._decide(item, scope, cost)
+        if not decision.allowed:  # the limit's kind is the scope's prefix (rpm, tpm, byok, …)
+            self.metrics.rate_limited(scope.partition(":")[0])
+        return decision
+
+    async def _decide(self, item: RateLimitItem, scope: str, cost: int) -> Decision:
         if item.amount <= 0:
             return Decision(False, 0, 0, 60.0)
         if self._outage is None:

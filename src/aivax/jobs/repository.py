@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, or_, select, tuple_, update
+from sqlalchemy import func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -34,6 +34,7 @@ class ClaimedJob:
     attempts: int
     max_attempts: int | None
     cancel_requested: bool
+    run_at: datetime  # when it became due: its wait in the queue ends at this claim
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,7 @@ def claim(
             Job.attempts,
             Job.max_attempts,
             Job.cancel_requested,
+            Job.run_at,
         )
     ).first()
     return ClaimedJob(*row) if row is not None else None
@@ -320,3 +322,13 @@ async def requeue(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> bo
         )
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def active_counts(session: AsyncSession) -> dict[tuple[str, str], int]:
+    """Jobs queued and running, by (kind, status)."""
+    rows = await session.execute(
+        select(Job.kind, Job.status, func.count())
+        .where(Job.status.in_(ACTIVE))
+        .group_by(Job.kind, Job.status)
+    )
+    return {(kind, status): count for kind, status, count in rows}

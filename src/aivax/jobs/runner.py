@@ -29,7 +29,8 @@ from aivax.config import Settings
 from aivax.db import Database
 from aivax.jobs import repository, service
 from aivax.jobs.repository import ClaimedJob
-from aivax.kit.clock import utcnow
+from aivax.kit.clock import as_utc, utcnow
+from aivax.metrics import NO_METRICS, Metrics
 
 logger = logging.getLogger("aivax.jobs")
 
@@ -122,8 +123,10 @@ class JobRunner:
         queues: list[str] | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.database = database
+        self.metrics = metrics
         self.poll_seconds = poll_seconds
         self.lease = timedelta(seconds=lease_seconds)
         self.concurrency = concurrency
@@ -142,13 +145,16 @@ class JobRunner:
         self._schedules_checked = float("-inf")
 
     @classmethod
-    def from_settings(cls, database: Database, settings: Settings) -> JobRunner:
+    def from_settings(
+        cls, database: Database, settings: Settings, metrics: Metrics = NO_METRICS
+    ) -> JobRunner:
         return cls(
             database,
             poll_seconds=settings.jobs_poll_seconds,
             lease_seconds=settings.jobs_lease_seconds,
             concurrency=settings.jobs_concurrency,
             queues=settings.jobs_queues,
+            metrics=metrics,
         )
 
     def register(
@@ -275,7 +281,10 @@ class JobRunner:
                 queues=queues,
             )
 
-        return await self.database.run_write(take)
+        job = await self.database.run_write(take)
+        if job is not None:
+            self.metrics.job_claimed(job.kind, (now - as_utc(job.run_at)).total_seconds())
+        return job
 
     async def work_once(self) -> bool:
         """Claim one job and run it to its end (tests, and a CLI that drains): whether there
@@ -305,6 +314,7 @@ class JobRunner:
                 ),
             )
             return
+        started = time.perf_counter()
         try:
             outcome = await self._outcome(context, registration, limit)
         except asyncio.CancelledError:
@@ -313,7 +323,7 @@ class JobRunner:
                 raise
             return  # the lease was lost: another worker owns the job now
         if outcome is not None:
-            await self._finish(context, outcome)
+            await self._finish(context, outcome, ran=time.perf_counter() - started)
 
     async def _outcome(
         self, context: JobContext, registration: Registration, limit: int
@@ -346,15 +356,17 @@ class JobRunner:
         )
         return ceiling / 2 + self.rng.random() * ceiling / 2
 
-    async def _finish(self, context: JobContext, outcome: Outcome) -> None:
+    async def _finish(self, context: JobContext, outcome: Outcome, *, ran: float = 0.0) -> None:
+        """Write the outcome of an attempt that ran for `ran` seconds (unless the job is no
+        longer this worker's)."""
         now = self.clock()
 
-        def write(conn: Connection) -> None:
+        def write(conn: Connection) -> str | None:
             cancel_requested = repository.lock_for_finish(
                 conn, job_id=context.id, worker=self.worker_id, attempt=context.attempts, now=now
             )
             if cancel_requested is None:
-                return  # no longer ours: whatever it produced is discarded
+                return None  # no longer ours: whatever it produced is discarded
             final = Outcome("cancelled") if cancel_requested else outcome
             values: dict[str, Any] = {"status": final.status, "updated_at": now}
             if final.status == "queued":
@@ -364,8 +376,11 @@ class JobRunner:
                 if final.error is not None:
                     values["error"] = final.error
             repository.set_outcome(conn, job_id=context.id, values=values)
+            return final.status
 
-        await self.database.run_write(write)
+        written = await self.database.run_write(write)
+        if written is not None:
+            self.metrics.job_finished(context.kind, written, ran)
         if outcome.status == "queued":
             self._poke()  # look again once its backoff is over (at the latest, the next poll)
 
@@ -383,6 +398,14 @@ class JobRunner:
             )
         except Exception:
             logger.exception("job %s could not be released; its lease will expire", context.id)
+
+    async def active_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs queued and running now in the whole database, by (kind, status); 0 for the
+        kinds this runner knows that have none."""
+        async with self.database.sessions() as session:
+            counts = await repository.active_counts(session)
+        known = {(kind, status): 0 for kind in self.handlers for status in repository.ACTIVE}
+        return known | counts
 
     # --- leases and schedules ----------------------------------------------------------------
 

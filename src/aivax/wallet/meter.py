@@ -23,7 +23,9 @@ from typing import Any, Protocol
 
 from aivax.config import Settings
 from aivax.db import Database
+from aivax.errors import PaymentRequired, ServiceUnavailable
 from aivax.kit.clock import utcnow
+from aivax.metrics import NO_METRICS, Metrics
 from aivax.wallet.hold_queue import HoldQueue
 from aivax.wallet.leases import LeaseBook, LeaseClaim
 from aivax.wallet.live import LiveHolds
@@ -111,7 +113,10 @@ def log_row(
 
 
 class Meter:
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(
+        self, settings: Settings, database: Database, metrics: Metrics = NO_METRICS
+    ) -> None:
+        self.metrics = metrics
         self.writer = build_writer(settings, database)
         self.live = LiveHolds(database, max_age_seconds=settings.hold_max_age_seconds)
         self.settler = build_settler(settings, self.writer, self.live)
@@ -143,12 +148,16 @@ class Meter:
         backlog is full or the database does not answer."""
         if amount <= 0:
             return NOTHING
-        if self.leases.enabled:
-            claim = await self.leases.reserve(account_id, amount, minimum, exact=exact)
-            return Reservation(amount, claim=claim)
-        hold_id = await self.holds.hold(
-            account_id=account_id, amount_micros=amount, ref=ref, minimum_balance=minimum
-        )
+        try:
+            if self.leases.enabled:
+                claim = await self.leases.reserve(account_id, amount, minimum, exact=exact)
+                return Reservation(amount, claim=claim)
+            hold_id = await self.holds.hold(
+                account_id=account_id, amount_micros=amount, ref=ref, minimum_balance=minimum
+            )
+        except (PaymentRequired, ServiceUnavailable) as exc:
+            self.metrics.wallet_refused(exc.code)
+            raise
         return Reservation(amount, hold_id=hold_id)
 
     def settle(self, reservation: Reservation, cost: int, log: dict[str, Any] | None) -> int:
@@ -156,6 +165,8 @@ class Meter:
         free again) and write its request-log row `log`. Returns the charge. Never waits for
         the database."""
         charge = reservation.charge_for(cost)
+        if log is not None:
+            self.metrics.record_call(log)
         if reservation.claim is not None:
             self.leases.finish(reservation.claim, charge, log)
         elif reservation.hold_id is not None or log is not None:
@@ -170,6 +181,7 @@ class Meter:
 
     def record(self, log: dict[str, Any]) -> None:
         """A request-log row that moves no money (a failed attempt before a fallback)."""
+        self.metrics.record_call(log)
         self.settler.submit(Settlement(hold_id=None, cost_micros=0, log=log))
 
     def unreserved(self, account_id: uuid.UUID) -> int:
