@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import JSON, Column, Integer, MetaData, Table, create_engine, insert, select
 from sqlalchemy.dialects import sqlite
 
-from aivax.db import FastStatement, _bind_processor
+from aivax.db import FastStatement
+from aivax.db.fast_statement import _bind_processor
 from aivax.models.base import UTCDateTime
 
 METADATA = MetaData()
