@@ -20,7 +20,7 @@ async def update_account(
     data: AccountUpdate, auth: PrivateKey, session: SessionDep, services: Services
 ) -> AccountRead:
     account = await service.update_own(session, auth.account, data)
-    services.caches.clear()  # cached principals carry settings
+    services.caches.clear_after_commit(session)  # cached principals carry settings
     return await service.read(session, account)
 
 

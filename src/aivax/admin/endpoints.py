@@ -61,7 +61,7 @@ async def update_account(
     services: Services,
 ) -> AccountRead:
     account = await account_service.update_as_operator(session, account_id, data)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return await account_service.read(session, account)
 
 
@@ -177,7 +177,7 @@ async def revoke_key(
     services: Services,
 ) -> KeyRead:
     key = await key_service.revoke(session, account_id, key_id, keep_last_private=False)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return KeyRead.model_validate(key)
 
 
@@ -202,7 +202,7 @@ async def update_plan(
     plan_id: str, data: PlanUpdate, _: Operator, session: SessionDep, services: Services
 ) -> PlanRead:
     plan = await plan_service.update(session, plan_id, data)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return PlanRead.model_validate(plan)
 
 

@@ -31,7 +31,7 @@ async def create_model(
     data: CatalogModelCreate, _: Operator, session: SessionDep, services: Services
 ) -> CatalogModelRead:
     model = await service.create_model(session, data)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return (await service.read_models(session, [model]))[0]
 
 
@@ -46,7 +46,7 @@ async def update_model(
     model_id: str, data: CatalogModelUpdate, _: Operator, session: SessionDep, services: Services
 ) -> CatalogModelRead:
     model = await service.update_model(session, model_id, data)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return (await service.read_models(session, [model]))[0]
 
 
@@ -55,7 +55,7 @@ async def delete_model(
     model_id: str, _: Operator, session: SessionDep, services: Services
 ) -> Response:
     await service.delete_model(session, model_id)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return Response(status_code=204)
 
 
@@ -76,7 +76,7 @@ async def create_operator_credential(
         secret_box=services.secret_box,
         ssrf_allowlist=frozenset(),
     )
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return service.read_credential(credential)
 
 
@@ -85,7 +85,7 @@ async def delete_operator_credential(
     credential_id: uuid.UUID, _: Operator, session: SessionDep, services: Services
 ) -> Response:
     await service.delete_credential(session, None, credential_id)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return Response(status_code=204)
 
 
@@ -106,7 +106,7 @@ async def create_credential(
         secret_box=services.secret_box,
         ssrf_allowlist=frozenset(services.settings.ssrf_allowlist),
     )
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return service.read_credential(credential)
 
 
@@ -115,5 +115,5 @@ async def delete_credential(
     credential_id: uuid.UUID, auth: PrivateKey, session: SessionDep, services: Services
 ) -> Response:
     await service.delete_credential(session, auth.account.id, credential_id)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return Response(status_code=204)

@@ -36,7 +36,7 @@ async def create_gateway(
     data: GatewayCreate, auth: PrivateKey, session: SessionDep, services: Services
 ) -> GatewayRead:
     gateway = await service.create(session, auth.account.id, data, services.secret_box)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return to_read(gateway)
 
 
@@ -56,7 +56,7 @@ async def update_gateway(
     ref: str, data: GatewayUpdate, auth: PrivateKey, session: SessionDep, services: Services
 ) -> GatewayRead:
     gateway = await service.update(session, auth.account.id, ref, data, services.secret_box)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return to_read(gateway)
 
 
@@ -65,7 +65,7 @@ async def delete_gateway(
     ref: str, auth: PrivateKey, session: SessionDep, services: Services
 ) -> Response:
     await service.delete(session, auth.account.id, ref)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return Response(status_code=204)
 
 
@@ -90,5 +90,5 @@ async def restore_version(
     ref: str, version: int, auth: PrivateKey, session: SessionDep, services: Services
 ) -> GatewayRead:
     gateway = await service.restore(session, auth.account.id, ref, version, services.secret_box)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return to_read(gateway)

@@ -1,9 +1,9 @@
 """Enqueueing (in the caller's transaction), recurring schedules and the operator's actions.
 
 A job is added to the caller's transaction and nothing else: a rolled-back write never runs.
-A session that enqueued wakes this process's runner after it commits (the session's
-`after_commit` event), so a job queued by a request starts at once instead of at the next poll;
-other processes' workers find it at their next poll.
+A session that enqueued wakes this process's runner after it commits (`db.on_commit`), so a
+job queued by a request starts at once instead of at the next poll; other processes' workers
+find it at their next poll.
 """
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from aivax.db import on_commit
 from aivax.errors import BadRequest, Conflict, NotFound
 from aivax.jobs import repository
 from aivax.kit.clock import utcnow
 from aivax.models.job import Job, JobSchedule
 
-# `Session.info` keys: the runner's wake function (set on the session factory by the runner),
-# and whether this session's transaction enqueued something.
+# `Session.info` key: the runner's wake function (set on the session factory by the runner).
 WAKE_KEY = "aivax.jobs.wake"
-PENDING_KEY = "aivax.jobs.pending"
 QUEUE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
@@ -163,16 +161,9 @@ def enqueue_sync(
 def wake_after_commit(session: Session) -> None:
     """Wake this process's runner once `session` commits (a rollback wakes no one, and a wake
     with nothing to do costs one query)."""
-    session.info[PENDING_KEY] = True
-    if not event.contains(session, "after_commit", _wake_on_commit):
-        event.listen(session, "after_commit", _wake_on_commit)
-
-
-def _wake_on_commit(session: Session) -> None:
-    if session.info.pop(PENDING_KEY, False):
-        wake: Callable[[], None] | None = session.info.get(WAKE_KEY)
-        if wake is not None:
-            wake()
+    wake: Callable[[], None] | None = session.info.get(WAKE_KEY)
+    if wake is not None:
+        on_commit(session, wake)
 
 
 # --- schedules -----------------------------------------------------------------------------

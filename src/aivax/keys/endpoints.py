@@ -44,5 +44,5 @@ async def revoke_key(
     key_id: uuid.UUID, auth: PrivateKey, session: SessionDep, services: Services
 ) -> KeyRead:
     key = await service.revoke(session, auth.account.id, key_id, keep_last_private=True)
-    services.caches.clear()
+    services.caches.clear_after_commit(session)
     return KeyRead.model_validate(key)

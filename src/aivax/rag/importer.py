@@ -116,8 +116,7 @@ async def import_jsonl(
             {"document_ids": to_index},
             len(to_index),
         )
-    await session.flush()
-    await session.commit()
+    await session.flush()  # the request commits (and wakes the runner for the job) when it ends
     return _report(len(items), len(items) - len(to_index), rejected_count, rejected, job)
 
 
