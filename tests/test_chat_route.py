@@ -134,21 +134,18 @@ async def test_upstream_is_streamed_only_for_streamed_calls(
 
 def test_delta_lines_match_the_whole_chunk_encoding() -> None:
     """The pre-encoded envelope gives exactly the bytes of encoding each chunk whole."""
-    from types import SimpleNamespace
-
     from aivax.inference import responses
 
-    call: Any = SimpleNamespace(
-        request_id='req_a"b\\\\"delta":{}',
-        requested_model='m"delta":{}"finish_reason":null',
-        model=None,
-    )
-    lines = responses.DeltaLines(call, 123)
+    request_id = 'req_a"b\\\\"delta":{}'
+    model = 'm"delta":{}"finish_reason":null'
+    lines = responses.DeltaLines(request_id, model, 123)
     opening = {"role": "assistant", "content": ""}
     for delta in (opening, {"content": 'hé "x"\n'}, {"tool_calls": [{"index": 0}]}, {}):
-        assert lines.line(delta) == responses.sse(responses.chunk(call, 123, delta=delta))
+        assert lines.line(delta) == responses.sse(
+            responses.chunk(request_id, model, 123, delta=delta)
+        )
     for reason in ("stop", "length", "tool_calls", 'odd "reason"', None):
-        whole = responses.chunk(call, 123, finish_reason=reason)
+        whole = responses.chunk(request_id, model, 123, finish_reason=reason)
         assert lines.finish_line(reason) == responses.sse(whole)
 
 

@@ -79,15 +79,9 @@ ENDPOINT_MODULES = {"aivax.inference.route", "aivax.rag.embeddings_api", "aivax.
 
 # (importing module, imported unit): why the upward import is still there.
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    # The kernel still calls its plug-ins by name; they become extension points registered in
-    # app.py (augmenters, moderation, structured output), and these entries go.
-    ("aivax.inference.pipeline", "gateways"): "gateway compose, routing, moderation",
-    ("aivax.inference.pipeline", "rag"): "RAG retrieval before the call (an augmenter)",
-    ("aivax.inference.pipeline", "structured"): "structured-output plan and grammar checks",
     ("aivax.inference.catalog_view", "gateways"): "GET /v1/models lists gateways",
     # The container (`services.AppServices`) is passed down as a whole; lower layers are to
     # take the collaborators they use instead (docs/decisions.md).
-    ("aivax.inference.pipeline", "services"): "the kernel takes the whole container",
     ("aivax.auth.dependencies", "services"): "the `Services` dependency every endpoint uses",
     ("aivax.auth.middleware", "services"): "key checks read caches, secret, database",
     ("aivax.gateways.compose", "services"): "gateway lookup reads caches and database",

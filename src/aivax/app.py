@@ -26,7 +26,9 @@ from aivax.catalog.endpoints import admin_router as admin_models_router
 from aivax.catalog.endpoints import router as credentials_router
 from aivax.catalog.service import seed_from_file
 from aivax.config import Settings, load_settings
+from aivax.gateways.compose import GatewayComposer
 from aivax.gateways.endpoints import router as gateways_router
+from aivax.gateways.moderation import GatewayModeration
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
 from aivax.inference.route import ChatLane, ChatRoute, takes
@@ -36,10 +38,12 @@ from aivax.metrics import endpoints as metrics_endpoints
 from aivax.migrate import head_revision
 from aivax.openapi import ERROR_RESPONSES
 from aivax.rag import indexer, mcp_server
+from aivax.rag.augment import RetrievalAugmenter
 from aivax.rag.embeddings_api import router as embeddings_router
 from aivax.rag.endpoints import jobs_router
 from aivax.rag.endpoints import router as collections_router
 from aivax.services import AppServices
+from aivax.structured.pipeline import StructuredOutput
 from aivax.wallet import service as wallet_service
 from aivax.wallet.endpoints import router as wallet_router
 
@@ -130,6 +134,18 @@ class AivaxApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def register_extensions(services: AppServices) -> None:
+    """The call kernel's plug-ins: gateways (resolver, moderation), RAG retrieval (an
+    augmenter), structured output (an output processor). Once per container."""
+    extensions = services.kernel.extensions
+    if extensions.gateways is not None:
+        return
+    extensions.gateways = GatewayComposer(services)
+    extensions.moderation.append(GatewayModeration(services))
+    extensions.augmenters.append(RetrievalAugmenter(services))
+    extensions.output.append(StructuredOutput())
+
+
 def register_job_handlers(services: AppServices) -> None:
     """Every domain's job handlers, in `aivax serve` and `aivax worker` alike."""
     indexer.register(services)
@@ -151,6 +167,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = services is None
         app.state.services = services or AppServices.build(settings)
+        register_extensions(app.state.services)
         logger.info("%s", app.state.services.registry.describe())
         await seed_models(app.state.services)
         await app.state.services.meter.start()  # before the first request, not during it
@@ -185,6 +202,7 @@ def create_app(settings: Settings, *, services: AppServices | None = None) -> Fa
     app.state.migration_head = head_revision()
     if services is not None:
         app.state.services = services
+        register_extensions(services)
     handlers.install(app)
     app.add_middleware(JsonBodyGuard)  # innermost: the chat route applies its rules itself
     app.add_middleware(ChatRoute)  # after the key and body-size middlewares

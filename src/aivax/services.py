@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aivax.caches import HotPathCaches
 from aivax.config import Settings
 from aivax.db import Database
+from aivax.inference.kernel import Kernel
 from aivax.inference.ratelimit import RateLimiter
 from aivax.jobs.runner import JobRunner
 from aivax.kit.crypto import SecretBox, random_secret
@@ -39,6 +40,20 @@ class AppServices:
     jobs: JobRunner
     sandbox: Sandbox
     metrics: Metrics
+    kernel: Kernel = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The call kernel's collaborators; its plug-ins are registered by the app
+        # (`app.register_extensions`).
+        self.kernel = Kernel(
+            settings=self.settings,
+            database=self.database,
+            secret_box=self.secret_box,
+            registry=self.registry,
+            limiter=self.limiter,
+            caches=self.caches,
+            meter=self.meter,
+        )
 
     @classmethod
     def build(cls, settings: Settings) -> AppServices:

@@ -16,6 +16,8 @@ from typing import Any
 from aivax.errors import BadRequest, Forbidden
 from aivax.gateways import service, templates
 from aivax.gateways.schemas import GatewayConfig, Tools
+from aivax.inference.caller import Caller
+from aivax.inference.extensions import ComposedGateway
 from aivax.inference.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -199,3 +201,31 @@ def _sampling(config: GatewayConfig, request: ChatCompletionRequest) -> dict[str
         if default is not None:
             values[name] = default
     return values
+
+
+class GatewayComposer:
+    """The kernel's gateway resolver: a model name that names one of the caller's gateways →
+    the request composed for its model, with the gateway's policies."""
+
+    def __init__(self, services: AppServices) -> None:
+        self.services = services
+
+    async def resolve(
+        self, caller: Caller, request: ChatCompletionRequest
+    ) -> ComposedGateway | None:
+        principal = caller.principal
+        target = await lookup(self.services, principal, request.model, caller.origin)
+        if target is None:
+            return None
+        composed = await compose(target, request, principal)
+        config = effective_config(target.config, principal)
+        context = config.context
+        return ComposedGateway(
+            id=target.id,
+            request=composed,
+            settings=config,
+            routing=config.routing,
+            fallbacks=config.fallbacks,
+            context_limit=context.limit_tokens if context is not None else None,
+            truncation=context.truncation if context is not None else "error",
+        )

@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import repository as catalog_repository
 from aivax.errors import AppError
-from aivax.gateways.schemas import Moderation
+from aivax.gateways.schemas import GatewayConfig, Moderation
+from aivax.inference.extensions import CallModerator, CallView
 from aivax.models import ProviderCredential
 from aivax.providers.base import UpstreamError
 from aivax.services import AppServices
@@ -172,3 +173,55 @@ def caller_text(messages: list[dict[str, Any]]) -> str:
         elif isinstance(content, list):
             parts += [part["text"] for part in content if part.get("type") == "text"]
     return "\n".join(parts)
+
+
+class InputBlocked(AppError):
+    status = 400
+    code = "content_policy_violation"
+
+
+@dataclass
+class CallModeration:
+    """A gateway's moderation as the kernel asks for it: input before the call, output as it
+    grows (every character for rules, every few hundred for the moderation endpoint)."""
+
+    moderator: Moderator
+
+    @property
+    def output_step(self) -> int:
+        settings = self.moderator.settings
+        if not settings.output:
+            return 0
+        return 400 if settings.provider == "openai" else 1
+
+    async def check_input(self, messages: list[dict[str, Any]]) -> str | None:
+        settings = self.moderator.settings
+        if not settings.input:
+            return None
+        tripped = await self.moderator.check_input(caller_text(messages))
+        if tripped is not None and settings.action == "block":
+            raise InputBlocked(
+                "The input was blocked by this gateway's content policy.", param="messages"
+            )
+        return tripped
+
+    async def check_output(self, text: str) -> str | None:
+        tripped = await self.moderator.trips(text)
+        if tripped is not None and self.moderator.settings.action == "block":
+            raise ContentBlocked("output")
+        return tripped
+
+
+class GatewayModeration:
+    """The kernel's moderation provider: a moderator for calls through a gateway that has a
+    `moderation` section."""
+
+    def __init__(self, services: AppServices) -> None:
+        self.services = services
+
+    def moderator_for(self, call: CallView) -> CallModerator | None:
+        config = call.gateway.settings if call.gateway is not None else None
+        if not isinstance(config, GatewayConfig) or config.moderation is None:
+            return None
+        account_id = call.caller.principal.account_id
+        return CallModeration(Moderator(config.moderation, self.services, account_id))

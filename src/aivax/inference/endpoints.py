@@ -11,20 +11,27 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from aivax.auth.dependencies import AnyKey, PrivateKey, Services
 from aivax.db import SessionDep
-from aivax.errors import BadRequest, error_envelope
+from aivax.errors import BadRequest
 from aivax.inference import catalog_view, repository, responses
-from aivax.inference.accumulate import Accumulator, delta_of
-from aivax.inference.pipeline import PreparedCall, client_error, finish, open_stream, prepare
+from aivax.inference.accumulate import delta_of
+from aivax.inference.caller import Caller
+from aivax.inference.events import (
+    CallDone,
+    CallError,
+    CallResult,
+    Finished,
+    OutputDocument,
+    OutputOutcome,
+)
 from aivax.inference.schemas import ChatCompletionRequest
-from aivax.inference.steps import Steps
+from aivax.inference.service import CallStream, run_call, stream_call
 from aivax.keys.service import Principal
 from aivax.kit.fastjson import FastJSONResponse
 from aivax.kit.pagination import IdCursor, ListPage, PageLimit, page_of
 from aivax.kit.streaming import EventStreamResponse
 from aivax.openapi import CHAT_COMPLETION_RESPONSES
-from aivax.providers.base import StreamEvent, UpstreamError
+from aivax.providers.base import ReasoningDelta, TextDelta, ToolCallDelta
 from aivax.services import AppServices
-from aivax.structured import pipeline as structured
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -48,178 +55,81 @@ async def respond(
     origin: str | None,
 ) -> JSONResponse | StreamingResponse:
     """One chat completion, streamed or not, as the HTTP response to send."""
-    if body.stream and body.json_only:
-        raise BadRequest(
-            "json_only returns one JSON document; it cannot be streamed.", param="json_only"
-        )
+    caller = Caller.api_key(principal, request_id, origin)
     if body.stream:
-        call = await prepare(services, principal, body, request_id, origin=origin)
-        accumulator = Accumulator()
-        return await _stream(call, accumulator, open_stream(call, accumulator))
-    call, accumulator = await _complete(services, principal, body, request_id, origin)
-    if call.structured is not None:
-        return await _structured(services, principal, body, origin, call, accumulator)
-    return FastJSONResponse(
-        responses.completion(call, accumulator), headers=responses.cost_headers(call)
-    )
+        stream = await stream_call(services.kernel, body, caller)
+        return EventStreamResponse(
+            _sse(stream),
+            media_type="text/event-stream",
+            headers={**stream.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    result = await run_call(services.kernel, body, caller)
+    if result.output is not None:
+        return _structured(body, result, result.output)
+    return FastJSONResponse(responses.completion(result), headers=responses.cost_headers(result))
 
 
-async def _complete(
-    services: AppServices,
-    principal: Principal,
-    body: ChatCompletionRequest,
-    request_id: str,
-    origin: str | None,
-    steps: Steps | None = None,
-) -> tuple[PreparedCall, Accumulator]:
-    """One whole non-streamed call: prepared, run, settled (as the next of `steps`, if
-    given)."""
-    call = await prepare(services, principal, body, request_id, origin=origin, steps=steps)
-    accumulator = Accumulator()
-    status = 499  # unless the call completes or fails upstream
-    code: str | None = "cancelled"
-    try:
-        async for _ in open_stream(call, accumulator):
-            pass
-        status, code = 200, None
-    except UpstreamError as exc:
-        error = client_error(exc, call.model)
-        status, code = error.status, error.instance_code
-        raise error from exc
-    finally:
-        await finish(call, accumulator, status=status, error_code=code)
-    return call, accumulator
-
-
-async def _structured(
-    services: AppServices,
-    principal: Principal,
-    body: ChatCompletionRequest,
-    origin: str | None,
-    call: PreparedCall,
-    accumulator: Accumulator,
+def _structured(
+    body: ChatCompletionRequest, result: CallResult, output: OutputOutcome
 ) -> JSONResponse:
-    """Heal and validate; re-ask (each a full call, reserved, billed and logged as the next
-    step of the same request) until valid or out of attempts."""
-    plan = call.structured
-    assert plan is not None  # noqa: S101 - the caller checked
-    result = structured.check(plan, "".join(accumulator.text))
-    attempts, total_cost = 1, call.cost_micros or 0
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    while not result.valid and attempts <= plan.max_attempts:
-        messages = structured.reask(messages, result.raw, result.errors)
-        retry = ChatCompletionRequest.model_validate(
-            {**body.model_dump(exclude_none=True, by_alias=True), "messages": messages}
-        )
-        call, accumulator = await _complete(
-            services, principal, retry, call.request_id, origin, call.steps
-        )
-        total_cost += call.cost_micros or 0
-        attempts += 1
-        result = structured.check(plan, "".join(accumulator.text))
-    if not result.valid:
-        raise structured.failure(result)
-    report = structured.healing_report(result, attempts)
+    """A checked document: in the message (with its healing report), or as the whole body
+    (`json_only`)."""
     headers = {
-        **responses.cost_headers(call),
-        "x-aivax-cost-micros": str(total_cost),
-        "x-aivax-json-healing": ",".join(result.steps) or "none",
-        "x-aivax-json-attempts": str(attempts),
+        **responses.cost_headers(result),
+        "x-aivax-cost-micros": str(result.total_cost_micros),
+        "x-aivax-json-healing": ",".join(output.healing_steps) or "none",
+        "x-aivax-json-attempts": str(output.attempts),
     }
     if body.json_only:
-        usage = responses.usage_block(call, accumulator)
         headers |= {
-            "x-aivax-usage-prompt-tokens": str(usage["prompt_tokens"]),
-            "x-aivax-usage-completion-tokens": str(usage["completion_tokens"]),
+            "x-aivax-usage-prompt-tokens": str(result.usage.input_tokens),
+            "x-aivax-usage-completion-tokens": str(result.usage.output_tokens),
         }
-        return JSONResponse(result.document, headers=headers)
-    payload = responses.completion(call, accumulator)
-    payload["choices"][0]["message"]["content"] = json.dumps(result.document)
-    payload["aivax"] |= {"json_healing": report, "cost_micros": total_cost}
+        return JSONResponse(output.document, headers=headers)
+    payload = responses.completion(result)
+    payload["choices"][0]["message"]["content"] = json.dumps(output.document)
+    payload["aivax"] |= {"json_healing": output.report, "cost_micros": result.total_cost_micros}
     return JSONResponse(payload, headers=headers)
 
 
-async def _stream(
-    call: PreparedCall, accumulator: Accumulator, events: AsyncIterator[StreamEvent]
-) -> StreamingResponse:
-    """Fail with a plain HTTP error if the upstream fails before its first event; after that,
-    failures become an SSE error event followed by [DONE]."""
-    try:
-        first: StreamEvent | None = await anext(events)
-    except StopAsyncIteration:
-        first = None
-    except UpstreamError as exc:
-        error = client_error(exc, call.model)
-        await finish(call, accumulator, status=error.status, error_code=error.instance_code)
-        raise error from exc
-    except BaseException:
-        await finish(call, accumulator, status=499, error_code="cancelled")
-        raise
-    return EventStreamResponse(
-        _sse(call, accumulator, first, events),
-        media_type="text/event-stream",
-        headers={**call.admission.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
-
-
-async def _sse(
-    call: PreparedCall,
-    accumulator: Accumulator,
-    first: StreamEvent | None,
-    events: AsyncIterator[StreamEvent],
-) -> AsyncIterator[bytes]:
+async def _sse(stream: CallStream) -> AsyncIterator[bytes]:
     """The event stream. Chunks that are ready together leave in one write: the opening chunk
     with the first delta, and the finish chunk with the usage chunk and [DONE]."""
     created = int(time.time())
-    status = 499  # unless the loop below completes
-    code: str | None = "client_disconnected"
+    lines = responses.DeltaLines(stream.request_id, stream.model, created)
+    head = _opening(stream, lines, created)
+    if not stream.opens_with_content:
+        yield head
+        head = b""
     tail: list[bytes] = []
-    try:
-        lines = responses.DeltaLines(call, created)
-        if retrieved := responses.retrieval_block(call):
-            opening = responses.chunk(call, created, delta={"role": "assistant", "content": ""})
-            opening["aivax"] = retrieved
-            head = [responses.sse(opening)]
-        else:
-            head = [lines.line({"role": "assistant", "content": ""})]
-        delta = delta_of(first) if first is not None else None
-        if delta is not None:
-            head.append(lines.line(delta))
-        yield b"".join(head)
-        async for event in events:
-            delta = delta_of(event)
-            if delta is not None:
-                yield lines.line(delta)
-        tail.append(lines.finish_line(accumulator.final_finish_reason()))
-        if call.structured is not None:
-            # Streams are healed locally at the end (no re-ask): the validated document comes
-            # in a last chunk, or the stream ends with a json_validation_failed error event.
-            result = structured.check(call.structured, "".join(accumulator.text))
-            if not result.valid:
-                raise structured.failure(result)
-            final = {**responses.chunk(call, created), "choices": []}
-            final["aivax"] = {
-                "document": result.document,
-                "json_healing": structured.healing_report(result, 1),
-            }
-            tail.append(responses.sse(final))
-        status, code = 200, None
-        await finish(call, accumulator, status=200, error_code=None)
-        if call.request.include_usage:
-            tail.append(responses.sse(responses.usage_chunk(call, accumulator, created)))
-        yield b"".join([*tail, responses.DONE])
-    except UpstreamError as exc:
-        error = client_error(exc, call.model)
-        status, code = error.status, error.instance_code
-        await finish(call, accumulator, status=status, error_code=code)
-        envelope = error_envelope(error.message, type_=error.type, code=code)
-        yield b"".join([*tail, responses.sse(envelope), responses.DONE])
-    except structured.JsonValidationFailed as failed:
-        status, code = 422, failed.code
-        await finish(call, accumulator, status=status, error_code=code)
-        yield b"".join([*tail, responses.sse(failed.envelope()), responses.DONE])
-    finally:
-        await finish(call, accumulator, status=status, error_code=code)
+    async for event in stream:
+        match event:
+            case TextDelta() | ReasoningDelta() | ToolCallDelta():
+                line = lines.line(delta_of(event) or {})
+                yield head + line if head else line
+                head = b""
+            case Finished(reason=reason):
+                tail.append(lines.finish_line(reason))
+            case OutputDocument(document=document, report=report):
+                final = {**responses.chunk(stream.request_id, stream.model, created), "choices": []}
+                final["aivax"] = {"document": document, "json_healing": report}
+                tail.append(responses.sse(final))
+            case CallDone(result=result):
+                if stream.include_usage:
+                    tail.append(responses.sse(responses.usage_chunk(result, created)))
+                yield b"".join([head, *tail, responses.DONE])
+            case CallError(error=error):
+                yield b"".join([head, *tail, responses.sse(error.envelope()), responses.DONE])
+
+
+def _opening(stream: CallStream, lines: responses.DeltaLines, created: int) -> bytes:
+    if not stream.include_retrieval:
+        return lines.line({"role": "assistant", "content": ""})
+    opening = responses.chunk(
+        stream.request_id, stream.model, created, delta={"role": "assistant", "content": ""}
+    )
+    opening["aivax"] = {"retrieval": stream.retrieval}
+    return responses.sse(opening)
 
 
 @router.get("/models")

@@ -5,111 +5,120 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aivax.inference.accumulate import Accumulator
-from aivax.inference.pipeline import PreparedCall
+from aivax.inference.events import CallResult, Usage
 from aivax.kit import fastjson
 from aivax.kit.money import micros_to_usd
 
 
-def completion_id(call: PreparedCall) -> str:
-    return "chatcmpl-" + call.request_id.removeprefix("req_")
+def completion_id(request_id: str) -> str:
+    return "chatcmpl-" + request_id.removeprefix("req_")
 
 
-def usage_block(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
-    cached = accumulator.usage.cached_input_tokens if accumulator.usage else 0
-    reasoning = accumulator.usage.reasoning_tokens if accumulator.usage else 0
+def usage_block(usage: Usage) -> dict[str, Any]:
     return {
-        "prompt_tokens": call.input_tokens,
-        "completion_tokens": call.output_tokens,
-        "total_tokens": call.input_tokens + call.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
-        "completion_tokens_details": {"reasoning_tokens": reasoning},
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
-def retrieval_block(call: PreparedCall) -> dict[str, Any]:
-    options = call.request.aivax
-    if options is None or not options.include_retrieval:
-        return {}
-    return {"retrieval": call.retrieval}
+def retrieval_block(result: CallResult) -> dict[str, Any]:
+    return {"retrieval": result.retrieval} if result.include_retrieval else {}
 
 
-def aivax_block(call: PreparedCall) -> dict[str, Any]:
+def aivax_block(result: CallResult) -> dict[str, Any]:
+    truncation = result.truncation
     return {
-        **retrieval_block(call),
-        "request_id": call.request_id,
-        "model": call.model.id,
-        "gateway_id": str(call.gateway_id) if call.gateway_id else None,
-        "cost_micros": call.cost_micros,
-        "cost_usd": micros_to_usd(call.cost_micros) if call.cost_micros is not None else None,
-        "usage_estimated": call.estimated,
-        "max_tokens": call.admission.max_tokens,
+        **retrieval_block(result),
+        "request_id": result.request_id,
+        "model": result.model,
+        "gateway_id": str(result.gateway_id) if result.gateway_id else None,
+        "cost_micros": result.cost_micros,
+        "cost_usd": micros_to_usd(result.cost_micros) if result.cost_micros is not None else None,
+        "usage_estimated": result.usage.estimated,
+        "max_tokens": result.max_tokens,
         "truncation": {
-            "mode": call.truncation.mode,
-            "dropped_messages": call.truncation.dropped_messages,
-            "input_tokens_before": call.truncation.input_tokens_before,
-            "input_tokens_after": call.truncation.input_tokens_after,
+            "mode": truncation.mode,
+            "dropped_messages": truncation.dropped_messages,
+            "input_tokens_before": truncation.input_tokens_before,
+            "input_tokens_after": truncation.input_tokens_after,
         }
-        if call.truncation
+        if truncation
         else None,
     }
 
 
-def cost_headers(call: PreparedCall) -> dict[str, str]:
-    headers = dict(call.admission.headers)
-    if call.cost_micros is not None:
-        headers["x-aivax-cost-micros"] = str(call.cost_micros)
-        headers["x-aivax-cost-usd"] = micros_to_usd(call.cost_micros)
-    headers["x-aivax-usage-estimated"] = "true" if call.estimated else "false"
+def cost_headers(result: CallResult) -> dict[str, str]:
+    headers = dict(result.headers)
+    if result.cost_micros is not None:
+        headers["x-aivax-cost-micros"] = str(result.cost_micros)
+        headers["x-aivax-cost-usd"] = micros_to_usd(result.cost_micros)
+    headers["x-aivax-usage-estimated"] = "true" if result.usage.estimated else "false"
     return headers
 
 
-def completion(call: PreparedCall, accumulator: Accumulator) -> dict[str, Any]:
+def message(result: CallResult) -> dict[str, Any]:
+    """The assistant message, as OpenAI shapes it."""
+    body: dict[str, Any] = {"role": "assistant", "content": result.content, "refusal": None}
+    if result.reasoning is not None:
+        body["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        body["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in result.tool_calls
+        ]
+    return body
+
+
+def completion(result: CallResult) -> dict[str, Any]:
     return {
-        "id": completion_id(call),
+        "id": completion_id(result.request_id),
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": call.requested_model or call.model.id,
+        "model": result.requested_model or result.model,
         "choices": [
             {
                 "index": 0,
-                "message": accumulator.message(),
-                "finish_reason": accumulator.final_finish_reason(),
+                "message": message(result),
+                "finish_reason": result.finish_reason,
                 "logprobs": None,
             }
         ],
-        "usage": usage_block(call, accumulator),
-        "aivax": aivax_block(call),
+        "usage": usage_block(result.usage),
+        "aivax": aivax_block(result),
     }
 
 
 def chunk(
-    call: PreparedCall,
+    request_id: str,
+    model: str,
     created: int,
     *,
     delta: dict[str, Any] | None = None,
     finish_reason: str | None = None,
 ) -> dict[str, Any]:
     return {
-        "id": completion_id(call),
+        "id": completion_id(request_id),
         "object": "chat.completion.chunk",
         "created": created,
-        "model": call.requested_model or call.model.id,
+        "model": model,
         "choices": [
             {"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}
         ],
     }
 
 
-def usage_chunk(call: PreparedCall, accumulator: Accumulator, created: int) -> dict[str, Any]:
+def usage_chunk(result: CallResult, created: int) -> dict[str, Any]:
     return {
-        "id": completion_id(call),
+        "id": completion_id(result.request_id),
         "object": "chat.completion.chunk",
         "created": created,
-        "model": call.requested_model or call.model.id,
+        "model": result.requested_model or result.model,
         "choices": [],
-        "usage": usage_block(call, accumulator),
-        "aivax": aivax_block(call),
+        "usage": usage_block(result.usage),
+        "aivax": aivax_block(result),
     }
 
 
@@ -117,8 +126,8 @@ class DeltaLines:
     """The SSE lines of one call's delta chunks: the envelope (id, created, model, …) is
     encoded once, each chunk only encodes its delta."""
 
-    def __init__(self, call: PreparedCall, created: int) -> None:
-        whole = fastjson.dumps(chunk(call, created)).decode()
+    def __init__(self, request_id: str, model: str, created: int) -> None:
+        whole = fastjson.dumps(chunk(request_id, model, created)).decode()
         head, tail = whole.split('"delta":{}', 1)  # strings are escaped: one real match
         self.head = b"data: " + head.encode() + b'"delta":'
         self.tail = tail.encode() + b"\n\n"

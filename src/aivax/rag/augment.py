@@ -19,7 +19,8 @@ import uuid
 from typing import Any
 
 from aivax.errors import AppError
-from aivax.gateways.schemas import Collections
+from aivax.gateways.schemas import Collections, GatewayConfig
+from aivax.inference.extensions import Augmentation, CallView
 from aivax.inference.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -111,7 +112,7 @@ async def _search(
     principal: Principal,
     section: Collections,
     query: str,
-    request_id: str,
+    steps: Steps,
 ) -> list[SearchResult]:
     async with services.database.sessions() as session:
         collections = [
@@ -127,7 +128,8 @@ async def _search(
             principal,
             collections,
             SearchRequest(query=query[:4000], top_k=section.top_k, min_score=section.min_score),
-            request_id=request_id,
+            request_id=steps.request_id,
+            steps=steps,
             rate_limited=False,
         )
     return response.data
@@ -183,8 +185,8 @@ async def augment(
                 max_tokens=64,
                 steps=steps,
             )
-            query = rewritten.generated_text().strip().strip('"') or question
-        results = await _search(services, principal, section, query, request_id)
+            query = internal.generated_text(rewritten).strip().strip('"') or question
+        results = await _search(services, principal, section, query, steps)
     except (AppError, UpstreamError) as exc:
         # Retrieval must never take the assistant down: answer without it, and say so.
         logger.warning("retrieval for %s failed: %s", request_id, exc)
@@ -221,7 +223,7 @@ async def _tool_turn(
         tools=[SEARCH_TOOL],
         steps=steps,
     )
-    call = next((c for c in decided.tool_calls.values() if c.name == TOOL_NAME), None)
+    call = next((c for c in decided.tool_calls if c.name == TOOL_NAME), None)
     if call is None:
         return request, _report("tool", None, [])
     try:
@@ -229,7 +231,7 @@ async def _tool_turn(
         query = str(arguments.get("query") or latest_user_text(request))
     except (ValueError, AttributeError, JsonTooDeep):
         query = latest_user_text(request)
-    results = await _search(services, principal, section, query, steps.request_id)
+    results = await _search(services, principal, section, query, steps)
     text, kept = _passages(results, section.context_tokens)
     call_id = call.id or f"call_{uuid.uuid4().hex[:12]}"
     exchange = [
@@ -256,3 +258,26 @@ async def _tool_turn(
         request.model_copy(update={"messages": [*request.messages, *exchange]}),
         _report("tool", query, kept),
     )
+
+
+class RetrievalAugmenter:
+    """The kernel's RAG augmenter: retrieval for calls through a gateway with a `collections`
+    section."""
+
+    def __init__(self, services: AppServices) -> None:
+        self.services = services
+
+    async def augment(self, call: CallView) -> Augmentation | None:
+        config = call.gateway.settings if call.gateway is not None else None
+        if not isinstance(config, GatewayConfig):
+            return None
+        model = call.model
+        request, report = await augment(
+            self.services,
+            call.caller.principal,
+            config.collections,
+            call.request,
+            call.steps,
+            supports_tools=model.supports_tools or model.byok,
+        )
+        return Augmentation(request, report)

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from aivax.auth.dependencies import PrivateCaller, Services
 from aivax.errors import BadRequest
 from aivax.inference import admission
-from aivax.inference.pipeline import client_error, plan_and_model
+from aivax.inference.errors import client_error
+from aivax.inference.prepare import plan_and_model
 from aivax.kit.money import micros_to_usd
 from aivax.providers.base import UpstreamError
 from aivax.rag import metering
@@ -61,7 +62,7 @@ async def create_embeddings(
     body: EmbeddingRequest, principal: PrivateCaller, services: Services, request: Request
 ) -> JSONResponse:
     texts = _texts(body)
-    limits, model = await plan_and_model(services, principal, body.model)
+    limits, model = await plan_and_model(services.kernel, principal, body.model)
     admission.check_plan(principal, principal.plan_id, limits, model)
     native = model.options.get("dimensions")
     if body.dimensions is not None and native is not None and body.dimensions != native:

@@ -1,17 +1,18 @@
 """Calls AIVAX makes itself on a caller's behalf (query rewriting, retrieval decisions,
-reranking with a chat model): billed to the caller and logged like any call."""
+reranking with a chat model): run by the call kernel as `internal` calls, billed to the caller
+and logged like any call."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from aivax.inference import pipeline as inference
-from aivax.inference.accumulate import Accumulator
+from aivax.inference.caller import Caller
+from aivax.inference.events import CallResult
 from aivax.inference.schemas import ChatCompletionRequest
+from aivax.inference.service import run_call
 from aivax.inference.steps import Steps
 from aivax.keys.service import Principal
-from aivax.providers.base import UpstreamError
 from aivax.services import AppServices
 
 
@@ -24,7 +25,7 @@ async def call(
     max_tokens: int,
     tools: list[dict[str, Any]] | None = None,
     steps: Steps | None = None,
-) -> Accumulator:
+) -> CallResult:
     """One billed, non-streamed call of `model` made by AIVAX itself, reserved, settled and
     logged like any call: as the next step of the caller's request when `steps` is given,
     else under a request id of its own."""
@@ -37,18 +38,12 @@ async def call(
     if tools:
         body["tools"] = tools
     request = ChatCompletionRequest.model_validate(body)
-    steps = steps or Steps(f"internal:{uuid.uuid4()}")
-    call = await inference.prepare(
-        services, principal, request, steps.request_id, internal=True, steps=steps
-    )
-    accumulator = Accumulator()
-    status, code = 200, None
-    try:
-        async for _ in inference.open_stream(call, accumulator):
-            pass
-    except UpstreamError as exc:
-        status, code = exc.status, exc.code
-        raise
-    finally:
-        await inference.finish(call, accumulator, status=status, error_code=code)
-    return accumulator
+    request_id = steps.request_id if steps is not None else f"internal:{uuid.uuid4()}"
+    caller = Caller.internal(principal, request_id, steps)
+    return await run_call(services.kernel, request, caller)
+
+
+def generated_text(result: CallResult) -> str:
+    """Everything the model generated, as one text (reasoning, content, tool calls)."""
+    calls = "".join(c.name + c.arguments for c in result.tool_calls)
+    return (result.reasoning or "") + (result.content or "") + calls

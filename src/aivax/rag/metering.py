@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import BadRequest
 from aivax.inference import admission
+from aivax.inference.steps import Steps
 from aivax.inference.tokens import count_text
 from aivax.keys.service import Principal
 from aivax.plans.schemas import PlanLimits
@@ -81,9 +82,11 @@ async def embed(
     request_id: str,
     key_id: uuid.UUID | None = None,
     rate_limit_for: Principal | None = None,
+    steps: Steps | None = None,
 ) -> Embedded:
     """Embed `texts` for the account, billed (and rate-limited when `rate_limit_for` is given);
-    raises AppError/UpstreamError on refusal."""
+    raises AppError/UpstreamError on refusal. `steps`: the request this embedding is a step of
+    (a search's query embedding); its request-log row is that request's next step."""
     embedder = embedder_for(services, model)
     estimate = sum(min(count_text(text), embedder.max_input_tokens) for text in texts)
     headers: dict[str, str] = {}
@@ -126,6 +129,7 @@ async def embed(
             charge,
             log_row(
                 request_id=request_id,
+                step=steps.next() if steps is not None else 1,
                 account_id=account_id,
                 key_id=key_id,
                 model=model,

@@ -15,7 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aivax.catalog import service as catalog
 from aivax.catalog.service import BYOK_PREFIX, ModelNotFound
 from aivax.errors import BadRequest, NotFound
-from aivax.inference import pipeline as inference
+from aivax.inference.errors import client_error
+from aivax.inference.prepare import plan_and_model
+from aivax.inference.steps import Steps
 from aivax.keys.service import Principal
 from aivax.models import Collection
 from aivax.plans.schemas import PlanLimits
@@ -35,8 +37,12 @@ async def run(
     request: SearchRequest,
     *,
     request_id: str,
+    steps: Steps | None = None,
     rate_limited: bool = True,
 ) -> SearchResponse:
+    """`steps`: the request this search is part of (a gateway call's retrieval); its query
+    embeddings and reranking judge are logged as that request's next steps."""
+    steps = steps or Steps(request_id)
     limits = await cached_plan_limits(services, session, principal.plan_id)
     if rate_limited:
         await hit_rate(services.limiter, "search", principal.account_id, limits.search_rpm)
@@ -50,7 +56,7 @@ async def run(
     embeddings = (
         {
             model: asyncio.create_task(
-                _embed_query(services, principal, limits, model, request.query, request_id)
+                _embed_query(services, principal, limits, model, request.query, steps)
             )
             for model in dict.fromkeys(c.embedding_model for c in collections)
         }
@@ -110,7 +116,7 @@ async def run(
         top = candidates[: request.rerank.candidates]
         hydrated = await search.hydrate(session, top, owned)
         scores = await _rerank(
-            services, session, principal, request.rerank, request.query, hydrated
+            services, session, principal, request.rerank, request.query, hydrated, steps
         )
         for result, score in zip(hydrated, scores, strict=True):
             result.rerank_score = round(score, 6)
@@ -134,9 +140,9 @@ async def _embed_query(
     limits: PlanLimits,
     model_name: str,
     query: str,
-    request_id: str,
+    steps: Steps,
 ) -> tuple[npt.NDArray[np.float32], int]:
-    _, model = await inference.plan_and_model(services, principal, model_name)
+    _, model = await plan_and_model(services.kernel, principal, model_name)
     try:
         embedded = await metering.embed(
             services,
@@ -144,11 +150,12 @@ async def _embed_query(
             limits,
             model,
             [query],
-            request_id=f"{request_id}:query",
+            request_id=steps.request_id,
+            steps=steps,
             key_id=principal.key_id,
         )
     except UpstreamError as exc:
-        raise inference.client_error(exc, model) from exc
+        raise client_error(exc, model) from exc
     return search.as_query_vector(embedded.vectors), embedded.tokens
 
 
@@ -159,6 +166,7 @@ async def _rerank(
     spec: RerankSpec,
     query: str,
     results: list[SearchResult],
+    steps: Steps,
 ) -> list[float]:
     if not results:
         return []
@@ -189,7 +197,7 @@ async def _rerank(
             raise BadRequest(
                 f"The reranker failed: {exc.message}", param="rerank", code="rerank_failed"
             ) from exc
-    return await _judge(services, principal, spec.model or "", query, results)
+    return await _judge(services, principal, spec.model or "", query, results, steps)
 
 
 JUDGE_PROMPT = (
@@ -204,6 +212,7 @@ async def _judge(
     model: str,
     query: str,
     results: list[SearchResult],
+    steps: Steps,
 ) -> list[float]:
     """A chat model as the judge: one billed call that scores every passage 0-10."""
     passages = "\n\n".join(
@@ -219,12 +228,13 @@ async def _judge(
                 {"role": "user", "content": f"Query: {query}\n\nPassages:\n{passages}"},
             ],
             max_tokens=8 * len(results) + 32,
+            steps=steps,
         )
     except UpstreamError as exc:
         raise BadRequest(
             f"The reranking model failed: {exc.message}", param="rerank", code="rerank_failed"
         ) from exc
-    return _parse_scores(answer.generated_text(), len(results))
+    return _parse_scores(internal.generated_text(answer), len(results))
 
 
 def _parse_scores(text: str, count: int) -> list[float]:

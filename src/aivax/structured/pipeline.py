@@ -20,9 +20,11 @@ from jsonschema import Draft202012Validator
 
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError, BadRequest
-from aivax.gateways.schemas import JsonSchemaSettings
+from aivax.gateways.schemas import GatewayConfig, JsonSchemaSettings
+from aivax.inference.extensions import CallView, CheckedOutput
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.kit.jsonlimits import JsonTooDeep
+from aivax.structured import grammar_support
 from aivax.structured.healing import TOO_DEEP, HealResult, heal, load_document
 from aivax.structured.schema import check_schema
 
@@ -41,11 +43,44 @@ class JsonValidationFailed(AppError):
 
 @dataclass(frozen=True)
 class StructuredPlan:
+    """The kernel's output plan for a call that wants JSON."""
+
     schema: dict[str, Any]
     validator: Draft202012Validator
     source: str  # "response_schema" | "response_format"
     heal: bool
     max_attempts: int
+
+    def check(self, text: str) -> HealResult:
+        return check(self, text)
+
+    def reask(self, messages: list[dict[str, Any]], checked: CheckedOutput) -> list[dict[str, Any]]:
+        return reask(messages, checked.raw, checked.errors)
+
+    def failure(self, checked: CheckedOutput) -> JsonValidationFailed:
+        return failure(checked)
+
+    def report(self, checked: CheckedOutput, attempts: int) -> dict[str, Any]:
+        return healing_report(checked, attempts)
+
+
+class StructuredOutput:
+    """The kernel's output processor: plans, shapes and checks structured output."""
+
+    def prepare(self, call: CallView, body: dict[str, Any]) -> StructuredPlan | None:
+        request, model = call.request, call.model
+        config = call.gateway.settings if call.gateway is not None else None
+        plan = plan_for(
+            request,
+            heal_response_format=call.caller.principal.json_healing_for_response_format,
+            gateway_settings=config.json_schema if isinstance(config, GatewayConfig) else None,
+        )
+        if model.provider == "local_gguf":  # grammar-constrained: refuse what it cannot enforce
+            for param, schema in requested_schemas(request):
+                grammar_support.check(schema, param=param)
+        if plan is not None:
+            apply(plan, model, body)
+        return plan
 
 
 def plan_for(
@@ -158,7 +193,7 @@ def reask(messages: list[dict[str, Any]], raw: str, errors: list[str]) -> list[d
     ]
 
 
-def failure(result: HealResult) -> JsonValidationFailed:
+def failure(result: CheckedOutput) -> JsonValidationFailed:
     return JsonValidationFailed(
         "The model did not produce JSON matching the schema: "
         + "; ".join(result.errors[:10])
@@ -167,7 +202,7 @@ def failure(result: HealResult) -> JsonValidationFailed:
     )
 
 
-def healing_report(result: HealResult, attempts: int) -> dict[str, Any]:
+def healing_report(result: CheckedOutput, attempts: int) -> dict[str, Any]:
     return {
         "repaired": result.repaired,
         "steps": result.steps,
