@@ -57,6 +57,7 @@ async def running(app: FastAPI, services: AppServices) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        exposition.close()
         if server is not None:
             server.close()
             await server.wait_closed()

@@ -69,6 +69,10 @@ class Exposition:
             self.registry = metrics.registry
         self.registry.register(self._jobs)
 
+    def close(self) -> None:
+        """Stop adding job counts to the registry (the services may outlive this app)."""
+        self.registry.unregister(self._jobs)
+
     async def render(self) -> bytes:
         await self._read_job_counts()
         return generate_latest(self.registry)
