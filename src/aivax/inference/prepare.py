@@ -219,7 +219,43 @@ async def _moderate_input(kernel: Kernel, draft: Draft) -> tuple[CallModerator |
     return None, []
 
 
+@dataclass
+class Admitted:
+    """What admission worked out for a draft."""
+
+    provider: Provider
+    input_tokens: int
+    max_tokens: int
+    send_max: bool
+    media: set[str]
+    headers: dict[str, str]
+    truncated: Truncation | None
+
+
 async def _admit_and_reserve(kernel: Kernel, draft: Draft, *, first: bool) -> PreparedCall:
+    admitted = await _admit(kernel, draft)
+    moderator, flags = await _hooks_and_moderation(kernel, draft, first=first)
+    fallbacks = await _fallbacks(kernel, draft, admitted.input_tokens, admitted.media)
+    reservation, money_headers = await _reserve(kernel, draft, admitted, fallbacks)
+    if money_headers:
+        fallbacks = []
+    if admitted.send_max or money_headers:
+        draft.body["max_tokens"] = admitted.max_tokens
+    truncated, ignored = admitted.truncated, draft.ignored
+    headers = {
+        **admitted.headers,
+        **money_headers,
+        **({"x-aivax-truncated": truncated.header()} if truncated else {}),
+        **({"x-aivax-ignored-parameters": ", ".join(ignored)} if ignored else {}),
+    }
+    call = _prepared(kernel, draft, admitted, reservation, headers)
+    call.fallbacks, call.moderator, call.flags = fallbacks, moderator, flags
+    return call
+
+
+async def _admit(kernel: Kernel, draft: Draft) -> Admitted:
+    """Context fit and token count, rate limits, context cap, capabilities, output budget,
+    storage — in the order their refusals are reported."""
     principal, model, limits, body = draft.caller.principal, draft.model, draft.limits, draft.body
     try:
         truncated, counted = await _fit_context(kernel, model, body, draft.gateway)
@@ -235,62 +271,62 @@ async def _admit_and_reserve(kernel: Kernel, draft: Draft, *, first: bool) -> Pr
     admission.check_capabilities(draft.request, model, media)
     max_tokens, send_max = admission.plan_output(draft.request, model, input_tokens)
     admission.check_storage(principal, limits)
-    moderator, flags = await _hooks_and_moderation(kernel, draft, first=first)
-    fallbacks = await _fallbacks(kernel, draft, input_tokens, media)
-    # Hold the costliest model of the chain; when the balance cannot cover the primary's worst
-    # case, max_tokens is clamped for it and the fallbacks are dropped.
+    return Admitted(provider, input_tokens, max_tokens, send_max, media, headers, truncated)
+
+
+async def _reserve(
+    kernel: Kernel, draft: Draft, admitted: Admitted, fallbacks: list[Attempt]
+) -> tuple[Reservation, dict[str, str]]:
+    """Hold the costliest model of the chain; when the balance cannot cover the primary's
+    worst case, max_tokens is clamped for it (`admitted.max_tokens`) and the fallbacks are
+    dropped (money headers say so)."""
+    tokens = admitted.input_tokens
     worst = max(
-        [admission.cost_micros(model, input_tokens, max_tokens) or 0]
-        + [
-            admission.cost_micros(f.model, input_tokens, f.upstream.max_tokens) or 0
-            for f in fallbacks
-        ]
+        [admission.cost_micros(draft.model, tokens, admitted.max_tokens) or 0]
+        + [admission.cost_micros(f.model, tokens, f.upstream.max_tokens) or 0 for f in fallbacks]
     )
-    reservation, max_tokens, money_headers = await _hold(
-        kernel, draft, input_tokens, max_tokens, media, worst=worst
+    reservation, admitted.max_tokens, money_headers = await _hold(
+        kernel, draft, tokens, admitted.max_tokens, admitted.media, worst=worst
     )
-    if money_headers:
-        fallbacks = []
-    if send_max or money_headers:
-        body["max_tokens"] = max_tokens
-    admitted = admission.Admission(
-        input_tokens=input_tokens,
-        max_tokens=max_tokens,
-        hold_micros=reservation.amount,
-        headers={
-            **headers,
-            **money_headers,
-            **({"x-aivax-truncated": truncated.header()} if truncated else {}),
-            **({"x-aivax-ignored-parameters": ", ".join(draft.ignored)} if draft.ignored else {}),
-        },
+    return reservation, money_headers
+
+
+def _prepared(
+    kernel: Kernel,
+    draft: Draft,
+    admitted: Admitted,
+    reservation: Reservation,
+    headers: dict[str, str],
+) -> PreparedCall:
+    model, routing = draft.model, draft.gateway.routing if draft.gateway is not None else None
+    timeout = routing.timeout_seconds if routing else kernel.settings.upstream_read_timeout_seconds
+    upstream = UpstreamRequest(
+        upstream_model=model.upstream_model,
+        body=draft.body,
+        max_tokens=admitted.max_tokens,
+        timeout_seconds=timeout,
+        stream=draft.request.stream,
     )
-    routing = draft.gateway.routing if draft.gateway is not None else None
     return PreparedCall(
         kernel=kernel,
         caller=draft.caller,
         request=draft.request,
         model=model,
-        provider=provider,
-        upstream=UpstreamRequest(
-            upstream_model=model.upstream_model,
-            body=body,
-            max_tokens=max_tokens,
-            timeout_seconds=routing.timeout_seconds
-            if routing
-            else kernel.settings.upstream_read_timeout_seconds,
-            stream=draft.request.stream,
+        provider=admitted.provider,
+        upstream=upstream,
+        admission=admission.Admission(
+            input_tokens=admitted.input_tokens,
+            max_tokens=admitted.max_tokens,
+            hold_micros=reservation.amount,
+            headers=headers,
         ),
-        admission=admitted,
         reservation=reservation,
         steps=draft.steps,
-        limits=limits,
-        input_tokens=input_tokens,
+        limits=draft.limits,
+        input_tokens=admitted.input_tokens,
         gateway=draft.gateway,
         requested_model=draft.requested_model,
-        fallbacks=fallbacks,
-        truncation=truncated,
-        moderator=moderator,
-        flags=flags,
+        truncation=admitted.truncated,
         output=draft.output,
         retrieval=draft.retrieval,
         tools=draft.tools,
