@@ -3,15 +3,12 @@ only: a public key (in a browser) never manages or reads an account's collection
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
-from sqlalchemy import select
 
 from aivax.auth.dependencies import PrivateKey, Services
 from aivax.db import SessionDep
@@ -20,7 +17,7 @@ from aivax.kit.jsonlimits import NulCharacter, check_nul, loads_limited
 from aivax.kit.pagination import ListPage, PageLimit, page_of, whole
 from aivax.models import Document
 from aivax.openapi import EXPORT_RESPONSES
-from aivax.rag import chunking, importer, retrieval, service
+from aivax.rag import chunking, documents, importer, retrieval, service
 from aivax.rag.schemas import (
     CollectionCreate,
     CollectionRead,
@@ -46,22 +43,14 @@ Wait = Annotated[
 
 
 async def _wait_for(services: AppServices, document: Document, wait: bool) -> None:
-    """Poll the document's status until it settles (the job runs in the background)."""
-    if not wait:
-        return
-    deadline = time.monotonic() + WAIT_SECONDS_MAX
-    while time.monotonic() < deadline:
-        async with services.database.sessions() as session:
-            status = await session.scalar(select(Document.status).where(Document.id == document.id))
-        if status in (None, "ready", "failed"):
-            return
-        await asyncio.sleep(0.05)
+    if wait:
+        await documents.wait_until_indexed(services, document.id, WAIT_SECONDS_MAX)
 
 
 async def _fresh(services: AppServices, document: Document) -> DocumentRead:
     async with services.database.sessions() as session:
         current = await session.get(Document, document.id)
-        return service.document_read(current or document)
+        return documents.document_read(current or document)
 
 
 # --- collections ---------------------------------------------------------------------------
@@ -154,8 +143,8 @@ async def create_document(
     wait: Wait = False,
 ) -> DocumentRead:
     collection = await service.get_collection(session, auth.account.id, collection_id)
-    document, _ = await service.create_document(
-        services, session, auth.principal, collection, service.input_of(data)
+    document, _ = await documents.create_document(
+        services, session, auth.principal, collection, documents.input_of(data)
     )
     await session.commit()
     await _wait_for(services, document, wait)
@@ -241,14 +230,16 @@ async def upload_document(
     if not text.strip():
         raise BadRequest("The file has no text.", param="file")
     _check_upload(id, title, meta, text)
-    item = service.DocumentInput(
+    item = documents.DocumentInput(
         text,
         "text" if kind == "text" else "markdown",
         title or extracted_title or (file.filename or ""),
         id,
         meta,
     )
-    document, _ = await service.create_document(services, session, auth.principal, collection, item)
+    document, _ = await documents.create_document(
+        services, session, auth.principal, collection, item
+    )
     await session.commit()
     await _wait_for(services, document, wait)
     return await _fresh(services, document)
@@ -264,19 +255,10 @@ async def list_documents(
     status: Literal["queued", "indexing", "ready", "failed"] | None = None,
 ) -> ListPage[DocumentRead]:
     collection = await service.get_collection(session, auth.account.id, collection_id)
-    statement = select(Document).where(Document.collection_id == collection.id)
-    if status is not None:
-        statement = statement.where(Document.status == status)
-    if after is not None:
-        anchor = await service.get_document(session, collection, after)
-        statement = statement.where(
-            (Document.created_at > anchor.created_at)
-            | ((Document.created_at == anchor.created_at) & (Document.id > anchor.id))
-        )
-    rows = (
-        await session.scalars(statement.order_by(Document.created_at, Document.id).limit(limit + 1))
-    ).all()
-    data = [service.document_read(d) for d in rows]
+    rows = await documents.list_documents(
+        session, collection, status=status, after=after, limit=limit
+    )
+    data = [documents.document_read(d) for d in rows]
     return page_of(data, [str(d.id) for d in data], limit=limit)
 
 
@@ -289,9 +271,9 @@ async def get_document(
     include_text: Annotated[bool, Query(description="Include the stored text.")] = False,
 ) -> DocumentRead:
     collection = await service.get_collection(session, auth.account.id, collection_id)
-    document = await service.get_document(session, collection, document_id)
-    chunks = await service.document_chunks(session, document)
-    return service.document_read(document, chunks, with_text=include_text)
+    document = await documents.get_document(session, collection, document_id)
+    chunks = await documents.document_chunks(session, document)
+    return documents.document_read(document, chunks, with_text=include_text)
 
 
 @router.patch("/{collection_id}/documents/{document_id}", response_model=DocumentRead)
@@ -305,8 +287,8 @@ async def update_document(
     wait: Wait = False,
 ) -> DocumentRead:
     collection = await service.get_collection(session, auth.account.id, collection_id)
-    document = await service.get_document(session, collection, document_id)
-    await service.update_document(services, session, auth.principal, collection, document, data)
+    document = await documents.get_document(session, collection, document_id)
+    await documents.update_document(services, session, auth.principal, collection, document, data)
     await session.commit()
     await _wait_for(services, document, wait)
     return await _fresh(services, document)
@@ -317,8 +299,8 @@ async def delete_document(
     collection_id: str, document_id: str, auth: PrivateKey, session: SessionDep
 ) -> Response:
     collection = await service.get_collection(session, auth.account.id, collection_id)
-    document = await service.get_document(session, collection, document_id)
-    await service.delete_document(session, collection, document)
+    document = await documents.get_document(session, collection, document_id)
+    await documents.delete_document(session, collection, document)
     return Response(status_code=204)
 
 

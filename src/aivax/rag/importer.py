@@ -26,7 +26,7 @@ from aivax.errors import BadRequest, PayloadTooLarge
 from aivax.keys.service import Principal
 from aivax.kit.jsonlimits import MAX_JSON_DEPTH, JsonTooDeep, loads_limited, nul_path
 from aivax.models import Collection, Document
-from aivax.rag import service
+from aivax.rag import documents, service
 from aivax.rag.schemas import DocumentCreate
 from aivax.services import AppServices
 
@@ -99,11 +99,11 @@ async def import_jsonl(
     if not items:
         return _report(0, 0, rejected_count, rejected, None)
     await service.check_storage(
-        session, principal.account_id, limits, sum(service.text_bytes(i.text) for i in items)
+        session, principal.account_id, limits, sum(documents.text_bytes(i.text) for i in items)
     )
     to_index: list[str] = []
     for item in items:
-        document, changed = await service.upsert_document(session, collection, item)
+        document, changed = await documents.upsert_document(session, collection, item)
         await session.flush()
         if changed:
             to_index.append(str(document.id))
@@ -122,10 +122,10 @@ async def import_jsonl(
 
 def _read(
     spool: Any, settings: Any
-) -> tuple[list[service.DocumentInput], int, list[dict[str, Any]]]:
+) -> tuple[list[documents.DocumentInput], int, list[dict[str, Any]]]:
     """(accepted documents, rejected count, first rejections) of the spooled JSONL."""
-    accepted: dict[str, service.DocumentInput] = {}
-    anonymous: list[service.DocumentInput] = []
+    accepted: dict[str, documents.DocumentInput] = {}
+    anonymous: list[documents.DocumentInput] = []
     rejected: list[dict[str, Any]] = []
     rejected_count = lines = number = 0
     max_line = settings.rag_import_max_line_bytes
@@ -156,13 +156,13 @@ def _read(
     return [*accepted.values(), *anonymous], rejected_count, rejected
 
 
-def _item(raw: bytes) -> service.DocumentInput | str:
+def _item(raw: bytes) -> documents.DocumentInput | str:
     """The document of one line, or why it was rejected."""
     data, reason = _parse_line(raw)
     if data is None:
         return reason or "invalid line"
     try:
-        return service.input_of(data)
+        return documents.input_of(data)
     except BadRequest as exc:
         return exc.message
 

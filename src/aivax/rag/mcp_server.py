@@ -39,7 +39,7 @@ from aivax.errors import AppError, BadRequest, Forbidden
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
 from aivax.kit.jsonlimits import JsonTooDeep, NulCharacter, check_nul, loads_limited
-from aivax.rag import retrieval, service
+from aivax.rag import documents, retrieval, service
 from aivax.rag.schemas import DocumentCreate, RerankSpec, SearchRequest
 from aivax.services import AppServices
 
@@ -255,8 +255,8 @@ async def _insert(
         raise BadRequest(f"Invalid document: {exc.errors()[0]['msg']}") from exc
     async with services.database.sessions() as session:
         collection = await service.get_collection(session, principal.account_id, target)
-        document, _ = await service.create_document(
-            services, session, principal, collection, service.input_of(data)
+        document, _ = await documents.create_document(
+            services, session, principal, collection, documents.input_of(data)
         )
         await session.commit()
     return {"document_id": str(document.id), "status": document.status}
@@ -268,8 +268,8 @@ async def _delete(
     target = _target(config, arguments)
     async with services.database.sessions() as session:
         collection = await service.get_collection(session, principal.account_id, target)
-        document = await service.get_document(session, collection, str(arguments["document_id"]))
-        await service.delete_document(session, collection, document)
+        document = await documents.get_document(session, collection, str(arguments["document_id"]))
+        await documents.delete_document(session, collection, document)
         await session.commit()
     return {"deleted": True, "document_id": str(document.id)}
 

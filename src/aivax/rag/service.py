@@ -1,16 +1,13 @@
-"""Collections and documents: every query is scoped to the account (another account's object
-is a 404), storage is counted toward the account's quota, and indexing is queued as a durable
-job (aivax.jobs) in the same transaction as the document."""
+"""Collections, plan limits and storage: every query is scoped to the account (another account's
+object is a 404), storage is counted toward the account's quota, and indexing is queued as a
+durable job (aivax.jobs) in the same transaction as the document (documents: `rag.documents`;
+the SQL: `rag.repository`)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax import jobs
@@ -27,19 +24,10 @@ from aivax.inference.ratelimit import RateLimiter
 from aivax.jobs import service as jobs_service
 from aivax.keys.service import Principal
 from aivax.kit.clock import utcnow
-from aivax.models import Account, Chunk, Collection, Document, Job, Plan
+from aivax.models import Collection, Job, Plan
 from aivax.plans.schemas import PlanLimits
-from aivax.rag import chunking
-from aivax.rag.schemas import (
-    ChunkRead,
-    CollectionCreate,
-    CollectionRead,
-    CollectionUpdate,
-    DocumentCreate,
-    DocumentRead,
-    DocumentUpdate,
-    JobRead,
-)
+from aivax.rag import repository
+from aivax.rag.schemas import CollectionCreate, CollectionRead, CollectionUpdate, JobRead
 from aivax.services import AppServices
 
 INDEX_JOB = "index_documents"
@@ -48,10 +36,6 @@ REEMBED_JOB = "reembed_collection"
 
 class CollectionNotFound(NotFound):
     code = "collection_not_found"
-
-
-class DocumentNotFound(NotFound):
-    code = "document_not_found"
 
 
 class JobNotFound(NotFound):
@@ -106,23 +90,13 @@ async def hit_rate(limiter: RateLimiter, kind: str, account_id: uuid.UUID, per_m
 async def check_storage(
     session: AsyncSession, account_id: uuid.UUID, limits: PlanLimits, extra: int
 ) -> None:
-    used = await session.scalar(select(Account.storage_bytes_used).where(Account.id == account_id))
+    used = await repository.storage_used(session, account_id)
     if (used or 0) + extra > limits.storage_quota_bytes:
         raise StorageQuotaExceeded(
             f"Storing {extra} more bytes would exceed the plan's storage quota of "
             f"{limits.storage_quota_bytes} bytes ({used or 0} used); delete documents or "
             "upgrade the plan.",
             code="storage_quota_exceeded",
-        )
-
-
-async def add_storage(session: AsyncSession, account_id: uuid.UUID, delta: int) -> None:
-    if delta:
-        grown = Account.storage_bytes_used + delta
-        await session.execute(
-            update(Account)
-            .where(Account.id == account_id)
-            .values(storage_bytes_used=case((grown < 0, 0), else_=grown))
         )
 
 
@@ -198,12 +172,7 @@ async def create_collection(
     services: AppServices, session: AsyncSession, principal: Principal, data: CollectionCreate
 ) -> Collection:
     limits = await plan_limits(session, principal.plan_id)
-    count = await session.scalar(
-        select(func.count())
-        .select_from(Collection)
-        .where(Collection.account_id == principal.account_id)
-    )
-    if (count or 0) >= limits.max_collections:
+    if await repository.count_collections(session, principal.account_id) >= limits.max_collections:
         raise CollectionLimitReached(
             f"The plan allows {limits.max_collections} collections; delete one or upgrade.",
         )
@@ -267,43 +236,14 @@ async def update_collection(
 
 
 async def delete_collection(session: AsyncSession, collection: Collection) -> None:
-    freed = await session.scalar(
-        select(func.coalesce(func.sum(Document.bytes), 0)).where(
-            Document.collection_id == collection.id
-        )
-    )
-    await session.execute(delete(Chunk).where(Chunk.collection_id == collection.id))
-    await session.execute(delete(Document).where(Document.collection_id == collection.id))
+    freed = await repository.delete_collection_contents(session, collection.id)
     await session.delete(collection)
-    await add_storage(session, collection.account_id, -int(freed or 0))
+    await repository.add_storage(session, collection.account_id, -freed)
     await session.flush()
 
 
-async def collection_stats(
-    session: AsyncSession, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, tuple[int, int, int]]:
-    """(documents, chunks, bytes) per collection."""
-    if not ids:
-        return {}
-    documents = await session.execute(
-        select(Document.collection_id, func.count(), func.coalesce(func.sum(Document.bytes), 0))
-        .where(Document.collection_id.in_(ids))
-        .group_by(Document.collection_id)
-    )
-    chunks = await session.execute(
-        select(Chunk.collection_id, func.count())
-        .where(Chunk.collection_id.in_(ids))
-        .group_by(Chunk.collection_id)
-    )
-    chunk_counts = {row[0]: int(row[1]) for row in chunks}
-    stats = {i: (0, chunk_counts.get(i, 0), 0) for i in ids}
-    for row in documents:
-        stats[row[0]] = (int(row[1]), chunk_counts.get(row[0], 0), int(row[2]))
-    return stats
-
-
 async def collection_read(session: AsyncSession, collection: Collection) -> CollectionRead:
-    stats = (await collection_stats(session, [collection.id]))[collection.id]
+    stats = (await repository.collection_stats(session, [collection.id]))[collection.id]
     job = await session.get(Job, collection.reembed_job_id) if collection.reembed_job_id else None
     return _collection_read(collection, stats, job)
 
@@ -330,22 +270,11 @@ def _collection_read(
 
 
 async def list_collections(session: AsyncSession, account_id: uuid.UUID) -> list[CollectionRead]:
-    rows = (
-        await session.scalars(
-            select(Collection)
-            .where(Collection.account_id == account_id)
-            .order_by(Collection.created_at, Collection.id)
-        )
-    ).all()
-    stats = await collection_stats(session, [c.id for c in rows])
-    jobs = {
-        job.id: job
-        for job in (
-            await session.scalars(
-                select(Job).where(Job.id.in_([c.reembed_job_id for c in rows if c.reembed_job_id]))
-            )
-        ).all()
-    }
+    rows = await repository.collections_of(session, account_id)
+    stats = await repository.collection_stats(session, [c.id for c in rows])
+    jobs = await repository.jobs_by_id(
+        session, [c.reembed_job_id for c in rows if c.reembed_job_id]
+    )
     return [
         _collection_read(c, stats[c.id], jobs.get(c.reembed_job_id) if c.reembed_job_id else None)
         for c in rows
@@ -386,222 +315,3 @@ async def get_job(session: AsyncSession, account_id: uuid.UUID, job_id: str) -> 
     if job is None or job.account_id != account_id:
         raise JobNotFound(f"No job {job_id!r}.", param="job_id")
     return job
-
-
-# --- documents -----------------------------------------------------------------------------
-
-
-def text_bytes(text: str) -> int:
-    return len(text.encode())
-
-
-@dataclass
-class DocumentInput:
-    text: str
-    content_type: str
-    title: str
-    external_id: str | None
-    metadata: dict[str, Any]
-
-
-def input_of(data: DocumentCreate) -> DocumentInput:
-    title, text = chunking.extract(data.content_type, data.text)
-    content_type = "markdown" if data.content_type == "html" else data.content_type
-    if not text.strip():
-        raise BadRequest("The document has no text.", param="text")
-    return DocumentInput(text, content_type, data.title or title, data.id, data.metadata)
-
-
-async def upsert_document(
-    session: AsyncSession, collection: Collection, item: DocumentInput
-) -> tuple[Document, bool]:
-    """Create the document, or replace the one with the same external id. Returns (document,
-    needs indexing). Does not check the storage quota (callers do, once per request)."""
-    existing = None
-    if item.external_id is not None:
-        existing = await session.scalar(
-            select(Document).where(
-                Document.collection_id == collection.id, Document.external_id == item.external_id
-            )
-        )
-    digest = chunking.content_hash(item.content_type + "\0" + item.text)
-    size = text_bytes(item.text)
-    if existing is not None:
-        changed = existing.content_hash != digest
-        existing.title = item.title
-        existing.metadata_ = item.metadata
-        if changed:
-            await add_storage(session, collection.account_id, size - existing.bytes)
-            existing.text, existing.content_type = item.text, item.content_type
-            existing.content_hash, existing.bytes = digest, size
-            existing.status, existing.error = "queued", None
-            existing.chunks_done = 0
-        existing.updated_at = utcnow()
-        return existing, changed
-    document = Document(
-        collection_id=collection.id,
-        account_id=collection.account_id,
-        external_id=item.external_id,
-        title=item.title,
-        content_type=item.content_type,
-        text=item.text,
-        content_hash=digest,
-        metadata_=item.metadata,
-        status="queued",
-        bytes=size,
-    )
-    session.add(document)
-    await add_storage(session, collection.account_id, size)
-    return document, True
-
-
-async def create_document(
-    services: AppServices,
-    session: AsyncSession,
-    principal: Principal,
-    collection: Collection,
-    item: DocumentInput,
-) -> tuple[Document, Job | None]:
-    limits = await plan_limits(session, principal.plan_id)
-    await hit_rate(services.limiter, "insert", principal.account_id, limits.insert_rpm)
-    await check_storage(session, principal.account_id, limits, text_bytes(item.text))
-    # No SAVEPOINT here: on SQLite a transaction that reads before it writes fails at once
-    # ("database is locked") when another writer committed in between.
-    try:
-        document, needs_index = await upsert_document(session, collection, item)
-        await session.flush()
-    except IntegrityError:  # a concurrent create with the same external id won
-        raise BadRequest(
-            f"Document {item.external_id!r} is being created by another request; retry.",
-            param="id",
-            code="document_conflict",
-        ) from None
-    job = None
-    if needs_index:
-        job = await enqueue(
-            session, principal.account_id, INDEX_JOB, {"document_ids": [str(document.id)]}, 1
-        )
-        await session.flush()
-    return document, job
-
-
-async def get_document(session: AsyncSession, collection: Collection, document_id: str) -> Document:
-    try:
-        key = uuid.UUID(document_id)
-    except ValueError:
-        key = None
-    document = await session.get(Document, key) if key else None
-    if document is None and key is None:
-        document = await session.scalar(
-            select(Document).where(
-                Document.collection_id == collection.id, Document.external_id == document_id
-            )
-        )
-    if document is None or document.collection_id != collection.id:
-        raise DocumentNotFound(
-            f"No document {document_id!r} in this collection.", param="document_id"
-        )
-    return document
-
-
-async def update_document(
-    services: AppServices,
-    session: AsyncSession,
-    principal: Principal,
-    collection: Collection,
-    document: Document,
-    data: DocumentUpdate,
-) -> tuple[Document, Job | None]:
-    item = DocumentInput(
-        document.text,
-        document.content_type,
-        document.title,
-        document.external_id,
-        document.metadata_,
-    )
-    if data.text is not None:
-        # Without a content_type, the text keeps the document's (HTML is stored as Markdown).
-        kind = data.content_type or ("markdown" if document.content_type == "markdown" else "text")
-        created = input_of(DocumentCreate(text=data.text, content_type=kind))
-        item.text, item.content_type = created.text, created.content_type
-        item.title = item.title or created.title
-    if data.title is not None:
-        item.title = data.title
-    if data.metadata is not None:
-        item.metadata = data.metadata
-    limits = await plan_limits(session, principal.plan_id)
-    await hit_rate(services.limiter, "insert", principal.account_id, limits.insert_rpm)
-    growth = text_bytes(item.text) - document.bytes
-    if growth > 0:
-        await check_storage(session, principal.account_id, limits, growth)
-    digest = chunking.content_hash(item.content_type + "\0" + item.text)
-    job = None
-    if digest != document.content_hash:
-        await add_storage(session, collection.account_id, text_bytes(item.text) - document.bytes)
-        document.text, document.content_type = item.text, item.content_type
-        document.content_hash, document.bytes = digest, text_bytes(item.text)
-        document.status, document.error, document.chunks_done = "queued", None, 0
-        job = await enqueue(
-            session, principal.account_id, INDEX_JOB, {"document_ids": [str(document.id)]}, 1
-        )
-    document.title, document.metadata_ = item.title, item.metadata
-    document.updated_at = utcnow()
-    await session.flush()
-    return document, job
-
-
-async def delete_document(
-    session: AsyncSession, collection: Collection, document: Document
-) -> None:
-    """Chunks go with the document in the same transaction: it leaves search at once."""
-    await session.execute(delete(Chunk).where(Chunk.document_id == document.id))
-    await session.execute(delete(Document).where(Document.id == document.id))
-    await session.execute(
-        update(Collection)
-        .where(Collection.id == collection.id)
-        .values(vectors_version=Collection.vectors_version + 1)
-    )
-    await add_storage(session, collection.account_id, -document.bytes)
-    await session.flush()
-
-
-def document_read(
-    document: Document, chunks: Sequence[Chunk] | None = None, *, with_text: bool = False
-) -> DocumentRead:
-    return DocumentRead(
-        id=document.id,
-        collection_id=document.collection_id,
-        external_id=document.external_id,
-        title=document.title,
-        content_type=document.content_type,
-        metadata=document.metadata_,
-        status=document.status,
-        error=document.error,
-        chunks_total=document.chunks_total,
-        chunks_done=document.chunks_done,
-        bytes=document.bytes,
-        content_hash=document.content_hash,
-        created_at=document.created_at,
-        updated_at=document.updated_at,
-        chunks=[
-            ChunkRead(
-                id=c.id,
-                position=c.position,
-                heading_path=list(c.heading_path),
-                text=c.text,
-                token_count=c.token_count,
-            )
-            for c in chunks
-        ]
-        if chunks is not None
-        else None,
-        text=document.text if with_text else None,
-    )
-
-
-async def document_chunks(session: AsyncSession, document: Document) -> Sequence[Chunk]:
-    return (
-        await session.scalars(
-            select(Chunk).where(Chunk.document_id == document.id).order_by(Chunk.position)
-        )
-    ).all()

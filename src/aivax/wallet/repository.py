@@ -40,7 +40,7 @@ async def get_hold(session: AsyncSession, hold_id: uuid.UUID) -> WalletHold | No
 async def list_shortfalls(
     session: AsyncSession, *, limit: int, after: int | None
 ) -> Sequence[LedgerEntry]:
-    """Late charges the balance could not pay in full (`ledger.charge_late`), every account,
+    """Late charges the balance could not pay in full (`closing.charge_late`), every account,
     newest first. A scan of usage entries: an operator's view, not a hot path."""
     shortfall = LedgerEntry.details["shortfall_micros"].as_integer()
     query = select(LedgerEntry).where(LedgerEntry.kind == "usage", shortfall > 0)
