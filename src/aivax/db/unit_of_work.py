@@ -28,7 +28,8 @@ _AFTER_COMMIT = "aivax.after_commit"
 
 
 def on_commit(session: AsyncSession | Session, action: Callable[[], None]) -> None:
-    """Run `action` once `session`'s transaction commits; a rollback drops it.
+    """Run `action` once `session`'s transaction (the one in progress, or else the next one
+    to begin) commits; a rollback, or closing the session without a commit, drops it.
 
     Actions run synchronously inside `commit()`, so a request's actions have run before its
     response is sent (see `SessionDep`). They must not touch the database. An action registered
@@ -45,8 +46,8 @@ def on_commit(session: AsyncSession | Session, action: Callable[[], None]) -> No
 
 
 def _outer_transaction_ended(session: Session) -> bool:
-    # SQLAlchemy fires both events for a savepoint as well; the outer transaction is still
-    # active then.
+    # SQLAlchemy fires `after_commit` for a savepoint's release as well; the outer transaction
+    # is still active then.
     outer = session.get_transaction()
     return outer is None or not outer.is_active
 
