@@ -269,8 +269,15 @@ class CallStream:
         status = 499  # unless the call ends below
         code: str | None = "client_disconnected"
         try:
-            async for event in self._turn():
-                yield event
+            if self.turn.call.tools:
+                async for event in self._turn():
+                    yield event
+            else:  # the common case, without a generator per chunk in between
+                if isinstance(self.first, ContentDelta):
+                    yield self.first
+                async for provided in self.events:
+                    if isinstance(provided, ContentDelta):
+                        yield provided
             yield Finished(self.turn.accumulator.final_finish_reason())
             output = self._output()
             if output is not None:
