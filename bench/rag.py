@@ -1,4 +1,5 @@
-"""RAG quality and speed: `make bench-rag` (add `--postgres URL` for PostgreSQL too).
+"""RAG quality and speed: `make bench-rag` (add `--postgres URL` for PostgreSQL too: the run
+uses a throw-away database on that server).
 
 Quality. The evaluation set is generated offline and reproducibly from the docstrings of this
 Python's standard library (the modules in MODULES): each public function or class whose
@@ -46,7 +47,7 @@ from aivax.keys.schemas import KeyCreate
 from aivax.keys.service import Principal
 from aivax.migrate import upgrade_to_head
 from aivax.models import Chunk, Collection, Document, EntryKind, Job, Plan
-from aivax.rag import indexer, retrieval, service
+from aivax.rag import documents, indexer, repository, retrieval, service
 from aivax.rag.embedders import local_embedder
 from aivax.rag.schemas import CollectionCreate, SearchRequest
 from aivax.services import AppServices
@@ -255,10 +256,10 @@ async def make_collection(
         )
         ids = []
         for case in cases:
-            document, _ = await service.upsert_document(
+            document, _ = await documents.upsert_document(
                 session,
                 collection,
-                service.DocumentInput(case.document, "text", case.doc_id, case.doc_id, {}),
+                documents.DocumentInput(case.document, "text", case.doc_id, case.doc_id, {}),
             )
             await session.flush()
             ids.append(str(document.id))
@@ -280,7 +281,7 @@ async def make_collection(
         await asyncio.sleep(0.05)
     seconds = time.perf_counter() - started
     async with services.database.sessions() as session:
-        stats = await service.collection_stats(session, [collection.id])
+        stats = await repository.collection_stats(session, [collection.id])
         fresh = await session.get(Collection, collection.id)
         assert fresh is not None
     return fresh, seconds, stats[collection.id][1]
@@ -353,7 +354,7 @@ async def fill(services: AppServices, collection: Collection, texts: list[str], 
     """Grow `collection` to `total` chunks: real texts, random unit vectors."""
     rng = np.random.default_rng(11)
     async with services.database.sessions() as session:
-        current = await service.collection_stats(session, [collection.id])
+        current = await repository.collection_stats(session, [collection.id])
     have = current[collection.id][1]
     batch = 2_000
     while have < total:
@@ -468,21 +469,53 @@ async def run(url: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def admin_sql(server_url: str, statement: str) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def create_database(server_url: str) -> tuple[str, str]:
+    """A throw-away database on the server `--postgres` names (dropped after the run), so the
+    bench never writes into a database someone else uses: (its name, its URL)."""
+    from sqlalchemy.engine import make_url
+
+    name = f"aivax_bench_{uuid.uuid4().hex[:12]}"
+    await admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    return name, make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=1500)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--postgres", help="also run on this postgresql+asyncpg:// URL")
+    parser.add_argument(
+        "--postgres",
+        help="also run on this postgresql+asyncpg:// server (in a throw-away database)",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--models", nargs="+", default=LOCAL_MODELS)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     work = Path(tempfile.mkdtemp(prefix="aivax-bench-rag-"))
-    results = {"sqlite": asyncio.run(run(f"sqlite+aiosqlite:///{work}/rag.db", "SQLite", args))}
+    results: dict[str, Any] = {}
+    if not args.skip_sqlite:
+        results["sqlite"] = asyncio.run(run(f"sqlite+aiosqlite:///{work}/rag.db", "SQLite", args))
     if args.postgres:
-        results["postgresql"] = asyncio.run(run(args.postgres, "PostgreSQL", args))
+        name, url = asyncio.run(create_database(args.postgres))
+        try:
+            results["postgresql"] = asyncio.run(run(url, "PostgreSQL", args))
+        finally:
+            asyncio.run(admin_sql(args.postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     print("\n" + json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
