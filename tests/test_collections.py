@@ -109,7 +109,7 @@ async def test_documents_are_chunked_with_heading_paths(
     collection = (await client.get(f"/v1/collections/{filled}", headers=owner.headers)).json()
     assert collection["document_count"] == 3
     assert collection["chunk_count"] == 4
-    assert collection["embedding_model"] == "aivax/paraphrase-minilm-l3"
+    assert collection["embedding_model"] == "aivax/minilm-l6-int8"
     assert collection["dimensions"] == 384
 
 

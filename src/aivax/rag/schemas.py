@@ -19,7 +19,7 @@ from pydantic import (
 
 from aivax.kit.schemas import LaxUUID
 
-DEFAULT_EMBEDDING_MODEL = "aivax/paraphrase-minilm-l3"
+DEFAULT_EMBEDDING_MODEL = "aivax/minilm-l6-int8"
 MAX_DOCUMENT_CHARS = 2_000_000
 MAX_METADATA_BYTES = 8_192
 SCALAR_OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
