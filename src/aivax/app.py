@@ -28,6 +28,7 @@ from aivax.catalog.service import seed_from_file
 from aivax.config import Settings, load_settings
 from aivax.gateways.compose import GatewayComposer
 from aivax.gateways.endpoints import router as gateways_router
+from aivax.gateways.listing import GatewayListing
 from aivax.gateways.moderation import GatewayModeration
 from aivax.health import router as health_router
 from aivax.inference.endpoints import router as inference_router
@@ -135,13 +136,15 @@ class AivaxApp(FastAPI):
 
 
 def register_extensions(services: AppServices) -> None:
-    """The call kernel's plug-ins: gateways (resolver, moderation), RAG retrieval (an
-    augmenter), structured output (an output processor). Once per container."""
+    """The call kernel's plug-ins: gateways (resolver, moderation, their `/v1/models`
+    entries), RAG retrieval (an augmenter), structured output (an output processor). Once per
+    container."""
     extensions = services.kernel.extensions
     if extensions.gateways is not None:
         return
     extensions.gateways = GatewayComposer(services)
     extensions.moderation.append(GatewayModeration(services))
+    extensions.listings.append(GatewayListing())
     extensions.augmenters.append(RetrievalAugmenter(services))
     extensions.output.append(StructuredOutput())
 

@@ -1,10 +1,12 @@
-"""What `/v1/models` shows a key: the integrated models its plan allows and the account's BYOK
-models — nothing a public key cannot call — plus the request-log schema."""
+"""What `/v1/models` shows a key: the integrated models its plan allows, the account's BYOK
+models and what the registered model listings add (gateways) — nothing a public key cannot
+call — plus the request-log schema."""
 
 from __future__ import annotations
 
 import fnmatch
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -13,11 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import service as catalog
 from aivax.catalog.service import ModelNotFound
-from aivax.gateways import service as gateway_service
-from aivax.gateways.schemas import GatewayConfig
+from aivax.inference.extensions import ModelListing
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
-from aivax.models import CatalogModel, Gateway, Plan, ProviderCredential
+from aivax.models import CatalogModel, Plan, ProviderCredential
 from aivax.plans.schemas import PlanLimits
 
 
@@ -76,45 +77,20 @@ def _byok(credential: ProviderCredential, upstream: str) -> dict[str, Any]:
     }
 
 
-def _gateway(gateway: Gateway, model_id: str, behind: CatalogModel | None) -> dict[str, Any]:
-    config = GatewayConfig.model_validate(gateway.config)
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": int(gateway.created_at.timestamp()),
-        "owned_by": "gateway",
-        "aivax": {
-            "kind": "gateway",
-            "gateway_id": str(gateway.id),
-            "slug": gateway.slug,
-            "name": gateway.name,
-            "model": config.model,
-            "fallbacks": config.fallbacks,
-            "public": config.public.enabled,
-            "capabilities": capabilities(behind) if behind else None,  # None for BYOK
-        },
-    }
+async def _listed(
+    session: AsyncSession, principal: Principal, listings: Sequence[ModelListing]
+) -> list[dict[str, Any]]:
+    return [
+        entry for listing in listings for entry in await listing.list_models(session, principal)
+    ]
 
 
-async def _gateways(session: AsyncSession, principal: Principal) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    models = {m.id: m for m in await catalog.list_models(session, enabled_only=True)}
-    for gateway in await gateway_service.list_gateways(session, principal.account_id):
-        behind = models.get(str(gateway.config.get("model")))
-        if principal.key_kind is KeyKind.PUBLIC:
-            if GatewayConfig.model_validate(gateway.config).public.enabled:
-                entries.append(_gateway(gateway, str(gateway.id), behind))  # UUID only
-        else:
-            entries += [
-                _gateway(gateway, str(gateway.id), behind),
-                _gateway(gateway, gateway.slug, behind),
-            ]
-    return entries
-
-
-async def visible_models(session: AsyncSession, principal: Principal) -> list[dict[str, Any]]:
+async def visible_models(
+    session: AsyncSession, principal: Principal, listings: Sequence[ModelListing]
+) -> list[dict[str, Any]]:
     if principal.key_kind is KeyKind.PUBLIC:
-        return await _gateways(session, principal)  # public keys call public gateways only
+        # Public keys call public gateways only; each listing applies that rule to its own.
+        return await _listed(session, principal, listings)
     plan = await session.get(Plan, principal.plan_id)
     if plan is None:
         return []
@@ -123,13 +99,13 @@ async def visible_models(session: AsyncSession, principal: Principal) -> list[di
     data = [_integrated(m) for m in rows if _allowed(m, plan, limits)]
     for credential in await catalog.list_credentials(session, principal.account_id):
         data += [_byok(credential, upstream) for upstream in credential.models]
-    return data + await _gateways(session, principal)
+    return data + await _listed(session, principal, listings)
 
 
 async def visible_model(
-    session: AsyncSession, principal: Principal, model_id: str
+    session: AsyncSession, principal: Principal, model_id: str, listings: Sequence[ModelListing]
 ) -> dict[str, Any]:
-    for entry in await visible_models(session, principal):
+    for entry in await visible_models(session, principal, listings):
         if entry["id"] == model_id:
             return entry
     raise ModelNotFound(

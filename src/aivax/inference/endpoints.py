@@ -133,14 +133,18 @@ def _opening(stream: CallStream, lines: responses.DeltaLines, created: int) -> b
 
 
 @router.get("/models")
-async def list_models(principal: AnyKey, session: SessionDep) -> dict[str, Any]:
-    data = await catalog_view.visible_models(session, principal)
+async def list_models(principal: AnyKey, session: SessionDep, services: Services) -> dict[str, Any]:
+    listings = services.kernel.extensions.listings
+    data = await catalog_view.visible_models(session, principal, listings)
     return {"object": "list", "data": data}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, principal: AnyKey, session: SessionDep) -> dict[str, Any]:
-    return await catalog_view.visible_model(session, principal, model_id)
+async def get_model(
+    model_id: str, principal: AnyKey, session: SessionDep, services: Services
+) -> dict[str, Any]:
+    listings = services.kernel.extensions.listings
+    return await catalog_view.visible_model(session, principal, model_id, listings)
 
 
 @router.get("/requests", response_model=ListPage[catalog_view.RequestLogRead])

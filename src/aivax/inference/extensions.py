@@ -7,6 +7,7 @@
 - `Hook`: sees each call as it starts (`request`) and as it ends (`response`).
 - `ModerationProvider`: a moderator for the call's input and output.
 - `OutputProcessor`: shapes and checks the output (structured output: validate, heal, re-ask).
+- `ModelListing`: more models a key may call, for `GET /v1/models` (gateways).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from aivax.catalog.service import ResolvedModel
 from aivax.errors import AppError
 from aivax.inference.caller import Caller
 from aivax.inference.schemas import ChatCompletionRequest
 from aivax.inference.steps import Steps
+from aivax.keys.service import Principal
 
 if TYPE_CHECKING:
     from aivax.inference.events import CallResult
@@ -174,6 +178,15 @@ class OutputProcessor(Protocol):
         ...
 
 
+class ModelListing(Protocol):
+    async def list_models(
+        self, session: AsyncSession, principal: Principal
+    ) -> list[dict[str, Any]]:
+        """The `GET /v1/models` entries this plug-in adds for `principal` (public keys: only
+        what a public key may call)."""
+        ...
+
+
 @dataclass
 class Extensions:
     gateways: GatewayResolver | None = None
@@ -182,3 +195,4 @@ class Extensions:
     hooks: list[Hook] = field(default_factory=list)
     moderation: list[ModerationProvider] = field(default_factory=list)
     output: list[OutputProcessor] = field(default_factory=list)
+    listings: list[ModelListing] = field(default_factory=list)
