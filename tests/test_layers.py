@@ -4,7 +4,12 @@ An AST walk over `src/aivax/` reads every import (at module level, inside functi
 `TYPE_CHECKING`: a type-only import is still a dependency) and checks it against the layer of
 each side. The unit of the rule is a top-level package (`aivax.wallet`, `aivax.rag`) or
 module (`aivax.app`), except that endpoint modules — the HTTP (and MCP) surface of a domain,
-which live beside its service — belong to the entry layer, each on its own.
+which live beside its service — belong to the entry layer, each on its own. So does the HTTP
+plumbing of authentication (`auth.dependencies`, the FastAPI dependencies every endpoint
+declares, among them the container itself as `Services`; `auth.middleware`, the ASGI middleware
+that reads the app's container from the scope): only endpoints and the app use them, and their
+job is to hand the container to the HTTP surface, while the rest of `auth` (operator tokens)
+stays in the domain layer.
 
 The test fails on
 - an import from a lower layer into a higher one that is not in `ALLOWED_UPWARD`;
@@ -74,15 +79,14 @@ LAYERS: dict[str, int] = {
     "web": ENTRY,
 }
 
-# Endpoint modules that are not named `endpoints.py`.
+# Endpoint modules that are not named `endpoints.py`, and the HTTP plumbing they declare.
 ENDPOINT_MODULES = {"aivax.inference.route", "aivax.rag.embeddings_api", "aivax.rag.mcp_server"}
+HTTP_PLUMBING = {"aivax.auth.dependencies", "aivax.auth.middleware"}
 
 # (importing module, imported unit): why the upward import is still there.
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     # The container (`services.AppServices`) is passed down as a whole; lower layers are to
     # take the collaborators they use instead (docs/decisions.md).
-    ("aivax.auth.dependencies", "services"): "the `Services` dependency every endpoint uses",
-    ("aivax.auth.middleware", "services"): "key checks read caches, secret, database",
     ("aivax.gateways.compose", "services"): "gateway lookup reads caches and database",
     ("aivax.gateways.moderation", "services"): "moderation calls providers and the meter",
     ("aivax.rag.augment", "services"): "retrieval reads the database and vector index",
@@ -127,9 +131,10 @@ def imports(path: Path, name: str) -> Iterator[str]:
 
 
 def unit_of(module: str) -> str:
-    """The unit a module belongs to: an endpoint module on its own, else its top package."""
+    """The unit a module belongs to: an endpoint (or HTTP plumbing) module on its own, else its
+    top package."""
     parts = module.split(".")
-    if module in ENDPOINT_MODULES or (len(parts) > 2 and parts[-1] == "endpoints"):
+    if module in ENDPOINT_MODULES | HTTP_PLUMBING or (len(parts) > 2 and parts[-1] == "endpoints"):
         return module
     return parts[1] if len(parts) > 1 else "__init__"
 
