@@ -87,8 +87,6 @@ HTTP_PLUMBING = {"aivax.auth.dependencies", "aivax.auth.middleware"}
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     # The container (`services.AppServices`) is passed down as a whole; lower layers are to
     # take the collaborators they use instead (docs/decisions.md).
-    ("aivax.gateways.compose", "services"): "gateway lookup reads caches and database",
-    ("aivax.gateways.moderation", "services"): "moderation calls providers and the meter",
     ("aivax.rag.augment", "services"): "retrieval reads the database and vector index",
     ("aivax.rag.importer", "services"): "imports write through the database and jobs",
     ("aivax.rag.indexer", "services"): "indexing embeds through the meter",

@@ -15,6 +15,7 @@ from typing import Any
 
 from aivax.errors import BadRequest, Forbidden
 from aivax.gateways import service, templates
+from aivax.gateways.deps import LookupServices
 from aivax.gateways.schemas import GatewayConfig, Tools
 from aivax.inference.caller import Caller
 from aivax.inference.extensions import ComposedGateway
@@ -26,7 +27,6 @@ from aivax.inference.schemas import (
 )
 from aivax.keys.schemas import KeyKind
 from aivax.keys.service import Principal
-from aivax.services import AppServices
 
 SAMPLING = (
     "temperature",
@@ -65,7 +65,7 @@ class GatewayTarget:
 
 
 async def lookup(
-    services: AppServices, principal: Principal, ref: str, origin: str | None
+    services: LookupServices, principal: Principal, ref: str, origin: str | None
 ) -> GatewayTarget | None:
     """The gateway `ref` names for this caller, or None when `ref` is not a gateway."""
     if "/" in ref:
@@ -100,7 +100,7 @@ def _is_uuid(ref: str) -> bool:
     return True
 
 
-async def _find(services: AppServices, account_id: uuid.UUID, ref: str) -> GatewayTarget | None:
+async def _find(services: LookupServices, account_id: uuid.UUID, ref: str) -> GatewayTarget | None:
     caches = services.caches
     key = (account_id, f"gateway:{ref}")
     cached = caches.gateways.get(key) if caches.enabled else None
@@ -207,7 +207,7 @@ class GatewayComposer:
     """The kernel's gateway resolver: a model name that names one of the caller's gateways →
     the request composed for its model, with the gateway's policies."""
 
-    def __init__(self, services: AppServices) -> None:
+    def __init__(self, services: LookupServices) -> None:
         self.services = services
 
     async def resolve(

@@ -19,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aivax.catalog import repository as catalog_repository
 from aivax.errors import AppError
+from aivax.gateways.deps import ModerationServices
 from aivax.gateways.schemas import GatewayConfig, Moderation
 from aivax.inference.extensions import CallModerator, CallView
 from aivax.models import ProviderCredential
 from aivax.providers.base import UpstreamError
-from aivax.services import AppServices
 
 OPENAI_MODERATION_MODEL = "omni-moderation-latest"
 
@@ -91,7 +91,7 @@ def _flagged(body: Any) -> str | None:
 @dataclass
 class Moderator:
     settings: Moderation
-    services: AppServices
+    services: ModerationServices
     account_id: uuid.UUID
 
     def __post_init__(self) -> None:
@@ -216,7 +216,7 @@ class GatewayModeration:
     """The kernel's moderation provider: a moderator for calls through a gateway that has a
     `moderation` section."""
 
-    def __init__(self, services: AppServices) -> None:
+    def __init__(self, services: ModerationServices) -> None:
         self.services = services
 
     def moderator_for(self, call: CallView) -> CallModerator | None:
