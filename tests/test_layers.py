@@ -83,18 +83,10 @@ LAYERS: dict[str, int] = {
 ENDPOINT_MODULES = {"aivax.inference.route", "aivax.rag.embeddings_api", "aivax.rag.mcp_server"}
 HTTP_PLUMBING = {"aivax.auth.dependencies", "aivax.auth.middleware"}
 
-# (importing module, imported unit): why the upward import is still there.
-ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    # The container (`services.AppServices`) is passed down as a whole; lower layers are to
-    # take the collaborators they use instead (docs/decisions.md).
-    ("aivax.rag.augment", "services"): "retrieval reads the database and vector index",
-    ("aivax.rag.importer", "services"): "imports write through the database and jobs",
-    ("aivax.rag.indexer", "services"): "indexing embeds through the meter",
-    ("aivax.rag.internal", "services"): "RAG's own model calls go through the kernel",
-    ("aivax.rag.metering", "services"): "embeddings reserve through the meter",
-    ("aivax.rag.retrieval", "services"): "search reads the database and vector index",
-    ("aivax.rag.service", "services"): "collections read caches and rate limits",
-}
+# (importing module, imported unit): why the upward import is still there. Empty: a lower
+# layer takes the collaborators it uses (a small Protocol that `services.AppServices` satisfies,
+# as in `rag/deps.py`), and the kernel reaches features through registered extensions.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

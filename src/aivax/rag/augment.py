@@ -33,8 +33,8 @@ from aivax.kit.jsonlimits import JsonTooDeep, loads_limited
 from aivax.models import Collection
 from aivax.providers.base import UpstreamError
 from aivax.rag import chunking, internal, retrieval
+from aivax.rag.deps import AugmentServices
 from aivax.rag.schemas import SearchRequest, SearchResult
-from aivax.services import AppServices
 
 logger = logging.getLogger("aivax.rag")
 
@@ -108,7 +108,7 @@ def _report(strategy: str, query: str | None, results: list[SearchResult]) -> di
 
 
 async def _search(
-    services: AppServices,
+    services: AugmentServices,
     principal: Principal,
     section: Collections,
     query: str,
@@ -150,7 +150,7 @@ def _transcript(request: ChatCompletionRequest, limit: int = 12) -> str:
 
 
 async def augment(
-    services: AppServices,
+    services: AugmentServices,
     principal: Principal,
     section: Collections | None,
     request: ChatCompletionRequest,
@@ -207,7 +207,7 @@ async def augment(
 
 
 async def _tool_turn(
-    services: AppServices,
+    services: AugmentServices,
     principal: Principal,
     section: Collections,
     request: ChatCompletionRequest,
@@ -264,7 +264,7 @@ class RetrievalAugmenter:
     """The kernel's RAG augmenter: retrieval for calls through a gateway with a `collections`
     section."""
 
-    def __init__(self, services: AppServices) -> None:
+    def __init__(self, services: AugmentServices) -> None:
         self.services = services
 
     async def augment(self, call: CallView) -> Augmentation | None:

@@ -27,8 +27,8 @@ from aivax.keys.service import Principal
 from aivax.kit.jsonlimits import MAX_JSON_DEPTH, JsonTooDeep, loads_limited, nul_path
 from aivax.models import Collection, Document
 from aivax.rag import documents, service
+from aivax.rag.deps import ImportServices
 from aivax.rag.schemas import DocumentCreate
-from aivax.services import AppServices
 
 SPOOL_MEMORY_BYTES = 1024 * 1024
 MAX_REPORTED_REJECTIONS = 1000
@@ -85,7 +85,7 @@ def _parse_line(raw: bytes) -> tuple[DocumentCreate | None, str | None]:
 
 
 async def import_jsonl(
-    services: AppServices,
+    services: ImportServices,
     session: AsyncSession,
     principal: Principal,
     collection: Collection,
@@ -184,7 +184,7 @@ def _report(
     }
 
 
-async def export_lines(services: AppServices, collection_id: uuid.UUID) -> AsyncIterator[bytes]:
+async def export_lines(services: ImportServices, collection_id: uuid.UUID) -> AsyncIterator[bytes]:
     """Every document as one JSONL line that `import` accepts back (same ids)."""
     after: tuple[Any, uuid.UUID] | None = None
     while True:

@@ -26,8 +26,8 @@ from aivax.kit.clock import utcnow
 from aivax.models import Account, Chunk, Collection, Document
 from aivax.providers.base import UpstreamError
 from aivax.rag import chunking, metering
+from aivax.rag.deps import IndexServices
 from aivax.rag.service import INDEX_JOB, REEMBED_JOB, plan_limits
-from aivax.services import AppServices
 
 logger = logging.getLogger("aivax.rag")
 
@@ -57,7 +57,7 @@ class Plan:
 
 
 async def _load(
-    services: AppServices, document_ids: list[uuid.UUID], *, force: bool
+    services: IndexServices, document_ids: list[uuid.UUID], *, force: bool
 ) -> tuple[list[Plan], int]:
     """Plans for the documents that still exist (marked `indexing`), and how many vanished."""
     async with services.database.sessions() as session:
@@ -116,7 +116,7 @@ async def _load(
     return plans, len(document_ids) - len(plans)
 
 
-async def _embed(services: AppServices, plans: list[Plan], label: str) -> None:
+async def _embed(services: IndexServices, plans: list[Plan], label: str) -> None:
     """Embed the fresh chunks of `plans` (one model, one account) in shared batches; a failed
     batch fails the documents it carried."""
     account_id, model_name, dimensions = (
@@ -172,7 +172,7 @@ async def _embed(services: AppServices, plans: list[Plan], label: str) -> None:
 
 
 async def prepare_group(
-    services: AppServices, document_ids: list[uuid.UUID], *, force: bool, label: str
+    services: IndexServices, document_ids: list[uuid.UUID], *, force: bool, label: str
 ) -> Callable[[], Coroutine[Any, Any, dict[str, int]]]:
     """Index a group of documents: chunked, embedded in shared batches (much faster than a
     call per document); returns the coroutine function that writes the group in one
@@ -283,7 +283,9 @@ def _write_chunks(
     )
 
 
-async def _set_progress(services: AppServices, progress: list[tuple[uuid.UUID, int, int]]) -> None:
+async def _set_progress(
+    services: IndexServices, progress: list[tuple[uuid.UUID, int, int]]
+) -> None:
     def write(conn: Connection) -> None:
         for document_id, done, total in progress:
             conn.execute(
@@ -295,7 +297,7 @@ async def _set_progress(services: AppServices, progress: list[tuple[uuid.UUID, i
     await services.database.run_write(write)
 
 
-async def _fail(services: AppServices, document_id: uuid.UUID, message: str) -> None:
+async def _fail(services: IndexServices, document_id: uuid.UUID, message: str) -> None:
     await services.database.run_write(
         lambda conn: conn.execute(
             update(Document)
@@ -312,7 +314,7 @@ async def _fail(services: AppServices, document_id: uuid.UUID, message: str) -> 
 ANALYZE_MIN_DOCUMENTS = 50
 
 
-async def analyze(services: AppServices) -> None:
+async def analyze(services: IndexServices) -> None:
     """PostgreSQL: refresh the planner's statistics of the tables a search reads."""
     if not services.database.is_postgresql:
         return
@@ -321,7 +323,7 @@ async def analyze(services: AppServices) -> None:
         await conn.commit()
 
 
-def register(services: AppServices) -> None:
+def register(services: IndexServices) -> None:
     async def index_job(context: JobContext) -> dict[str, Any]:
         ids = [uuid.UUID(value) for value in context.payload.get("document_ids", [])]
         outcome = await _in_groups(context, ids, force=False)

@@ -13,11 +13,11 @@ from aivax.inference.schemas import ChatCompletionRequest
 from aivax.inference.service import run_call
 from aivax.inference.steps import Steps
 from aivax.keys.service import Principal
-from aivax.services import AppServices
+from aivax.rag.deps import KernelServices
 
 
 async def call(
-    services: AppServices,
+    services: KernelServices,
     principal: Principal,
     model: str,
     messages: list[dict[str, Any]],

@@ -20,9 +20,9 @@ from aivax.inference.tokens import count_text
 from aivax.keys.service import Principal
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import UpstreamError
+from aivax.rag.deps import EmbeddingServices
 from aivax.rag.embedders import Embedder, EmbedderUnavailable, Matrix, local_embedder
 from aivax.rag.remote import RemoteEmbedder
-from aivax.services import AppServices
 from aivax.wallet.meter import log_row
 
 
@@ -38,7 +38,7 @@ class Embedded:
     headers: dict[str, str]
 
 
-def embedder_for(services: AppServices, model: ResolvedModel) -> Embedder:
+def embedder_for(services: EmbeddingServices, model: ResolvedModel) -> Embedder:
     if model.kind != "embedding" and not model.byok:
         raise NotAnEmbeddingModel(
             f"{model.id!r} is a chat model; pick an embedding model (GET /v1/models lists "
@@ -73,7 +73,7 @@ def embedder_for(services: AppServices, model: ResolvedModel) -> Embedder:
 
 
 async def embed(
-    services: AppServices,
+    services: EmbeddingServices,
     account_id: uuid.UUID,
     limits: PlanLimits,
     model: ResolvedModel,

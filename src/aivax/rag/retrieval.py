@@ -23,14 +23,14 @@ from aivax.models import Collection
 from aivax.plans.schemas import PlanLimits
 from aivax.providers.base import UpstreamError
 from aivax.rag import internal, metering, search
+from aivax.rag.deps import SearchServices
 from aivax.rag.remote import RemoteReranker
 from aivax.rag.schemas import RerankSpec, SearchRequest, SearchResponse, SearchResult
 from aivax.rag.service import cached_plan_limits, get_collection, hit_rate
-from aivax.services import AppServices
 
 
 async def run(
-    services: AppServices,
+    services: SearchServices,
     session: AsyncSession,
     principal: Principal,
     collections: Sequence[Collection],
@@ -135,7 +135,7 @@ async def run(
 
 
 async def _embed_query(
-    services: AppServices,
+    services: SearchServices,
     principal: Principal,
     limits: PlanLimits,
     model_name: str,
@@ -160,7 +160,7 @@ async def _embed_query(
 
 
 async def _rerank(
-    services: AppServices,
+    services: SearchServices,
     session: AsyncSession,
     principal: Principal,
     spec: RerankSpec,
@@ -207,7 +207,7 @@ JUDGE_PROMPT = (
 
 
 async def _judge(
-    services: AppServices,
+    services: SearchServices,
     principal: Principal,
     model: str,
     query: str,

@@ -27,8 +27,8 @@ from aivax.kit.clock import utcnow
 from aivax.models import Collection, Job, Plan
 from aivax.plans.schemas import PlanLimits
 from aivax.rag import repository
+from aivax.rag.deps import CollectionServices
 from aivax.rag.schemas import CollectionCreate, CollectionRead, CollectionUpdate, JobRead
-from aivax.services import AppServices
 
 INDEX_JOB = "index_documents"
 REEMBED_JOB = "reembed_collection"
@@ -62,7 +62,7 @@ async def plan_limits(session: AsyncSession, plan_id: str) -> PlanLimits:
 
 
 async def cached_plan_limits(
-    services: AppServices, session: AsyncSession, plan_id: str
+    services: CollectionServices, session: AsyncSession, plan_id: str
 ) -> PlanLimits:
     """Plan limits from the hot-path cache (searches read them on every call)."""
     caches = services.caches
@@ -104,7 +104,7 @@ async def check_storage(
 
 
 async def embedding_model(
-    services: AppServices,
+    services: CollectionServices,
     session: AsyncSession,
     principal: Principal,
     name: str,
@@ -169,7 +169,10 @@ async def get_collection(
 
 
 async def create_collection(
-    services: AppServices, session: AsyncSession, principal: Principal, data: CollectionCreate
+    services: CollectionServices,
+    session: AsyncSession,
+    principal: Principal,
+    data: CollectionCreate,
 ) -> Collection:
     limits = await plan_limits(session, principal.plan_id)
     if await repository.count_collections(session, principal.account_id) >= limits.max_collections:
@@ -202,7 +205,7 @@ async def create_collection(
 
 
 async def update_collection(
-    services: AppServices,
+    services: CollectionServices,
     session: AsyncSession,
     principal: Principal,
     collection: Collection,
