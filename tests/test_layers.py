@@ -235,4 +235,6 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     assert found == ["aivax.wallet.meter", "aivax.services"]
     assert unit_of("aivax.rag.endpoints") == "aivax.rag.endpoints"
     assert unit_of("aivax.wallet.meter") == "wallet"
+    assert unit_of("aivax.auth.middleware") == "aivax.auth.middleware"
+    assert unit_of("aivax.auth.operator_tokens") == "auth"
     assert cycles({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == [["a", "b", "c"]]
