@@ -62,6 +62,11 @@ DOCUMENT_WEIGHT = 0.7
 # 10 made hybrid beat both methods on the bench set with every local model on SQLite.
 KEYWORD_HALF = 10.0
 MAX_QUERY_WORDS = 64
+# A term held by more chunks than this (a share of the collection, and at least COMMON_MIN)
+# does not find chunks to rank on its own (Statistics.selective); collections of up to
+# COMMON_MIN / COMMON_SHARE chunks rank every chunk that holds any term.
+COMMON_SHARE = 0.05
+COMMON_MIN = 2_000
 WORD = re.compile(r"\w+", re.UNICODE)
 
 # English function words: matching them says nothing about relevance (PostgreSQL's 'english'
@@ -159,6 +164,15 @@ class Statistics:
     def document_idf(self, term: str) -> float:
         return _idf(self.documents, self.document_frequencies.get(term, 0))
 
+    def selective(self, terms: list[str]) -> list[str]:
+        """The terms that find the chunks to rank: all of them, except in a large collection
+        the words that many chunks hold (when some other term is rarer). A chunk holding only
+        such words would rank low anyway; reading every chunk that holds them made one search
+        cost hundreds of milliseconds at 100k chunks."""
+        common = max(COMMON_SHARE * self.chunks, COMMON_MIN)
+        rare = [term for term in terms if self.frequencies.get(term, 0) <= common]
+        return rare or terms
+
     @property
     def average_document_length(self) -> float:
         return max(self.average_length * self.chunks / max(self.documents, 1), 1.0)
@@ -244,10 +258,11 @@ class _Search:
         raise NotImplementedError
 
     async def _occurrences(
-        self, terms: list[str], conditions: list[ColumnElement[bool]]
+        self, terms: list[str], selective: list[str], conditions: list[ColumnElement[bool]]
     ) -> Select[Any]:
         """One row per (chunk, term) found: id, document, term, f (its frequency in the chunk)
-        and length (the chunk's)."""
+        and length (the chunk's); when `selective` is not every term, only for chunks that
+        hold one of the `selective` terms."""
         raise NotImplementedError
 
     async def ranked(
@@ -258,7 +273,9 @@ class _Search:
         conditions: list[ColumnElement[bool]],
     ) -> Hits:
         statement = _ranking(
-            (await self._occurrences(terms, conditions)).cte("tf"), terms, statistics
+            (await self._occurrences(terms, statistics.selective(terms), conditions)).cte("tf"),
+            terms,
+            statistics,
         )
         rows = (await self.session.execute(statement.limit(limit))).all()
         return [(int(row[0]), saturate(float(row[1]))) for row in rows]
@@ -426,7 +443,7 @@ class _SqliteSearch(_Search):
         return float(row[0] or 0), float(row[1] or 0)
 
     async def _occurrences(
-        self, terms: list[str], conditions: list[ColumnElement[bool]]
+        self, terms: list[str], selective: list[str], conditions: list[ColumnElement[bool]]
     ) -> Select[Any]:
         instances = await self._instances()
         statement = (
@@ -446,6 +463,15 @@ class _SqliteSearch(_Search):
             )
             .group_by(instances.c.doc, instances.c.term, Chunk.document_id)
         )
+        if len(selective) < len(terms):
+            finders = instances.alias("finders")
+            statement = statement.where(
+                instances.c.doc.in_(
+                    select(finders.c.doc).where(
+                        finders.c.term.in_([literal(t, String()) for t in selective])
+                    )
+                )
+            )
         if conditions:
             statement = statement.join(Document, Document.id == Chunk.document_id).where(
                 and_(*conditions)
@@ -485,7 +511,7 @@ class _PostgresSearch(_Search):
         return float(row[0] or 0), float(row[1] or 0)
 
     async def _occurrences(
-        self, terms: list[str], conditions: list[ColumnElement[bool]]
+        self, terms: list[str], selective: list[str], conditions: list[ColumnElement[bool]]
     ) -> Select[Any]:
         tsv: ColumnElement[Any] = literal_column("chunks.tsv")
         words = values(column("term", Text()), name="query_terms").data([(t,) for t in terms])
@@ -504,6 +530,12 @@ class _PostgresSearch(_Search):
             .join(words, tsv.op("@@")(term_query))
             .where(Chunk.collection_id == self.collection_id)
         )
+        if len(selective) < len(terms):
+            finders = func.to_tsquery(
+                literal_column("'english'::regconfig"),
+                cast(literal(" | ".join(f"'{t}'" for t in selective)), Text),
+            )
+            statement = statement.where(tsv.op("@@")(finders))
         if conditions:
             statement = statement.join(Document, Document.id == Chunk.document_id).where(
                 and_(*conditions)
