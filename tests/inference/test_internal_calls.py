@@ -11,7 +11,7 @@ from sqlalchemy import select
 from aivax.models import RequestLog
 from aivax.services import AppServices
 from tests.fixtures.factories import AccountWithKeys, make_account
-from tests.test_rag_gateways import _kb
+from tests.rag.test_rag_gateways import _kb
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import pytest
 from aivax.config import Settings
 from aivax.services import AppServices
 from tests.fixtures.factories import make_account, make_plan
-from tests.metrics.support import parse, value
-from tests.test_rate_limits_shared import (
+from tests.inference.test_rate_limits_shared import (
     REDIS_URL,
     _ready,
     _serve,
     _server_env,
     _worker_processes,
 )
+from tests.metrics.support import parse, value
 from tests.test_serve_e2e import _free_port
 
 pytestmark = pytest.mark.slow

@@ -89,7 +89,7 @@ class EventStreamDecoder:
     line (what OpenAI-compatible servers and Anthropic send), are split directly. From the first
     chunk that is anything else (a comment, another field, a `\\r`, an event split across
     chunks, invalid UTF-8), that chunk and the rest of the stream go through httpx-sse's
-    decoders. Both give the same events for the same bytes (tests/test_providers.py)."""
+    decoders. Both give the same events for the same bytes (tests/providers/test_providers.py)."""
 
     def __init__(self) -> None:
         self._plain = True  # every chunk so far was whole events: nothing is buffered

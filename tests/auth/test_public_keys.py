@@ -16,7 +16,7 @@ from aivax.services import AppServices
 from tests.conftest import FakeUpstream
 from tests.fixtures.assertions import assert_error
 from tests.fixtures.factories import AccountWithKeys, make_account
-from tests.test_rag_gateways import _kb
+from tests.rag.test_rag_gateways import _kb
 
 ORIGIN = "https://shop.example.com"
 

@@ -24,7 +24,7 @@ from aivax.inference import ratelimit
 from aivax.inference.ratelimit import RateLimiter, RateLimitsUnavailable
 from aivax.services import AppServices
 from tests.fixtures.factories import AccountWithKeys, make_account, make_plan
-from tests.test_rate_limits_shared import (
+from tests.inference.test_rate_limits_shared import (
     AIVAX_SERVE,
     _admitted,
     _clear_of_a_window_edge,
