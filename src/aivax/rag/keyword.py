@@ -64,7 +64,7 @@ KEYWORD_HALF = 10.0
 MAX_QUERY_WORDS = 64
 # A term held by more chunks than this (a share of the collection, and at least COMMON_MIN)
 # does not find chunks to rank on its own (Statistics.selective); collections of up to
-# COMMON_MIN / COMMON_SHARE chunks rank every chunk that holds any term.
+# COMMON_MIN chunks rank every chunk that holds any term.
 COMMON_SHARE = 0.05
 COMMON_MIN = 2_000
 WORD = re.compile(r"\w+", re.UNICODE)
