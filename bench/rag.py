@@ -49,7 +49,7 @@ from aivax.migrate import upgrade_to_head
 from aivax.models import Chunk, Collection, Document, EntryKind, Job, Plan
 from aivax.rag import documents, indexer, repository, retrieval, service
 from aivax.rag.embedders import local_embedder
-from aivax.rag.schemas import CollectionCreate, SearchRequest
+from aivax.rag.schemas import DEFAULT_EMBEDDING_MODEL, CollectionCreate, SearchRequest
 from aivax.services import AppServices
 from aivax.wallet import service as wallet_service
 
@@ -414,9 +414,8 @@ async def fill(services: AppServices, collection: Collection, texts: list[str], 
 
 
 async def latency(
-    services: AppServices, principal: Principal, cases: list[Case], sizes: list[int]
+    services: AppServices, principal: Principal, cases: list[Case], sizes: list[int], model: str
 ) -> dict[str, Any]:
-    model = LOCAL_MODELS[0]
     collection, _, _ = await make_collection(services, principal, model, cases[:200])
     texts = filler_texts(max(sizes))
     queries = [c.query for c in cases[:200]]
@@ -462,7 +461,9 @@ async def run(url: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
             print(f"corpus 2: {len(topics)} reference paragraphs / long queries", flush=True)
             result["quality_long_queries"] = await quality(services, principal, topics, args.models)
         if not args.skip_latency:
-            result["latency"] = await latency(services, principal, cases, args.sizes)
+            result["latency"] = await latency(
+                services, principal, cases, args.sizes, args.latency_model
+            )
     finally:
         await services.jobs.stop()
         await services.close()
@@ -503,6 +504,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=LOCAL_MODELS)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument(
+        "--latency-model", default=DEFAULT_EMBEDDING_MODEL, help="the model latency runs use"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
