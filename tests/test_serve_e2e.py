@@ -79,6 +79,9 @@ def _doc_blocks(page: str) -> list[str]:
     return [block for block in blocks if "curl" in block]
 
 
+# Every curl example of four docs pages runs against a real server with the bundled models
+# (indexing included): about a minute on an idle machine, more on a busy one.
+@pytest.mark.timeout(360)
 def test_first_start_bootstraps_once_and_quickstart_works(tmp_path: Path) -> None:
     port = _free_port()
     with serving(tmp_path, port) as log:
