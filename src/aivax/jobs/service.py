@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from typing_extensions import Unpack
 
 from aivax.db import on_commit
 from aivax.errors import BadRequest, Conflict, NotFound
@@ -54,17 +55,20 @@ class ScheduleInvalid(BadRequest):
 # --- enqueue -------------------------------------------------------------------------------
 
 
+class JobOptions(TypedDict, total=False):
+    """What an enqueue may set besides the kind, payload and account (defaults: due now, no
+    unique key, the `default` queue, priority 0, the kind's attempt limit, no progress total)."""
+
+    run_at: datetime | None
+    unique_key: str | None
+    queue: str
+    priority: int
+    max_attempts: int | None
+    progress_total: int
+
+
 def _values(
-    kind: str,
-    payload: dict[str, Any],
-    *,
-    account_id: uuid.UUID,
-    run_at: datetime | None,
-    unique_key: str | None,
-    queue: str,
-    priority: int,
-    max_attempts: int | None,
-    progress_total: int,
+    kind: str, payload: dict[str, Any], account_id: uuid.UUID, options: JobOptions
 ) -> dict[str, Any]:
     now = utcnow()
     return {
@@ -73,14 +77,14 @@ def _values(
         "kind": kind,
         "payload": payload,
         "status": "queued",
-        "queue": queue,
-        "priority": priority,
-        "run_at": run_at or now,
-        "max_attempts": max_attempts,
-        "unique_key": unique_key,
+        "queue": options.get("queue", "default"),
+        "priority": options.get("priority", 0),
+        "run_at": options.get("run_at") or now,
+        "max_attempts": options.get("max_attempts"),
+        "unique_key": options.get("unique_key"),
         "cancel_requested": False,
         "progress_done": 0,
-        "progress_total": progress_total,
+        "progress_total": options.get("progress_total", 0),
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
@@ -93,29 +97,14 @@ async def enqueue(
     payload: dict[str, Any],
     *,
     account_id: uuid.UUID,
-    run_at: datetime | None = None,
-    unique_key: str | None = None,
-    queue: str = "default",
-    priority: int = 0,
-    max_attempts: int | None = None,
-    progress_total: int = 0,
+    **options: Unpack[JobOptions],
 ) -> Job:
     """Add a job to the session's transaction. With `unique_key`, while a job with that key is
     queued or running, that job is returned and nothing is added. The local runner is woken
     once the transaction commits."""
-    values = _values(
-        kind,
-        payload,
-        account_id=account_id,
-        run_at=run_at,
-        unique_key=unique_key,
-        queue=queue,
-        priority=priority,
-        max_attempts=max_attempts,
-        progress_total=progress_total,
-    )
+    values = _values(kind, payload, account_id, options)
     wake_after_commit(session.sync_session)
-    if unique_key is None:
+    if values["unique_key"] is None:
         job = Job(**values)
         session.add(job)  # written with the caller's next flush
         return job
@@ -132,27 +121,12 @@ def enqueue_sync(
     payload: dict[str, Any],
     *,
     account_id: uuid.UUID,
-    run_at: datetime | None = None,
-    unique_key: str | None = None,
-    queue: str = "default",
-    priority: int = 0,
-    max_attempts: int | None = None,
-    progress_total: int = 0,
+    **options: Unpack[JobOptions],
 ) -> uuid.UUID:
     """`enqueue` for a sync session or connection (e.g. inside `Database.run_write`): the job's
     id. A session wakes the local runner after commit; after a connection's transaction the
     caller calls `services.jobs.wake()` (or the job waits for the next poll)."""
-    values = _values(
-        kind,
-        payload,
-        account_id=account_id,
-        run_at=run_at,
-        unique_key=unique_key,
-        queue=queue,
-        priority=priority,
-        max_attempts=max_attempts,
-        progress_total=progress_total,
-    )
+    values = _values(kind, payload, account_id, options)
     if isinstance(target, Session):
         wake_after_commit(target)
     return repository.insert_job(target, values)
