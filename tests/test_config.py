@@ -104,16 +104,7 @@ def test_invalid_redis_outage_settings_stop_the_server_with_exit_2(
     variable: str,
     value: str,
 ) -> None:
-    import typer
-
-    from aivax.cli import settings_or_exit
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(typer.Exit) as raised:
-        settings_or_exit()
-    assert raised.value.exit_code == 2
-    error = capsys.readouterr().err.strip()
+    error = _refused_at_start(monkeypatch, capsys, tmp_path, variable, value)
     assert error.startswith(f"error: invalid setting {variable}"), error
 
 
@@ -145,16 +136,7 @@ def test_invalid_upstream_client_or_proxy_settings_stop_the_server_with_exit_2(
     variable: str,
     value: str,
 ) -> None:
-    import typer
-
-    from aivax.cli import settings_or_exit
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(typer.Exit) as raised:
-        settings_or_exit()
-    assert raised.value.exit_code == 2
-    error = capsys.readouterr().err.strip()
+    error = _refused_at_start(monkeypatch, capsys, tmp_path, variable, value)
     assert error.startswith("error: invalid setting "), error
     assert variable.upper() in error
     assert "\n" not in error
@@ -173,3 +155,23 @@ def test_proxy_variables_are_read_under_their_conventional_names(
     assert settings.https_proxy == "http://proxy.corp:3128"  # a bare host:port is http://
     assert settings.http_proxy == "http://proxy.corp:8080"
     assert settings.no_proxy == ["localhost", ".corp", "::1", "10.0.0.0/8"]
+
+
+def _refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    variable: str,
+    value: str,
+) -> str:
+    """Start as `aivax serve` does with `variable=value`: it must exit 2; the error line."""
+    import typer
+
+    from aivax.cli import settings_or_exit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(typer.Exit) as raised:
+        settings_or_exit()
+    assert raised.value.exit_code == 2
+    return capsys.readouterr().err.strip()
