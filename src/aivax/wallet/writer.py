@@ -171,7 +171,7 @@ def _not_written(conn: Connection, items: Sequence[SettleItem]) -> list[SettleIt
     row is there (the row commits with the item's ledger writes; it is matched on its account,
     request id and creation time). An item without one is safe to write again: a hold leaves
     `open` once, so settling, releasing or closing it a second time does nothing. (A lease
-    charge always comes with its row: `pipeline.finish` writes one for every call.)"""
+    charge always comes with its row: `inference.execute.finish` writes one for every call.)"""
     logs = [log for _, _, log, _ in items if log is not None]
     if not logs:
         return list(items)
